@@ -1,0 +1,439 @@
+"""The ``jaxcnmf`` command: ``demo``, ``train``, ``analyze`` and ``report``.
+
+Each subcommand is a thin layer over :mod:`jaxcnmf.pipeline`. Mistakes a user can make on
+the command line (an unknown layer, a rank larger than the probe set, a missing checkpoint
+or data folder, a run directory that already exists, an unknown dataset) end with one line
+on stderr, ``jaxcnmf: error: ...``, and exit status 2; library errors are caught here and
+nowhere else.
+
+Example:
+    >>> from jaxcnmf.cli import main
+    >>> main(["report", "runs/demo"])  # doctest: +SKIP
+    0
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_EPILOG_MAIN = """\
+examples:
+  jaxcnmf demo                       # digits, small CNN, report in runs/demo (offline, ~1 min)
+  jaxcnmf train --model small --dataset cifar10 --source DIR --out runs/c10
+  jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
+                  --layers conv2,conv3,pool --per-class 300 --rank 20 --out runs/c10/concepts
+  jaxcnmf report runs/c10/concepts   # re-draw report.html from a saved run
+
+Run 'jaxcnmf COMMAND --help' for the options of one command.
+"""
+
+_EPILOG_DEMO = """\
+The demo trains a small CNN on the digits bundled with scikit-learn (no files, no network),
+probes the pixels and the layers conv2, conv3 and pool of 30 test images per class,
+factorizes them with rank 10 and writes RUN_DIR/report.html.
+
+If --out already holds files, the demo writes to a new directory OUT-YYYYmmdd-HHMMSS
+beside it instead, so that repeating the demo never destroys an earlier run; pass --force
+to overwrite OUT itself.
+
+examples:
+  jaxcnmf demo
+  jaxcnmf demo --quick --out /tmp/demo
+  jaxcnmf demo --method hals --force
+"""
+
+_EPILOG_TRAIN = """\
+Writes the checkpoint to OUT/ckpt (the path 'jaxcnmf analyze --checkpoint' takes) and the
+per-epoch history to OUT/train.json.
+
+datasets: digits (bundled, offline), cifar10 and cifar100 (from --source, the folder holding
+the official python archives, or tensorflow-datasets), an image folder (one sub-folder per
+class) or an .npz file with 'images' and 'labels'.
+
+examples:
+  jaxcnmf train --model small --dataset digits --out runs/digits --epochs 5
+  jaxcnmf train --model small --dataset cifar10 --source ~/data --out runs/c10 --epochs 30
+  jaxcnmf train --model resnet18 --dataset cifar100 --source ~/data --out runs/r18 --width 0.5
+"""
+
+_EPILOG_ANALYZE = """\
+The run directory OUT receives report.html (one self-contained file), figures/*.png,
+tables/*.csv and *.json, factorization.npz (reload with jaxcnmf.load_result), probe.npz
+(the probe images, labels and the network's predictions) and run.json (settings, accuracy,
+relative errors and wall time per stage). A file OUT/COMPLETE appears only when every stage
+has finished.
+
+examples:
+  jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
+                  --layers conv2,conv3,pool --per-class 300 --rank 20 --out runs/c10/concepts
+  jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
+                  --layers pool --no-pixels --method hals --restarts 5 --out runs/c10/hals
+  jaxcnmf analyze --checkpoint runs/r18/ckpt --dataset cifar100 --source DIR \\
+                  --layers conv4_x,conv5_x,avgpool --per-class 30 --rank 20 --max-iter 50 \\
+                  --group-sparse 0.1 --groups superclass --out runs/r18/concepts
+"""
+
+_EPILOG_REPORT = """\
+Re-computes the analyses that need only the saved factorization and probe set, re-draws
+the figures and rewrites RUN_DIR/report.html; the network is not needed.
+
+example:
+  jaxcnmf report runs/c10/concepts
+"""
+
+
+class UsageError(Exception):
+    """A command-line argument that cannot be used; reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the command's --help."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _comma_list(text):
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _positive_int_list(text):
+    try:
+        values = tuple(int(item) for item in _comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        ) from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _add_common(parser):
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite the output directory if it holds files"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars or stage lines on stderr"
+    )
+
+
+def _add_data(parser):
+    parser.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits, cifar10, cifar100, an image folder or an .npz file (default: digits)",
+    )
+    parser.add_argument(
+        "--source",
+        metavar="DIR",
+        help="folder holding the dataset files (e.g. cifar-10-batches-py); "
+        "without it cifar10/cifar100 come from tensorflow-datasets",
+    )
+
+
+def build_parser():
+    """The argument parser of the ``jaxcnmf`` command.
+
+    Returns:
+        argparse.ArgumentParser: with subcommands demo, train, analyze and report.
+    """
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="jaxcnmf",
+        description="Find the concepts a trained CNN has learned: coupled non-negative "
+        "matrix factorization of a probe set's pixels and layer activations.",
+        epilog=_EPILOG_MAIN,
+        formatter_class=formatter,
+    )
+    from jaxcnmf import __version__
+
+    parser.add_argument("--version", action="version", version=f"jaxcnmf {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train, probe, factorize and report on the bundled digits (offline)",
+        description="End-to-end concept analysis of a small CNN on the bundled digits.",
+        epilog=_EPILOG_DEMO,
+        formatter_class=formatter,
+    )
+    demo.add_argument(
+        "--out", default="runs/demo", help="run directory (default: runs/demo)"
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a reduced run (1 epoch, 10 images per class, 40 iterations) for smoke tests",
+    )
+    demo.add_argument(
+        "--method", choices=("mu", "hals"), default="mu", help="solver (default: mu)"
+    )
+    _add_common(demo)
+
+    train = commands.add_parser(
+        "train",
+        help="train a CNN and save a checkpoint",
+        description="Train one of the bundled CNNs and save a checkpoint for 'analyze'.",
+        epilog=_EPILOG_TRAIN,
+        formatter_class=formatter,
+    )
+    train.add_argument(
+        "--model", default="small", help="small, resnet18 or vgg11 (default: small)"
+    )
+    _add_data(train)
+    train.add_argument("--out", required=True, help="output directory; checkpoint in OUT/ckpt")
+    train.add_argument("--epochs", type=_positive_int, default=10, help="default: 10")
+    train.add_argument(
+        "--width", type=float, default=1.0, help="channel width multiplier (default: 1.0)"
+    )
+    train.add_argument("--batch-size", type=_positive_int, default=128, help="default: 128")
+    train.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default: the trainer's)"
+    )
+    train.add_argument(
+        "--no-augment", dest="augment", action="store_false",
+        help="no random crops and flips",
+    )
+    _add_common(train)
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="probe a trained CNN, factorize, analyse and write the report",
+        description="Probe a trained CNN with a balanced subset of a dataset, factorize the "
+        "pixels and layer activations jointly, run every analysis and write report.html.",
+        epilog=_EPILOG_ANALYZE,
+        formatter_class=formatter,
+    )
+    analyze.add_argument(
+        "--checkpoint", required=True, help="checkpoint written by 'jaxcnmf train'"
+    )
+    _add_data(analyze)
+    analyze.add_argument("--out", required=True, help="run directory to create")
+    analyze.add_argument(
+        "--layers",
+        type=_comma_list,
+        default=None,
+        help="comma-separated layers to probe (default: every probe-able layer)",
+    )
+    analyze.add_argument(
+        "--split", choices=("train", "test"), default="test", help="probe split (default: test)"
+    )
+    analyze.add_argument(
+        "--per-class",
+        type=_positive_int,
+        default=100,
+        help="probe images per class, balanced (default: 100)",
+    )
+    analyze.add_argument(
+        "--pixels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="factorize the pixel channels together with the layers (default: yes)",
+    )
+    analyze.add_argument(
+        "--pooling",
+        choices=("flatten", "mean", "max"),
+        default="flatten",
+        help="how a conv layer becomes rows: every position, or pooled per channel "
+        "(default: flatten)",
+    )
+    analyze.add_argument("--rank", type=_positive_int, default=20, help="concepts (default: 20)")
+    analyze.add_argument(
+        "--method", choices=("mu", "hals"), default="mu", help="solver (default: mu)"
+    )
+    analyze.add_argument(
+        "--max-iter", type=_positive_int, default=200, help="solver iterations (default: 200)"
+    )
+    analyze.add_argument(
+        "--restarts",
+        type=_positive_int,
+        default=1,
+        help="random restarts; the best is kept and their stability reported (default: 1)",
+    )
+    analyze.add_argument(
+        "--weights",
+        choices=("balanced", "none"),
+        default="balanced",
+        help="view weights: 'balanced' gives every view the same total weight "
+        "(default: balanced)",
+    )
+    analyze.add_argument(
+        "--unit-columns",
+        action="store_true",
+        help="normalise each loadings column to unit norm (scale lives in F)",
+    )
+    analyze.add_argument(
+        "--group-sparse",
+        metavar="LAM",
+        type=_non_negative_float,
+        default=0.0,
+        help="group-lasso weight on F over the --groups (default: 0, off)",
+    )
+    analyze.add_argument(
+        "--groups",
+        choices=("class", "superclass"),
+        default="class",
+        help="groups of images for --group-sparse (default: class)",
+    )
+    analyze.add_argument(
+        "--fidelity-ranks",
+        type=_positive_int_list,
+        default=(2, 5, 10),
+        help="ranks at which fidelity is measured, besides --rank (default: 2,5,10)",
+    )
+    analyze.add_argument(
+        "--batch-size", type=_positive_int, default=256, help="probing batch (default: 256)"
+    )
+    _add_common(analyze)
+
+    report = commands.add_parser(
+        "report",
+        help="re-draw report.html from a saved run directory",
+        description="Re-draw the figures, tables and report.html of a saved run.",
+        epilog=_EPILOG_REPORT,
+        formatter_class=formatter,
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by analyze/demo")
+    report.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def _demo(args):
+    from jaxcnmf import pipeline
+
+    out = Path(args.out)
+    if not args.force and pipeline.holds_files(out):
+        requested = out
+        out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        _note(f"{requested} already holds a run; writing to {out} (--force overwrites it)")
+    config = pipeline.demo_config(quick=args.quick, method=args.method, seed=args.seed)
+    return pipeline.run(config, out, force=args.force, progress=not args.quiet)
+
+
+def _train(args):
+    from jaxcnmf import pipeline
+
+    return pipeline.train_model(
+        model=args.model,
+        dataset=args.dataset,
+        source=args.source,
+        out=args.out,
+        epochs=args.epochs,
+        width=args.width,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        augment=args.augment,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.quiet,
+    )
+
+
+def _analyze(args):
+    from jaxcnmf import pipeline
+
+    config = pipeline.RunConfig(
+        command="analyze",
+        dataset=args.dataset,
+        source=args.source,
+        checkpoint=args.checkpoint,
+        layers=args.layers,
+        split=args.split,
+        per_class=args.per_class,
+        pixels=args.pixels,
+        pooling=args.pooling,
+        rank=args.rank,
+        method=args.method,
+        max_iter=args.max_iter,
+        restarts=args.restarts,
+        weights=None if args.weights == "none" else args.weights,
+        unit_columns=args.unit_columns,
+        group_lam=args.group_sparse,
+        groups=args.groups,
+        fidelity_ranks=args.fidelity_ranks,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    return pipeline.run(config, args.out, force=args.force, progress=not args.quiet)
+
+
+def _report(args):
+    from jaxcnmf import report
+
+    return report.write_report(args.run_dir, progress=not args.quiet)
+
+
+_COMMANDS = {"demo": _demo, "train": _train, "analyze": _analyze, "report": _report}
+
+
+def _note(message):
+    print(f"jaxcnmf: {message}", file=sys.stderr)
+
+
+def _fail(message):
+    one_line = " ".join(str(message).split())
+    print(f"jaxcnmf: error: {one_line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv=None):
+    """Run the ``jaxcnmf`` command.
+
+    Args:
+        argv: the arguments after the program name (list of str); ``None`` reads
+            ``sys.argv[1:]``.
+
+    Returns:
+        int: 0 on success. Usage and input errors raise ``SystemExit(2)`` after one line
+        ``jaxcnmf: error: ...`` on stderr; Ctrl-C raises ``SystemExit(130)``.
+
+    Example:
+        >>> main(["demo", "--quick", "--out", "/tmp/demo"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        raise SystemExit(_fail(err)) from None
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    try:
+        written = _COMMANDS[args.command](args)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as err:
+        raise SystemExit(_fail(err)) from None
+    except KeyboardInterrupt:
+        _note("interrupted; the output directory is incomplete (no COMPLETE marker)")
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    print(written)
+    return 0

@@ -1,0 +1,424 @@
+"""The end-to-end job: data, network, probe set, coupled NMF, analyses, report.
+
+``run(config, out)`` loads a dataset, loads (or trains) a CNN, draws a class-balanced probe
+set, collects its pixels and layer activations, factorizes them jointly with
+:func:`jaxcnmf.fit`, runs the analyses that need the network or the activations (the
+k-means baseline and fidelity), saves everything to a run directory and writes
+``report.html``. Each stage logs one line on stderr with its wall time, and the times go
+to ``run.json``.
+
+Every argument is checked before the first expensive stage, so a typo in a layer name
+fails in seconds rather than after training. The run directory moves through three
+states: ``run.json`` says ``"running"`` while work is under way, ``"failed"`` (with the
+error) if a stage raised, and ``"complete"`` at the very end, when the file ``COMPLETE``
+is also written; ``report.html`` is written through a temporary file, so an interrupted
+run never leaves a report that looks finished.
+
+Run directory layout::
+
+    run.json            settings, model, accuracy, relative errors, wall times, status
+    factorization.npz   the FitResult (jaxcnmf.load_result)
+    probe.npz           probe images (N, H, W, C) uint8, labels, coarse labels, predictions
+    analysis.json       k-means baseline and fidelity (they need activations / the network)
+    ckpt/               the network, when this run trained it
+    figures/*.png, tables/*.csv|json, report.html, COMPLETE
+
+Example:
+    >>> from jaxcnmf import pipeline
+    >>> report = pipeline.run(pipeline.demo_config(quick=True), "/tmp/demo")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RUN_JSON = "run.json"
+FACTORIZATION = "factorization.npz"
+PROBE = "probe.npz"
+ANALYSIS = "analysis.json"
+CHECKPOINT_DIR = "ckpt"
+COMPLETE = "COMPLETE"
+REPORT = "report.html"
+
+DEMO_LAYERS = ("conv2", "conv3", "pool")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Settings of one run; every field is JSON-serialisable and lands in ``run.json``.
+
+    Attributes:
+        command: what started the run ("demo", "analyze", an experiment's name).
+        dataset: "digits", "cifar10", "cifar100", an image folder or an .npz file.
+        source: folder holding the dataset files, or None.
+        checkpoint: a checkpoint from ``jaxcnmf train``; None trains ``model`` first.
+        model, width, epochs, train_batch_size, lr, augment: the network to train when
+            ``checkpoint`` is None (``lr=None`` takes the trainer's default).
+        layers: layers to probe, in order; None probes every probe-able layer.
+        split: "test" or "train", where the probe set comes from.
+        per_class: probe images per class (None: the whole split).
+        pixels: factorize the pixel channels as views too.
+        pooling: "flatten", "mean" or "max" for conv layers.
+        rank, method, max_iter, tol, restarts, weights, unit_columns: passed to
+            :func:`jaxcnmf.fit` (``weights`` is "balanced" or None).
+        group_lam: group-lasso weight on F; 0 switches it off.
+        groups: "class" or "superclass", the image groups for ``group_lam``.
+        fidelity_ranks: ranks at which fidelity is measured besides ``rank``.
+        batch_size: probing batch size.
+        top_images: images shown per concept in the report.
+        neighbours: K of the nearest-neighbour analysis.
+        seed: seeds the probe subset, training and the solver.
+    """
+
+    command: str = "analyze"
+    dataset: str = "digits"
+    source: str | None = None
+    checkpoint: str | None = None
+    model: str = "small"
+    width: float = 1.0
+    epochs: int = 10
+    train_batch_size: int = 128
+    lr: float | None = None
+    augment: bool = True
+    layers: tuple[str, ...] | None = None
+    split: str = "test"
+    per_class: int | None = 100
+    pixels: bool = True
+    pooling: str = "flatten"
+    rank: int = 20
+    method: str = "mu"
+    max_iter: int = 200
+    tol: float = 1e-4
+    restarts: int = 1
+    weights: str | None = "balanced"
+    unit_columns: bool = False
+    group_lam: float = 0.0
+    groups: str = "class"
+    fidelity_ranks: tuple[int, ...] = (2, 5, 10)
+    batch_size: int = 256
+    top_images: int = 8
+    neighbours: int = 10
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (tuples become lists)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+
+def demo_config(*, quick: bool = False, method: str = "mu", seed: int = 0) -> RunConfig:
+    """Settings of ``jaxcnmf demo``: a small CNN on the bundled digits, rank 10.
+
+    Args:
+        quick: a reduced run for smoke tests (1 epoch, narrow network, 10 images per class,
+            40 iterations, one fidelity rank).
+        method: "mu" or "hals".
+        seed: seeds everything.
+
+    Returns:
+        RunConfig.
+
+    Example:
+        >>> demo_config(quick=True).per_class
+        10
+    """
+    if quick:
+        return RunConfig(
+            command="demo", dataset="digits", model="small", width=0.25, epochs=1,
+            train_batch_size=64, layers=DEMO_LAYERS, per_class=10, rank=10, method=method,
+            max_iter=40, fidelity_ranks=(2,), top_images=4, neighbours=5, seed=seed,
+        )
+    return RunConfig(
+        command="demo", dataset="digits", model="small", width=0.5, epochs=4,
+        train_batch_size=64, layers=DEMO_LAYERS, per_class=30, rank=10, method=method,
+        max_iter=200, fidelity_ranks=(2, 5), top_images=6, neighbours=10, seed=seed,
+    )
+
+
+def holds_files(path: str | os.PathLike) -> bool:
+    """True when ``path`` exists and is not an empty directory."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse an output directory that already holds files unless ``force``.
+
+    Raises:
+        FileExistsError: ``out`` is a file, or holds files and ``force`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output directory: {out} is a file, expected a directory")
+    if holds_files(out) and not force:
+        raise FileExistsError(
+            f"output directory {out} already exists and holds files; "
+            "pass --force (force=True) to overwrite it, or choose another --out"
+        )
+    return out
+
+
+class _Stages:
+    """Logs one line per stage and records its wall time in seconds."""
+
+    def __init__(self, progress: bool):
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    def log(self, message: str) -> None:
+        if self.progress:
+            print(f"[jaxcnmf] {message}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, what: str):
+        self.log(f"{name}: {what}")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.log(f"{name}: done in {self.seconds[name]:.1f} s")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON through a temporary file, so readers never see half of it."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _environment() -> dict[str, str]:
+    import jax
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": str([str(d) for d in jax.devices()]),
+        "platform": platform.platform(),
+    }
+
+
+def _check_layers(model, layers, image_shape) -> tuple[str, ...]:
+    from jaxcnmf import probe
+
+    available = tuple(probe.available_layers(model, input_shape=tuple(image_shape)))
+    if layers is None:
+        return available
+    layers = tuple(layers)
+    unknown = [layer for layer in layers if layer not in available]
+    if unknown:
+        raise ValueError(
+            f"layers: unknown layer {unknown[0]!r} for model {type(model).__name__}; "
+            f"expected some of {', '.join(available)}"
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers: expected distinct names, got {', '.join(layers)}")
+    return layers
+
+
+def _check_settings(config: RunConfig, probe_set) -> None:
+    n_images = len(probe_set.labels)
+    if not 1 <= config.rank <= n_images:
+        raise ValueError(
+            f"rank: expected 1 <= rank <= {n_images} (the number of probe images), "
+            f"got {config.rank}; lower --rank or raise --per-class"
+        )
+    if config.split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {config.split!r}")
+    if config.groups not in ("class", "superclass"):
+        raise ValueError(f"groups: expected 'class' or 'superclass', got {config.groups!r}")
+    if config.group_lam > 0 and config.groups == "superclass" and probe_set.coarse_labels is None:
+        raise ValueError(
+            f"groups: 'superclass' needs a dataset with coarse labels; "
+            f"{config.dataset!r} has none (use --groups class)"
+        )
+    if not config.pixels and not config.layers and config.layers is not None:
+        raise ValueError("layers: expected at least one view, got no layers and no pixels")
+
+
+def _load_network(config: RunConfig, num_classes: int):
+    """The model, its variables (None when it still has to be trained) and checkpoint meta."""
+    from jaxcnmf import models, train
+
+    if config.checkpoint is None:
+        return models.build(config.model, num_classes, config.width), None, {}
+    path = Path(config.checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: {path} does not exist")
+    checkpoint = train.load_checkpoint(path)
+    model_classes = checkpoint.meta.get("num_classes")
+    if model_classes is not None and int(model_classes) != num_classes:
+        raise ValueError(
+            f"checkpoint: the network has {model_classes} classes but dataset "
+            f"{config.dataset!r} has {num_classes}"
+        )
+    return checkpoint.model, checkpoint.variables, dict(checkpoint.meta)
+
+
+def _group_ids(config: RunConfig, probe_set):
+    if config.group_lam <= 0:
+        return None
+    if config.groups == "superclass":
+        return np.asarray(probe_set.coarse_labels)
+    return np.asarray(probe_set.labels)
+
+
+def _start_run_dir(out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    # A forced re-run must not leave the previous run's finished report in view.
+    for stale in (COMPLETE, REPORT):
+        (out / stale).unlink(missing_ok=True)
+    write_json_atomic(out / RUN_JSON, record)
+
+
+def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
+        progress: bool = True) -> Path:
+    """Run every stage and write the run directory ``out``.
+
+    Args:
+        config: the settings (see :class:`RunConfig`).
+        out: the run directory; created, or reused when it holds no files.
+        force: overwrite a run directory that already holds files.
+        progress: progress bars and one log line per stage on stderr.
+
+    Returns:
+        Path of ``report.html``.
+
+    Raises:
+        FileExistsError: ``out`` holds files and ``force`` is False.
+        FileNotFoundError: a missing checkpoint or dataset.
+        ValueError: an unknown dataset or layer, a rank larger than the probe set, or any
+            other setting the library rejects. All of these are raised before training.
+
+    Example:
+        >>> run(demo_config(quick=True), "/tmp/demo").name  # doctest: +SKIP
+        'report.html'
+    """
+    import jaxcnmf
+    from jaxcnmf import data, probe, report, train
+
+    out = check_out_dir(out, force)
+    stages = _Stages(progress)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    with stages("data", f"loading {config.dataset} and a balanced probe set"):
+        splits = data.load(config.dataset, source=config.source)
+        split = getattr(splits, config.split) if config.split in ("train", "test") else None
+        probe_set = split
+        if split is not None and config.per_class is not None:
+            probe_set = data.balanced_subset(split, config.per_class, seed=config.seed)
+    _check_settings(config, probe_set if probe_set is not None else splits.test)
+
+    with stages("model", "loading the checkpoint" if config.checkpoint else "building the network"):
+        model, variables, meta = _load_network(config, splits.num_classes)
+        layers = _check_layers(model, config.layers, probe_set.images.shape[1:])
+
+    record = {
+        "status": "running",
+        "started": started,
+        "config": config.to_json(),
+        "dataset": {
+            "name": splits.name or config.dataset,
+            "class_names": list(splits.class_names),
+            "superclass_names": list(probe_set.superclass_names or ()),
+            "split": config.split,
+            "probe_images": int(len(probe_set.labels)),
+            "image_shape": list(probe_set.images.shape[1:]),
+        },
+        "model": {"name": type(model).__name__, "checkpoint": config.checkpoint, **meta},
+        "layers": list(layers),
+        "seconds": stages.seconds,
+        "environment": _environment(),
+    }
+    _start_run_dir(out, record)
+    try:
+        if variables is None:
+            with stages("train", f"{config.model} on {config.dataset}, {config.epochs} epochs"):
+                variables, record["model"] = _train(config, model, splits, out / CHECKPOINT_DIR,
+                                                    progress)
+        with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"):
+            views = probe.collect(
+                model, variables, probe_set.images, layers, pixels=config.pixels,
+                pooling=config.pooling, batch_size=config.batch_size, progress=progress,
+            )
+            predictions = _predict(model, variables, probe_set.images, config.batch_size)
+        record["views"] = {name: list(view.shape) for name, view in views.items()}
+        record["probe_accuracy"] = float(np.mean(predictions == probe_set.labels))
+
+        with stages("factorize", f"rank {config.rank}, {config.method}, {len(views)} views"):
+            result = jaxcnmf.fit(
+                views, config.rank, method=config.method, max_iter=config.max_iter,
+                tol=config.tol, seed=config.seed, weights=config.weights,
+                unit_columns=config.unit_columns, groups=_group_ids(config, probe_set),
+                group_lam=config.group_lam, restarts=config.restarts, progress=progress,
+            )
+        result.save(out / FACTORIZATION)
+        np.savez_compressed(
+            out / PROBE,
+            images=probe_set.images,
+            labels=probe_set.labels,
+            coarse_labels=(probe_set.coarse_labels if probe_set.coarse_labels is not None
+                           else np.full(len(probe_set.labels), -1)),
+            predictions=predictions,
+        )
+        record["factorization"] = {
+            "n_iter": int(result.n_iter),
+            "converged": bool(result.converged),
+            "relative_errors": {k: float(v) for k, v in result.relative_errors.items()},
+            "stability": None if result.stability is None else float(result.stability),
+        }
+
+        with stages("analyze", "k-means baseline and fidelity per layer and rank"):
+            write_json_atomic(
+                out / ANALYSIS,
+                _network_analyses(config, model, variables, views, result, probe_set, layers,
+                                  progress),
+            )
+        write_json_atomic(out / RUN_JSON, record)
+
+        with stages("report", "figures, tables and report.html"):
+            report_path = report.write_report(out, progress=progress)
+        record["status"] = "complete"
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json_atomic(out / RUN_JSON, record)
+        (out / COMPLETE).write_text(record["finished"] + "\n")
+    except BaseException as err:
+        record["status"] = "failed"
+        record["error"] = f"{type(err).__name__}: {err}"
+        write_json_atomic(out / RUN_JSON, record)
+        raise
+    stages.log(f"report: {report_path}")
+    return report_path
