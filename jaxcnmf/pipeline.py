@@ -52,6 +52,7 @@ COMPLETE = "COMPLETE"
 REPORT = "report.html"
 
 DEMO_LAYERS = ("conv2", "conv3", "pool")
+LOGITS = "fc"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,10 +232,10 @@ def _environment() -> dict[str, str]:
     }
 
 
-def _check_layers(model, layers, image_shape) -> tuple[str, ...]:
-    from jaxcnmf import probe
+def _check_layers(model, layers) -> tuple[str, ...]:
+    from jaxcnmf import models
 
-    available = tuple(probe.available_layers(model, input_shape=tuple(image_shape)))
+    available = models.probe_layers(model)
     if layers is None:
         return available
     layers = tuple(layers)
@@ -249,24 +250,33 @@ def _check_layers(model, layers, image_shape) -> tuple[str, ...]:
     return layers
 
 
-def _check_settings(config: RunConfig, probe_set) -> None:
-    n_images = len(probe_set.labels)
-    if not 1 <= config.rank <= n_images:
-        raise ValueError(
-            f"rank: expected 1 <= rank <= {n_images} (the number of probe images), "
-            f"got {config.rank}; lower --rank or raise --per-class"
-        )
+def _check_config(config: RunConfig) -> None:
+    """Checks that need no data: they fail before anything is loaded."""
     if config.split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {config.split!r}")
     if config.groups not in ("class", "superclass"):
         raise ValueError(f"groups: expected 'class' or 'superclass', got {config.groups!r}")
+    if config.layers is not None and not config.layers and not config.pixels:
+        raise ValueError("layers: expected at least one view, got no layers and no pixels")
+    if config.checkpoint is not None and not Path(config.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint: {config.checkpoint} does not exist")
+
+
+def _check_probe_set(config: RunConfig, probe_set) -> None:
+    """Checks against the probe set: ranks, groups."""
+    n_images = len(probe_set.labels)
+    for name, ranks in (("rank", (config.rank,)), ("fidelity_ranks", config.fidelity_ranks)):
+        for rank in ranks:
+            if not 1 <= rank <= n_images:
+                raise ValueError(
+                    f"{name}: expected 1 <= rank <= {n_images} (the number of probe images), "
+                    f"got {rank}; lower the rank or raise --per-class"
+                )
     if config.group_lam > 0 and config.groups == "superclass" and probe_set.coarse_labels is None:
         raise ValueError(
             f"groups: 'superclass' needs a dataset with coarse labels; "
             f"{config.dataset!r} has none (use --groups class)"
         )
-    if not config.pixels and not config.layers and config.layers is not None:
-        raise ValueError("layers: expected at least one view, got no layers and no pixels")
 
 
 def _load_network(config: RunConfig, num_classes: int):
@@ -275,10 +285,7 @@ def _load_network(config: RunConfig, num_classes: int):
 
     if config.checkpoint is None:
         return models.build(config.model, num_classes, config.width), None, {}
-    path = Path(config.checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    checkpoint = train.load_checkpoint(path)
+    checkpoint = train.load_checkpoint(config.checkpoint)
     model_classes = checkpoint.meta.get("num_classes")
     if model_classes is not None and int(model_classes) != num_classes:
         raise ValueError(
@@ -330,21 +337,21 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
     import jaxcnmf
     from jaxcnmf import data, probe, report, train
 
+    _check_config(config)
     out = check_out_dir(out, force)
     stages = _Stages(progress)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     with stages("data", f"loading {config.dataset} and a balanced probe set"):
-        splits = data.load(config.dataset, source=config.source)
-        split = getattr(splits, config.split) if config.split in ("train", "test") else None
-        probe_set = split
-        if split is not None and config.per_class is not None:
-            probe_set = data.balanced_subset(split, config.per_class, seed=config.seed)
-    _check_settings(config, probe_set if probe_set is not None else splits.test)
+        splits = data.load(config.dataset, source=config.source, progress=progress)
+        probe_set = getattr(splits, config.split)
+        if config.per_class is not None:
+            probe_set = data.balanced_subset(probe_set, config.per_class, seed=config.seed)
+    _check_probe_set(config, probe_set)
 
     with stages("model", "loading the checkpoint" if config.checkpoint else "building the network"):
         model, variables, meta = _load_network(config, splits.num_classes)
-        layers = _check_layers(model, config.layers, probe_set.images.shape[1:])
+        layers = _check_layers(model, config.layers)
 
     record = {
         "status": "running",
@@ -370,21 +377,20 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
                 variables, record["model"] = _train(config, model, splits, out / CHECKPOINT_DIR,
                                                     progress)
         with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"):
+            # The logits come from the same forward pass; they are the one view that may
+            # be negative, and they are not factorized.
             views = probe.collect(
-                model, variables, probe_set.images, layers, pixels=config.pixels,
+                model, variables, probe_set.images, layers + (LOGITS,), pixels=config.pixels,
                 pooling=config.pooling, batch_size=config.batch_size, progress=progress,
+                allow_negative=True,
             )
-            predictions = _predict(model, variables, probe_set.images, config.batch_size)
+            predictions = views.pop(LOGITS).argmax(axis=0)
         record["views"] = {name: list(view.shape) for name, view in views.items()}
         record["probe_accuracy"] = float(np.mean(predictions == probe_set.labels))
 
         with stages("factorize", f"rank {config.rank}, {config.method}, {len(views)} views"):
-            result = jaxcnmf.fit(
-                views, config.rank, method=config.method, max_iter=config.max_iter,
-                tol=config.tol, seed=config.seed, weights=config.weights,
-                unit_columns=config.unit_columns, groups=_group_ids(config, probe_set),
-                group_lam=config.group_lam, restarts=config.restarts, progress=progress,
-            )
+            result = jaxcnmf.fit(views, config.rank, progress=progress,
+                                 **_fit_settings(config, probe_set))
         result.save(out / FACTORIZATION)
         np.savez_compressed(
             out / PROBE,
@@ -422,3 +428,117 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         raise
     stages.log(f"report: {report_path}")
     return report_path
+
+
+def _fit_settings(config: RunConfig, probe_set) -> dict[str, Any]:
+    return dict(
+        method=config.method, max_iter=config.max_iter, tol=config.tol, seed=config.seed,
+        weights=config.weights, unit_columns=config.unit_columns,
+        groups=_group_ids(config, probe_set), group_lam=config.group_lam,
+        restarts=config.restarts,
+    )
+
+
+def _network_analyses(config, model, variables, views, result, probe_set, layers, progress):
+    """The analyses the saved run cannot redo: they need the activations or the network."""
+    import jaxcnmf
+    from jaxcnmf import analysis, probe
+
+    layer_views = {layer: views[layer] for layer in layers}
+    baseline = analysis.kmeans_baseline(layer_views, probe_set.labels, k=config.rank,
+                                        seed=config.seed)
+    shapes = probe.available_layers(model, input_shape=tuple(probe_set.images.shape[1:]))
+    # A pooled conv layer cannot be put back into the network, so it has no fidelity.
+    replaceable = [l for l in layers if config.pooling == "flatten" or len(shapes[l]) == 1]
+    ranks = sorted(set(config.fidelity_ranks) - {config.rank})
+    fits = [result]
+    if replaceable:
+        settings = {**_fit_settings(config, probe_set), "restarts": 1}
+        for rank in _progress(ranks, progress, "fidelity fits"):
+            fits.append(jaxcnmf.fit(views, rank, progress=False, **settings))
+    rows = []
+    for layer in _progress(replaceable, progress, "fidelity"):
+        table = analysis.fidelity(model, variables, probe_set.images, probe_set.labels, fits,
+                                  layer, activations=views[layer], shape=shapes[layer])
+        rows.extend(table.to_rows())
+    return {
+        "kmeans": {"k": config.rank, "nmi": baseline.nmi, "purity": baseline.purity,
+                   "views": list(layers)},
+        "fidelity": rows,
+        "fidelity_skipped": [l for l in layers if l not in replaceable],
+    }
+
+
+def _progress(items, progress: bool, desc: str):
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    """What a run directory holds, as :func:`load_run` reads it back.
+
+    Attributes:
+        path: the run directory.
+        record: ``run.json`` (settings, dataset, model, layers, views, wall times, status).
+        result: the :class:`jaxcnmf.FitResult`.
+        images: uint8 (N, H, W, C) probe images.
+        labels: int64 (N,) class ids.
+        coarse_labels: int64 (N,) superclass ids, or None.
+        predictions: int64 (N,) the network's predicted classes.
+        network: ``analysis.json`` (k-means baseline, fidelity rows).
+    """
+
+    path: Path
+    record: dict
+    result: Any
+    images: np.ndarray
+    labels: np.ndarray
+    coarse_labels: np.ndarray | None
+    predictions: np.ndarray
+    network: dict
+
+
+def load_run(run_dir: str | os.PathLike) -> SavedRun:
+    """Read a run directory written by :func:`run`.
+
+    Raises:
+        FileNotFoundError: the directory, or one of its saved files, is missing (for
+            example because the run stopped before the analyses finished).
+
+    Example:
+        >>> saved = load_run("runs/demo")  # doctest: +SKIP
+        >>> saved.result.F.shape  # doctest: +SKIP
+        (10, 300)
+    """
+    import jaxcnmf
+
+    path = Path(run_dir)
+    if not (path / RUN_JSON).is_file():
+        raise FileNotFoundError(f"run directory: {path} has no {RUN_JSON}; expected a "
+                                "directory written by 'jaxcnmf analyze' or 'jaxcnmf demo'")
+    record = json.loads((path / RUN_JSON).read_text())
+    missing = [name for name in (FACTORIZATION, PROBE, ANALYSIS) if not (path / name).is_file()]
+    if missing:
+        status = record.get("status", "unknown")
+        error = f" ({record['error']})" if record.get("error") else ""
+        raise FileNotFoundError(
+            f"run directory: {path} has no {missing[0]}; the run stopped before it was "
+            f"saved (status {status}{error})"
+        )
+    with np.load(path / PROBE) as probe_file:
+        probe_arrays = {key: probe_file[key] for key in probe_file.files}
+    coarse = probe_arrays["coarse_labels"]
+    return SavedRun(
+        path=path,
+        record=record,
+        result=jaxcnmf.load_result(path / FACTORIZATION),
+        images=probe_arrays["images"],
+        labels=probe_arrays["labels"].astype(np.int64),
+        coarse_labels=None if np.any(coarse < 0) else coarse.astype(np.int64),
+        predictions=probe_arrays["predictions"].astype(np.int64),
+        network=json.loads((path / ANALYSIS).read_text()),
+    )

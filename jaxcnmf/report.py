@@ -25,9 +25,10 @@ import csv
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 SECTIONS = (
     ("settings", "Run settings"),
@@ -152,3 +153,75 @@ def _write_text_atomic(path: Path, text: str) -> None:
     from jaxcnmf.pipeline import write_bytes_atomic
 
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+PIXEL_VIEWS = ("red", "green", "blue", "gray")
+
+
+def _num(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+class _Page:
+    """The analyses of one saved run, computed once and shared by the sections."""
+
+    def __init__(self, saved):
+        from jaxcnmf import analysis
+
+        self.saved = saved
+        self.record = saved.record
+        self.config = saved.record["config"]
+        self.result = saved.result
+        self.F = np.asarray(saved.result.F, dtype=np.float64)
+        self.class_names = tuple(saved.record["dataset"]["class_names"])
+        self.superclass_names = tuple(saved.record["dataset"].get("superclass_names") or ())
+        self.layers = [v for v in saved.result.view_names if v not in PIXEL_VIEWS]
+        self.channels = [v for v in saved.result.view_names if v in PIXEL_VIEWS]
+        labels, coarse = saved.labels, saved.coarse_labels
+        num_classes = len(self.class_names)
+        self.records = analysis.concept_table(
+            self.F, labels, self.class_names,
+            coarse_labels=coarse if self.superclass_names else None,
+            superclass_names=self.superclass_names or None,
+            top=3, n_images=self.config["top_images"],
+        )
+        strongest = analysis.strongest_concept(self.F)
+        self.scores = {
+            "purity": analysis.purity(self.F, labels, num_classes),
+            "nmi": analysis.nmi(strongest, labels),
+        }
+        if self.superclass_names and coarse is not None:
+            self.scores["superclass_purity"] = analysis.purity(
+                self.F, coarse, len(self.superclass_names))
+            self.scores["superclass_nmi"] = analysis.nmi(strongest, coarse)
+        self.order = analysis.concept_order(self.F, labels, num_classes)
+        self.layer_summary = (
+            analysis.layer_summary({l: saved.result.loadings[l] for l in self.layers},
+                                   top_k=3, order=self.order)
+            if self.layers else None
+        )
+        self.latent = self.masks = None
+        if self.channels:
+            self.latent = analysis.latent_images(
+                {c: saved.result.loadings[c] for c in self.channels}, saved.images.shape[1:])
+            self.masks = analysis.median_mask(self.latent)
+        n = self.F.shape[1]
+        self.k = max(1, min(int(self.config["neighbours"]), n - 1))
+        self.correct = saved.predictions == labels
+        self.entropy = analysis.neighbour_entropy_all(self.F, self.k) if n > 1 else np.zeros(n)
+        self.accuracy_table = analysis.accuracy_vs_entropy(self.entropy, self.correct, bins=5)
+        self.examples = self._neighbour_examples(labels)
+
+    def _neighbour_examples(self, labels, count: int = 3):
+        """Queries for the neighbour section: the lowest-, middle- and highest-entropy images."""
+        from jaxcnmf import analysis
+
+        if self.F.shape[1] < 2:
+            return []
+        by_entropy = np.argsort(self.entropy, kind="stable")
+        picks = by_entropy[np.linspace(0, len(by_entropy) - 1, count).round().astype(int)]
+        return [
+            {metric: analysis.neighbour_concepts(self.F, int(i), self.k, metric)
+             for metric in analysis.METRICS}
+            for i in dict.fromkeys(picks.tolist())
+        ]
