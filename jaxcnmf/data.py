@@ -348,7 +348,8 @@ def load(
     - a path to an official CIFAR folder or archive, as above.
     - a path to an image folder: ``ROOT/<class>/<image>``, or
       ``ROOT/<superclass>/<class>/<image>`` (coarse labels from the superclass folders),
-      optionally under ``ROOT/train/`` and ``ROOT/test/``. Classes (and superclasses) are
+      optionally under ``ROOT/train/`` and ``ROOT/test/`` (a split without its folder is
+      empty). Classes (and superclasses) are
       numbered in sorted name order. All images must share one size; they become RGB, or
       gray (one channel) when every image is gray, unless ``channels`` says which. Without
       train/test folders the split is stratified (``test_fraction``, ``seed``).
@@ -537,6 +538,9 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+        ("__builtin__", "bytes"),
+        ("builtins", "bytes"),
         ("codecs", "encode"),
     }
 
@@ -827,9 +831,12 @@ def _scan_class_tree(root: Path):
 
 def _load_image_folder(root, splits, test_fraction, seed, channels, progress) -> DatasetSplits:
     name = root.name
-    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    has_splits = (root / "train").is_dir() or (root / "test").is_dir()
     # Names come from every split's folders, so loading one split numbers classes the same.
-    trees = {s: _scan_class_tree(root / s) for s in _SPLITS} if has_splits else {"all": _scan_class_tree(root)}
+    if has_splits:
+        trees = {s: _scan_class_tree(root / s) for s in _SPLITS if (root / s).is_dir()}
+    else:
+        trees = {"all": _scan_class_tree(root)}
     all_entries = [e for entries in trees.values() for e in entries]
     if not all_entries:
         raise ValueError(
