@@ -135,9 +135,10 @@ class Dataset:
         object.__setattr__(self, "labels", labels)
 
         if (self.coarse_labels is None) != (self.superclass_names is None):
+            given = "coarse_labels" if self.coarse_labels is not None else "superclass_names"
             raise ValueError(
                 f"{where}: coarse_labels and superclass_names: expected both or neither, "
-                f"got only {'coarse_labels' if self.coarse_labels is not None else 'superclass_names'}"
+                f"got only {given}"
             )
         if self.coarse_labels is None:
             return
@@ -349,10 +350,10 @@ def load(
     - a path to an image folder: ``ROOT/<class>/<image>``, or
       ``ROOT/<superclass>/<class>/<image>`` (coarse labels from the superclass folders),
       optionally under ``ROOT/train/`` and ``ROOT/test/`` (a split without its folder is
-      empty). Classes (and superclasses) are
-      numbered in sorted name order. All images must share one size; they become RGB, or
-      gray (one channel) when every image is gray, unless ``channels`` says which. Without
-      train/test folders the split is stratified (``test_fraction``, ``seed``).
+      empty). Classes (and superclasses) are numbered in sorted name order. All images
+      must share one size; they become RGB, or gray (one channel) when every image is
+      gray, unless ``channels`` says which. Without train/test folders the split is
+      stratified (``test_fraction``, ``seed``).
     - a path to an ``.npz`` file with either ``images`` (N, H, W[, C]) uint8 and ``labels``
       (alias ``fine_labels``), split stratified by ``test_fraction``/``seed``; or
       ``train_images``, ``train_labels``, ``test_images``, ``test_labels``. Optional:
@@ -364,8 +365,8 @@ def load(
         source: where ``"cifar10"``/``"cifar100"`` live (folder or ``.tar.gz``).
         split: None for both splits, or ``"train"``/``"test"`` to load and return only that
             :class:`Dataset` (the other split is not read).
-        test_fraction: share of each class held out as test where the source has no
-            split of its own, in (0, 1).
+        test_fraction: share of the images held out as test where the source has no
+            split of its own, in (0, 1); every class gives the same share, up to rounding.
         seed: seed of that split.
         channels: image folders only: 3 (RGB) or 1 (gray); None decides from the images.
         download: let tensorflow-datasets download and prepare a missing dataset.
@@ -396,6 +397,11 @@ def load(
     name = os.fspath(name_or_path)
 
     if name in KNOWN_DATASETS:
+        if channels is not None:
+            raise ValueError(
+                f"channels: only image folders are converted, expected None for {name!r}, "
+                f"got {channels!r}"
+            )
         if name == "digits":
             if source is not None:
                 raise ValueError(
@@ -421,9 +427,15 @@ def load(
                 "folder or .tar.gz"
             )
         cifar_name = _cifar_name_of(path)
+        is_folder = cifar_name is None and path.is_dir()
+        if channels is not None and not is_folder:
+            raise ValueError(
+                f"channels: only image folders are converted, expected None for {name!r}, "
+                f"got {channels!r}"
+            )
         if cifar_name is not None:
             result = _load_cifar(cifar_name, path, splits, download, data_dir, progress)
-        elif path.is_dir():
+        elif is_folder:
             result = _load_image_folder(path, splits, test_fraction, seed, channels, progress)
         elif path.suffix == ".npz":
             result = _load_npz(path, test_fraction, seed)
@@ -479,7 +491,8 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
     # An image's place within its (shuffled) class as a fraction of the class size: taking
     # the smallest fractions first draws every class at the same rate.
     position = (rank + 0.5) / counts[shuffled]
-    pick = np.lexsort((rng.random(len(labels)), position))[: int(round(len(labels) * test_fraction))]
+    n_test = int(round(len(labels) * test_fraction))
+    pick = np.lexsort((rng.random(len(labels)), position))[:n_test]
     is_test = np.zeros(len(labels), bool)
     is_test[order[pick]] = True
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
@@ -599,8 +612,10 @@ def _load_cifar(name, source, splits, download, data_dir, progress):
         return _read_cifar_python(name, found, splits)
     looked = []
     env = os.environ.get(_DATA_ENV)
-    if env:
-        found = _find_cifar(name, Path(env)) if Path(env).is_dir() else None
+    if env and not Path(env).is_dir():
+        looked.append(f"${_DATA_ENV}={env} (not a folder)")
+    elif env:
+        found = _find_cifar(name, Path(env))
         if found is not None:
             return _read_cifar_python(name, found, splits)
         looked.append(f"${_DATA_ENV}={env} (no {spec['folder']} or {spec['archive']} there)")
@@ -617,7 +632,9 @@ def _read_cifar_python(name: str, path: Path, splits) -> DatasetSplits:
         for member in sorted(wanted):
             file = path / member
             if not file.is_file():
-                raise FileNotFoundError(f"{str(file)!r}: missing file of the official {name} layout")
+                raise FileNotFoundError(
+                    f"{str(file)!r}: missing file of the official {name} layout"
+                )
             files[member] = _unpickle(file.read_bytes(), str(file))
     else:
         files = _read_cifar_archive(path, spec["folder"], wanted)
@@ -733,7 +750,8 @@ def _load_tfds(name, splits, download, data_dir, progress, looked) -> DatasetSpl
     builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
     if not builder.is_prepared():
         if not download:
-            raise _not_found(name, [*looked, f"tensorflow-datasets at {builder.data_dir} (not prepared)"])
+            tfds_place = f"tensorflow-datasets at {builder.data_dir} (not prepared)"
+            raise _not_found(name, [*looked, tfds_place])
         builder.download_and_prepare(file_format="array_record")
     features = builder.info.features
     class_names = tuple(features["label"].names)
@@ -840,7 +858,8 @@ def _load_image_folder(root, splits, test_fraction, seed, channels, progress) ->
     all_entries = [e for entries in trees.values() for e in entries]
     if not all_entries:
         raise ValueError(
-            f"{str(root)!r}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), found none"
+            f"{str(root)!r}: expected image files "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}), found none"
         )
     class_to_super = {}
     for sup, cls, _ in all_entries:
@@ -861,11 +880,12 @@ def _load_image_folder(root, splits, test_fraction, seed, channels, progress) ->
     offset, datasets = 0, {}
     for key, entries in read.items():
         count = len(entries)
+        coarse = np.array([super_index[s] for s, _, _ in entries], np.int64) if nested else None
         datasets[key] = Dataset(
             images=images[offset:offset + count],
             labels=np.array([class_index[c] for _, c, _ in entries], np.int64),
             class_names=class_names,
-            coarse_labels=np.array([super_index[s] for s, _, _ in entries], np.int64) if nested else None,
+            coarse_labels=coarse,
             superclass_names=superclass_names,
             name=f"{name}/{key}",
         )
@@ -875,7 +895,8 @@ def _load_image_folder(root, splits, test_fraction, seed, channels, progress) ->
     for split in _SPLITS:
         if split not in datasets:
             datasets[split] = _empty_like(
-                class_names, superclass_names, images.shape[-1], f"{name}/{split}", images.shape[1:3]
+                class_names, superclass_names, images.shape[-1], f"{name}/{split}",
+                images.shape[1:3],
             )
     return DatasetSplits(name=name, **datasets)
 
@@ -928,9 +949,13 @@ def _load_npz(path: Path, test_fraction: float, seed: int) -> DatasetSplits:
         images_key = f"{prefix}images"
         if images_key not in arrays:
             return None
-        labels_key = next((k for k in (f"{prefix}labels", f"{prefix}fine_labels") if k in arrays), None)
-        if labels_key is None:
-            raise ValueError(f"{str(path)!r}: expected key {prefix}labels next to {images_key}, got keys {sorted(arrays)}")
+        label_keys = [k for k in (f"{prefix}labels", f"{prefix}fine_labels") if k in arrays]
+        if not label_keys:
+            raise ValueError(
+                f"{str(path)!r}: expected key {prefix}labels next to {images_key}, "
+                f"got keys {sorted(arrays)}"
+            )
+        labels_key = label_keys[0]
         images = arrays[images_key]
         if images.ndim == 3:
             images = images[..., None]
@@ -952,7 +977,10 @@ def _load_npz(path: Path, test_fraction: float, seed: int) -> DatasetSplits:
     def make(part, split_name):
         images, labels, coarse, images_key = part
         if images.dtype != np.uint8:
-            raise ValueError(f"{str(path)!r}: {images_key}: expected dtype uint8 (pixels 0..255), got {images.dtype}")
+            raise ValueError(
+                f"{str(path)!r}: {images_key}: expected dtype uint8 (pixels 0..255), "
+                f"got {images.dtype}"
+            )
         try:
             return Dataset(images, labels, class_names, coarse, superclass_names, name=split_name)
         except ValueError as err:
@@ -961,7 +989,9 @@ def _load_npz(path: Path, test_fraction: float, seed: int) -> DatasetSplits:
     if whole is not None:
         return _split_dataset(make(whole, name), name, test_fraction, seed)
     return DatasetSplits(
-        train=make(parts["train"], f"{name}/train"), test=make(parts["test"], f"{name}/test"), name=name
+        train=make(parts["train"], f"{name}/train"),
+        test=make(parts["test"], f"{name}/test"),
+        name=name,
     )
 
 
