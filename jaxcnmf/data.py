@@ -665,14 +665,18 @@ def _read_cifar_python(name: str, path: Path, splits) -> DatasetSplits:
             labels.append(np.asarray(batch[fine_key], dtype=np.int64).reshape(-1))
             if name == "cifar100":
                 coarse.append(np.asarray(batch["coarse_labels"], dtype=np.int64).reshape(-1))
-        datasets[split] = Dataset(
-            images=np.concatenate(images),
-            labels=np.concatenate(labels),
-            class_names=class_names,
-            coarse_labels=np.concatenate(coarse) if coarse else None,
-            superclass_names=superclass_names,
-            name=f"{name}/{split}",
-        )
+        try:
+            datasets[split] = Dataset(
+                images=np.concatenate(images),
+                labels=np.concatenate(labels),
+                class_names=class_names,
+                coarse_labels=np.concatenate(coarse) if coarse else None,
+                superclass_names=superclass_names,
+                name=f"{name}/{split}",
+            )
+        except ValueError as err:
+            files_read = ", ".join(spec[split])
+            raise ValueError(f"{str(path)!r} ({files_read}): {err}") from None
     return DatasetSplits(name=name, **datasets)
 
 

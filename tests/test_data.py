@@ -328,8 +328,11 @@ def test_cifar_wrong_rows_and_keys(tmp_path, rng):
     _dump({"data": np.zeros((2, 3072), np.uint8)}, folder / "test_batch")
     with pytest.raises(ValueError, match=r"test_batch: expected key 'labels'"):
         data.load("cifar10", source=folder, split="test")
+    _dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}, folder / "test_batch")
+    with pytest.raises(ValueError, match=r"\(test_batch\): .*labels: expected shape \(2,\) to match images, got \(1,\)"):
+        data.load("cifar10", source=folder, split="test")
     _dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}, folder / "test_batch")
-    with pytest.raises(ValueError, match=r"labels: expected values in \[0, 10\), got 10"):
+    with pytest.raises(ValueError, match=r"\(test_batch\): .*labels: expected values in \[0, 10\), got 10"):
         data.load("cifar10", source=folder, split="test")
 
 
