@@ -1,0 +1,443 @@
+"""Matplotlib figures of the analyses in :mod:`jaxcnmf.analysis`.
+
+Each function takes analysis outputs (plain arrays and the result dataclasses) and returns
+a :class:`matplotlib.figure.Figure`; :func:`save_figure` writes it as PNG. Figures are
+built with the object API on the Agg canvas, never through ``pyplot``, so nothing needs a
+display and no figure lingers in a global registry.
+
+Images are uint8 (N, H, W, C) with C = 1 (drawn with a gray colormap) or C = 3.
+
+Example:
+    >>> import numpy as np, tempfile, pathlib
+    >>> from jaxcnmf import analysis, figures
+    >>> summary = analysis.layer_summary({"conv": np.eye(4)[:, :2], "fc": np.ones((3, 2))})
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "layers.png"
+    >>> figures.save_figure(figures.layer_summary_plot(summary), out).stat().st_size > 0
+    True
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from jaxcnmf.analysis import AccuracyTable, ConceptRecord, FidelityTable, LayerSummary, NeighbourConcepts
+
+__all__ = [
+    "accuracy_entropy_plot",
+    "class_share_heatmap",
+    "concept_gallery",
+    "concept_tile",
+    "fidelity_plot",
+    "history_plot",
+    "layer_summary_plot",
+    "neighbour_figure",
+    "save_figure",
+    "similarity_heatmaps",
+]
+
+# Beyond this many ticks labels overlap; longer axes get every n-th label.
+_MAX_TICKS = 40
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path, dpi: int = 110) -> pathlib.Path:
+    """Write ``fig`` as PNG (creating parent folders) and release its drawing memory.
+
+    Args:
+        fig: a figure from this module.
+        path: file path; ".png" is appended when it has no suffix.
+        dpi: resolution.
+
+    Returns:
+        The path written.
+    """
+    path = pathlib.Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    fig.clear()
+    return path
+
+
+def _images(images) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"images: expected uint8 (N, H, W, C) with C in (1, 3), got {images.dtype} {images.shape}"
+        )
+    return images
+
+
+def _show(ax, image, title: str | None = None, fontsize: float = 8) -> None:
+    """Draw one (H, W, C) image, uint8 or float in [0, 1]; one channel in gray."""
+    image = np.asarray(image)
+    vmax = 255 if image.dtype == np.uint8 else 1.0
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+    else:
+        ax.imshow(image, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=fontsize)
+
+
+def _ticks(ax, axis: str, labels: Sequence[str], fontsize: float = 7, rotation: float = 0) -> None:
+    step = max(1, int(np.ceil(len(labels) / _MAX_TICKS)))
+    positions = np.arange(0, len(labels), step)
+    names = [str(labels[i]) for i in positions]
+    if axis == "x":
+        ax.set_xticks(positions, names, fontsize=fontsize, rotation=rotation)
+    else:
+        ax.set_yticks(positions, names, fontsize=fontsize)
+
+
+# --------------------------------------------------------------------------- concepts
+
+
+def concept_tile(
+    images,
+    record: ConceptRecord,
+    latent,
+    mask,
+    n_images: int = 6,
+    background: float = 0.15,
+    labels=None,
+    class_names: Sequence[str] | None = None,
+) -> Figure:
+    """One concept at a glance: top images, masked overlays, latent image, top classes.
+
+    Layout: row 1 the concept's top images, row 2 the same images with the median mask
+    of the latent image applied; then the latent image, its mask, and a bar chart of the
+    top-class shares.
+
+    Args:
+        images: uint8 (N, H, W, C) probe images (the columns of ``F``).
+        record: the concept's :class:`~jaxcnmf.analysis.ConceptRecord`.
+        latent: float (H, W, C) latent image in [0, 1] (``latent_images(...)[k]``).
+        mask: bool (H, W) mask (``median_mask(latent)[k]``).
+        n_images: number of top images shown (at most ``len(record.top_images)``).
+        background: brightness outside the mask in the overlays.
+        labels: optional int (N,) labels to caption each top image.
+        class_names: names for ``labels``.
+
+    Returns:
+        Figure with ``2 * n + 3`` axes, n = images shown.
+    """
+    from jaxcnmf.analysis import masked_images
+
+    images = _images(images)
+    latent = np.asarray(latent, dtype=np.float64)
+    if latent.shape != images.shape[1:]:
+        raise ValueError(f"latent: expected shape {images.shape[1:]}, got {latent.shape}")
+    n = max(1, min(int(n_images), len(record.top_images)))
+    top = np.asarray(record.top_images[:n])
+    overlays = masked_images(images[top], mask, background=background)
+    fig = _figure(1.25 * n + 4.6, 3.1)
+    grid = fig.add_gridspec(2, n + 2, width_ratios=[1] * n + [1, 2.2])
+    for i, index in enumerate(top):
+        caption = f"#{index}"
+        if labels is not None:
+            label = int(np.asarray(labels)[index])
+            caption = class_names[label] if class_names is not None else f"class {label}"
+        _show(fig.add_subplot(grid[0, i]), images[index], caption)
+        overlay = fig.add_subplot(grid[1, i])
+        _show(overlay, overlays[i], "masked" if i == 0 else None)
+        # The outline keeps the mask readable on dark images, where dimming barely shows.
+        overlay.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="red", linewidths=0.7)
+    _show(fig.add_subplot(grid[0, n]), latent, "latent image")
+    _show(fig.add_subplot(grid[1, n]), np.asarray(mask, dtype=np.float64)[..., None], "median mask")
+    bars = fig.add_subplot(grid[:, n + 1])
+    names = [name for name, _ in record.top_classes][::-1]
+    shares = [share for _, share in record.top_classes][::-1]
+    bars.barh(np.arange(len(names)), shares, color="tab:blue")
+    for y, share in enumerate(shares):
+        bars.text(share + 0.02, y, f"{share:.0%}", va="center", fontsize=8)
+    bars.set_yticks(np.arange(len(names)), names, fontsize=8)
+    bars.set_xlim(0, 1)
+    bars.set_xlabel("share of concept mass", fontsize=8)
+    bars.set_title("top classes", fontsize=9)
+    bars.tick_params(axis="x", labelsize=7)
+    lead = (
+        f"top class {record.top_classes[0][0]} ({record.top_classes[0][1]:.0%})"
+        if record.top_classes
+        else "no mass"
+    )
+    fig.suptitle(
+        f"concept {record.concept}: {lead} · class entropy {record.entropy_bits:.2f} bits"
+        f" ({record.entropy_normalized:.0%} of max) · {record.mass:.1%} of F's mass",
+        fontsize=10,
+    )
+    return fig
+
+
+def concept_gallery(
+    images,
+    records: Sequence[ConceptRecord],
+    latent,
+    masks,
+    directory,
+    n_images: int = 6,
+    order=None,
+    labels=None,
+    class_names: Sequence[str] | None = None,
+) -> list[pathlib.Path]:
+    """Save one :func:`concept_tile` PNG per concept, ``concept_<k>.png``.
+
+    Args:
+        images: uint8 (N, H, W, C) probe images.
+        records: from :func:`~jaxcnmf.analysis.concept_table`.
+        latent: float (rank, H, W, C) from :func:`~jaxcnmf.analysis.latent_images`.
+        masks: bool (rank, H, W) from :func:`~jaxcnmf.analysis.median_mask`.
+        directory: output folder (created).
+        n_images: top images per tile.
+        order: optional concept order (e.g. :func:`~jaxcnmf.analysis.concept_order`).
+        labels: optional int (N,) labels to caption the images.
+        class_names: names for ``labels``.
+
+    Returns:
+        The written paths, in ``order``.
+    """
+    order = range(len(records)) if order is None else [int(k) for k in order]
+    directory = pathlib.Path(directory)
+    return [
+        save_figure(
+            concept_tile(images, records[k], latent[k], masks[k], n_images, labels=labels, class_names=class_names),
+            directory / f"concept_{records[k].concept:02d}.png",
+        )
+        for k in order
+    ]
+
+
+def class_share_heatmap(shares, class_names: Sequence[str], order=None, title: str = "class shares of each concept") -> Figure:
+    """Concepts x classes heatmap of :func:`~jaxcnmf.analysis.class_shares`.
+
+    Args:
+        shares: float (rank, C) shares in [0, 1].
+        class_names: C names.
+        order: optional (rank,) concept order for the rows.
+        title: figure title.
+
+    Returns:
+        Figure with 2 axes (heatmap, colorbar).
+    """
+    shares = np.asarray(shares, dtype=np.float64)
+    if shares.ndim != 2 or shares.shape[1] != len(class_names):
+        raise ValueError(f"shares: expected (rank, {len(class_names)}), got {shares.shape}")
+    order = np.arange(shares.shape[0]) if order is None else np.asarray(order)
+    rank, num_classes = shares.shape
+    fig = _figure(min(3.0 + 0.22 * num_classes, 24.0), 1.8 + 0.25 * rank)
+    ax = fig.add_subplot()
+    image = ax.imshow(shares[order], aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    _ticks(ax, "x", list(class_names), rotation=90)
+    _ticks(ax, "y", [str(k) for k in order])
+    ax.set_xlabel("class")
+    ax.set_ylabel("concept")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of concept mass")
+    return fig
+
+
+# -------------------------------------------------------------------- neurons per layer
+
+
+def similarity_heatmaps(summary: LayerSummary) -> Figure:
+    """Per-layer cosine similarity of the loading columns, concepts in the same order.
+
+    Args:
+        summary: from :func:`~jaxcnmf.analysis.layer_summary`.
+
+    Returns:
+        Figure with one axes per layer plus a shared colorbar.
+    """
+    layers = summary.layers
+    lo = min(0.0, min(float(s.min()) for s in summary.similarity.values()))
+    # Square panels plus room for two-line titles, tick labels and the suptitle.
+    fig = _figure(3.0 * len(layers) + 1.2, 4.2)
+    axes = [fig.add_subplot(1, len(layers), i + 1) for i in range(len(layers))]
+    ticks = [str(k) for k in summary.order]
+    for i, (ax, layer) in enumerate(zip(axes, layers, strict=True)):
+        image = ax.imshow(summary.similarity[layer], cmap="magma", vmin=lo, vmax=1.0, interpolation="nearest")
+        _ticks(ax, "x", ticks, rotation=90)
+        _ticks(ax, "y", ticks)
+        ax.set_title(f"{layer}\nlargest eigenvalue {summary.largest[i]:.2f}", fontsize=9)
+        ax.set_xlabel("concept", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("concept", fontsize=8)
+    fig.colorbar(image, ax=axes, label="cosine similarity of loadings", shrink=0.8)
+    fig.suptitle("Do concepts share neurons? (cosine similarity of loading columns)", fontsize=10)
+    return fig
+
+
+def layer_summary_plot(summary: LayerSummary) -> Figure:
+    """The paper's per-layer summary: largest eigenvalue, top-K mean, distance from I.
+
+    Args:
+        summary: from :func:`~jaxcnmf.analysis.layer_summary`.
+
+    Returns:
+        Figure with 1 axes, one line per statistic across layers.
+    """
+    fig = _figure(max(4.5, 1.2 * len(summary.layers) + 2.5), 3.4)
+    ax = fig.add_subplot()
+    x = np.arange(len(summary.layers))
+    ax.plot(x, summary.largest, "o-", label="largest eigenvalue")
+    ax.plot(x, summary.top_k_mean, "s-", label=f"mean of top {summary.top_k} eigenvalues")
+    ax.plot(x, summary.identity_distance, "^-", label=r"$\|S - I\|_F$")
+    ax.set_xticks(x, summary.layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("value")
+    ax.set_title("Sharing of neurons between concepts, by layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# --------------------------------------------------------------------------- neighbours
+
+
+def neighbour_figure(images, result: NeighbourConcepts, labels=None, class_names: Sequence[str] | None = None) -> Figure:
+    """A query image, its nearest neighbours in F-space, and their concept distribution.
+
+    Args:
+        images: uint8 (N, H, W, C) probe images.
+        result: from :func:`~jaxcnmf.analysis.neighbour_concepts`.
+        labels: optional int (N,) labels for captions.
+        class_names: names for ``labels``.
+
+    Returns:
+        Figure with ``k + 2`` axes: query, k neighbours, distribution bar chart.
+    """
+    images = _images(images)
+
+    def caption(index):
+        if labels is None:
+            return f"#{index}"
+        label = int(np.asarray(labels)[index])
+        return class_names[label] if class_names is not None else f"class {label}"
+
+    k = len(result.neighbours)
+    fig = _figure(1.3 * (k + 1) + 3.5, 2.6)
+    grid = fig.add_gridspec(1, k + 2, width_ratios=[1.3] + [1] * k + [3.0])
+    _show(fig.add_subplot(grid[0, 0]), images[result.index], f"query\n{caption(result.index)}", fontsize=9)
+    for i, index in enumerate(result.neighbours):
+        _show(fig.add_subplot(grid[0, i + 1]), images[index], f"{i + 1}\n{caption(index)}")
+    bars = fig.add_subplot(grid[0, k + 1])
+    concepts = np.arange(len(result.distribution))
+    bars.bar(concepts, result.distribution, color="tab:orange")
+    bars.set_ylim(0, 1)
+    bars.set_xlabel("strongest concept", fontsize=8)
+    bars.set_ylabel("share of neighbours", fontsize=8)
+    _ticks(bars, "x", [str(c) for c in concepts])
+    bars.set_title(f"entropy {result.entropy_bits:.2f} bits", fontsize=9)
+    fig.suptitle(f"{k} nearest neighbours in F-space ({result.metric})", fontsize=10)
+    return fig
+
+
+def accuracy_entropy_plot(table: AccuracyTable) -> Figure:
+    """The network's accuracy per bin of neighbour entropy, with images per bin.
+
+    Args:
+        table: from :func:`~jaxcnmf.analysis.accuracy_vs_entropy`.
+
+    Returns:
+        Figure with 1 axes.
+    """
+    fig = _figure(5.0, 3.4)
+    ax = fig.add_subplot()
+    centres = (table.edges[:-1] + table.edges[1:]) / 2
+    widths = np.diff(table.edges) * 0.9
+    filled = table.count > 0
+    ax.bar(centres[filled], table.accuracy[filled], width=widths[filled], color="tab:green", alpha=0.8)
+    for x, acc, n in zip(centres[filled], table.accuracy[filled], table.count[filled]):
+        # Counts sit at the bar's foot, clear of the overall-accuracy line.
+        ax.text(x, 0.02, f"n={n}", ha="center", fontsize=7)
+    ax.axhline(table.overall, color="black", linestyle="--", linewidth=1, label=f"overall {table.overall:.1%}")
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("entropy of neighbours' strongest concepts (bits)")
+    ax.set_ylabel("network accuracy")
+    ax.set_title("Accuracy against neighbourhood entropy")
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+# ------------------------------------------------------------------- fidelity, history
+
+
+def fidelity_plot(tables: Sequence[FidelityTable]) -> Figure:
+    """Accuracy with each layer replaced by ``O_j F``, against rank, per layer.
+
+    Args:
+        tables: one :class:`~jaxcnmf.analysis.FidelityTable` per layer.
+
+    Returns:
+        Figure with 1 axes; the original accuracy is a dashed line.
+    """
+    if not tables:
+        raise ValueError("tables: expected at least one FidelityTable, got none")
+    fig = _figure(5.2, 3.6)
+    ax = fig.add_subplot()
+    originals = {round(t.original_accuracy, 9) for t in tables}
+    for table in tables:
+        (line,) = ax.plot(table.ranks, table.accuracy, "o-", label=table.layer)
+        if len(originals) > 1:
+            ax.axhline(table.original_accuracy, color=line.get_color(), linestyle="--", linewidth=1)
+    if len(originals) == 1:
+        ax.axhline(tables[0].original_accuracy, color="black", linestyle="--", linewidth=1,
+                   label=f"original {tables[0].original_accuracy:.1%}")
+    ranks = np.unique(np.concatenate([t.ranks for t in tables]))
+    ax.set_xticks(ranks)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("rank (number of concepts)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(r"Fidelity: accuracy with a layer replaced by $O_j F$")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def history_plot(history: Mapping) -> Figure:
+    """Objective and per-view relative error over the solver's iterations.
+
+    Args:
+        history: ``FitResult.history``: {"objective": (n_iter,), "rel_error": {view:
+            (n_iter,)}}.
+
+    Returns:
+        Figure with 2 axes (objective; relative errors).
+    """
+    if "objective" not in history:
+        raise ValueError(f"history: expected keys 'objective' and 'rel_error', got {sorted(history)}")
+    objective = np.asarray(history["objective"], dtype=np.float64)
+    errors = history.get("rel_error", {})
+    fig = _figure(9.0, 3.4)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    iterations = np.arange(1, objective.size + 1)
+    left.plot(iterations, objective, color="tab:blue")
+    if objective.size and np.all(objective > 0):
+        left.set_yscale("log")
+    left.set_xlabel("iteration")
+    left.set_ylabel("objective")
+    left.set_title("objective")
+    for name, values in errors.items():
+        values = np.asarray(values, dtype=np.float64)
+        right.plot(np.arange(1, values.size + 1), values, label=str(name))
+    right.set_xlabel("iteration")
+    right.set_ylabel(r"$\|X_v - W_v F\| / \|X_v\|$")
+    right.set_title("relative error per view")
+    if errors:
+        right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return fig

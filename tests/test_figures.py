@@ -1,0 +1,116 @@
+"""Tests for jaxcnmf.figures: every figure renders to a readable PNG with the right axes."""
+
+import doctest
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcnmf import analysis, figures
+
+CLASS_NAMES = ["zero", "one", "two", "three"]
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(0)
+    rank, n, H, W = 4, 40, 8, 8
+    labels = np.repeat(np.arange(4), n // 4)
+    F = rng.uniform(0, 0.2, (rank, n))
+    F[labels, np.arange(n)] += 1.0
+    return {
+        "labels": labels,
+        "F": F,
+        "gray": rng.integers(0, 256, (n, H, W, 1), dtype=np.uint8),
+        "rgb": rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8),
+        "pixels_gray": {"gray": rng.random((H * W, rank))},
+        "pixels_rgb": {c: rng.random((H * W, rank)) for c in ("red", "green", "blue")},
+        "loadings": {"conv1": rng.random((30, rank)), "conv2": rng.random((20, rank)), "pool": rng.random((8, rank))},
+    }
+
+
+def check_png(fig, path, n_axes):
+    assert len(fig.axes) == n_axes
+    written = figures.save_figure(fig, path)
+    assert written == path and path.stat().st_size > 1000
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size[0] > 200 and png.size[1] > 100
+    assert fig.axes == []
+
+
+@pytest.mark.parametrize("kind", ["gray", "rgb"])
+def test_concept_tile_and_gallery(case, tmp_path, kind):
+    images = case[kind]
+    latent = analysis.latent_images(case[f"pixels_{kind}"], images.shape[1:])
+    masks = analysis.median_mask(latent)
+    records = analysis.concept_table(case["F"], case["labels"], CLASS_NAMES, n_images=5)
+    fig = figures.concept_tile(images, records[1], latent[1], masks[1], n_images=5,
+                               labels=case["labels"], class_names=CLASS_NAMES)
+    check_png(fig, tmp_path / "tile.png", 2 * 5 + 3)
+    if kind == "rgb":
+        return
+    order = analysis.concept_order(case["F"], case["labels"])
+    paths = figures.concept_gallery(images, records, latent, masks, tmp_path / "gallery", n_images=3, order=order)
+    assert [p.name for p in paths] == [f"concept_{k:02d}.png" for k in order]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_concept_tile_rejects_latent_of_wrong_shape(case):
+    records = analysis.concept_table(case["F"], case["labels"], CLASS_NAMES)
+    with pytest.raises(ValueError, match=r"latent: expected shape \(8, 8, 1\)"):
+        figures.concept_tile(case["gray"], records[0], np.zeros((8, 8, 3)), np.zeros((8, 8), bool))
+    with pytest.raises(ValueError, match="images: expected uint8"):
+        figures.concept_tile(case["gray"].astype(float), records[0], np.zeros((8, 8, 1)), np.zeros((8, 8), bool))
+
+
+def test_class_share_heatmap(case, tmp_path):
+    shares = analysis.class_shares(case["F"], case["labels"], 4)
+    order = analysis.concept_order(case["F"], case["labels"])
+    check_png(figures.class_share_heatmap(shares, CLASS_NAMES, order), tmp_path / "shares.png", 2)
+
+
+def test_similarity_heatmaps_and_layer_summary(case, tmp_path):
+    summary = analysis.layer_summary(case["loadings"], order=analysis.concept_order(case["F"]))
+    check_png(figures.similarity_heatmaps(summary), tmp_path / "similarity.png", 3 + 1)
+    check_png(figures.layer_summary_plot(summary), tmp_path / "summary.png", 1)
+
+
+def test_neighbour_figure_and_accuracy_plot(case, tmp_path):
+    result = analysis.neighbour_concepts(case["F"], 3, k=5, metric="euclidean")
+    fig = figures.neighbour_figure(case["rgb"], result, case["labels"], CLASS_NAMES)
+    check_png(fig, tmp_path / "neighbours.png", 5 + 2)
+    entropy = analysis.neighbour_entropy_all(case["F"], 5)
+    correct = np.random.default_rng(1).random(entropy.size) < 0.8
+    table = analysis.accuracy_vs_entropy(entropy, correct, bins=[0.0, 0.5, 1.0, 1.5, 2.0])
+    check_png(figures.accuracy_entropy_plot(table), tmp_path / "entropy.png", 1)
+
+
+def test_fidelity_plot(tmp_path):
+    tables = [
+        analysis.FidelityTable(layer, 0.9, np.array([2, 5, 10]), np.array([0.3, 0.6, 0.85]) + shift, np.array([0.5, 0.3, 0.1]))
+        for layer, shift in (("conv2", 0.0), ("pool", 0.04))
+    ]
+    fig = figures.fidelity_plot(tables)
+    dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(0.9)
+    check_png(fig, tmp_path / "fidelity.png", 1)
+    with pytest.raises(ValueError, match="tables"):
+        figures.fidelity_plot([])
+
+
+def test_history_plot(tmp_path):
+    history = {
+        "objective": np.geomspace(10.0, 1.0, 30),
+        "rel_error": {"gray": np.linspace(0.9, 0.3, 30), "conv2": np.linspace(0.8, 0.2, 30)},
+    }
+    fig = figures.history_plot(history)
+    assert fig.axes[0].get_yscale() == "log"
+    assert len(fig.axes[1].get_lines()) == 2
+    check_png(fig, tmp_path / "history.png", 2)
+    with pytest.raises(ValueError, match="history: expected keys"):
+        figures.history_plot({"rel_error": {}})
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(figures)
+    assert result.attempted >= 1 and result.failed == 0
