@@ -522,9 +522,8 @@ def _load_digits(test_fraction: float, seed: int) -> DatasetSplits:
 
     bunch = load_digits()
     pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    pixels = pixels.repeat(4, axis=1).repeat(4, axis=2)[..., None]
     ds = Dataset(
-        images=pixels,
+        images=pixels.repeat(4, axis=1).repeat(4, axis=2)[..., None],
         labels=bunch.target.astype(np.int64),
         class_names=tuple(str(n) for n in bunch.target_names),
         name="digits",
