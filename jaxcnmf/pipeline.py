@@ -279,20 +279,106 @@ def _check_probe_set(config: RunConfig, probe_set) -> None:
         )
 
 
-def _load_network(config: RunConfig, num_classes: int):
-    """The model, its variables (None when it still has to be trained) and checkpoint meta."""
+def _load_network(config: RunConfig):
+    """The model, its variables (None when it still has to be trained) and its record.
+
+    A network to be trained is built with one class, so that its layers can be checked
+    before the data are read; ``_fit_classes`` gives it the dataset's classes.
+    """
     from jaxcnmf import models, train
 
     if config.checkpoint is None:
-        return models.build(config.model, num_classes, config.width), None, {}
+        return models.build(config.model, 1, config.width), None, {
+            "model_name": config.model, "width": config.width}
     checkpoint = train.load_checkpoint(config.checkpoint)
-    model_classes = checkpoint.meta.get("num_classes")
-    if model_classes is not None and int(model_classes) != num_classes:
+    return checkpoint.model, checkpoint.variables, _model_record(checkpoint.meta,
+                                                                 str(checkpoint.path))
+
+
+def _fit_classes(config: RunConfig, model, trained: bool, num_classes: int):
+    if not trained:
+        return model.clone(num_classes=num_classes)
+    if model.num_classes != num_classes:
         raise ValueError(
-            f"checkpoint: the network has {model_classes} classes but dataset "
+            f"checkpoint: the network has {model.num_classes} classes but dataset "
             f"{config.dataset!r} has {num_classes}"
         )
-    return checkpoint.model, checkpoint.variables, dict(checkpoint.meta)
+    return model
+
+
+def _model_record(meta: dict, checkpoint: str) -> dict[str, Any]:
+    """The checkpoint facts the report shows (not its history or optimiser settings)."""
+    keys = ("model_name", "width", "num_classes", "dataset", "accuracy", "epochs", "input_shape")
+    return {"checkpoint": checkpoint, **{key: meta[key] for key in keys if key in meta}}
+
+
+def _train(config: RunConfig, model, splits, checkpoint_dir: Path, progress: bool):
+    """Train ``model`` on the train split; returns its variables and the model record."""
+    from jaxcnmf import train
+
+    result = train.fit(
+        model, splits.train, epochs=config.epochs, batch_size=config.train_batch_size,
+        augment=config.augment, flip=_flips(splits), eval_ds=splits.test,
+        checkpoint_dir=checkpoint_dir, resume=False, seed=config.seed, progress=progress,
+        **({} if config.lr is None else {"lr": config.lr}),
+    )
+    return result.variables, {
+        "model_name": config.model, "width": config.width, "checkpoint": str(checkpoint_dir),
+        "num_classes": splits.num_classes, "accuracy": result.accuracy, "epochs": result.epochs,
+    }
+
+
+def _flips(splits) -> bool:
+    # Mirrored digits are different symbols; photographs keep their class when mirrored.
+    return splits.name != "digits"
+
+
+def train_model(*, model: str = "small", dataset: str = "digits", source=None, out,
+                epochs: int = 10, width: float = 1.0, batch_size: int = 128,
+                lr: float | None = None, augment: bool = True, seed: int = 0,
+                force: bool = False, progress: bool = True) -> Path:
+    """Train a network and save it to ``out/ckpt`` (``jaxcnmf train``).
+
+    Args:
+        model: "small", "resnet18" or "vgg11".
+        dataset, source: as for :func:`jaxcnmf.data.load`.
+        out: output directory; receives ``ckpt/`` and ``train.json`` (history, accuracy,
+            wall time).
+        epochs, width, batch_size, lr, augment, seed: training settings (``lr=None`` takes
+            the trainer's default).
+        force: overwrite an ``out`` that holds files.
+        progress: progress bars and per-epoch lines on stderr.
+
+    Returns:
+        Path of the checkpoint directory, for ``RunConfig(checkpoint=...)``.
+
+    Example:
+        >>> train_model(out="/tmp/digits", epochs=1)  # doctest: +SKIP
+        PosixPath('/tmp/digits/ckpt')
+    """
+    from jaxcnmf import data, models, train
+
+    out = check_out_dir(out, force)
+    network = models.build(model, 1, width)  # fails on a bad name before any data is read
+    stages = _Stages(progress)
+    with stages("data", f"loading {dataset}"):
+        splits = data.load(dataset, source=source, progress=progress)
+    network = network.clone(num_classes=splits.num_classes)
+    out.mkdir(parents=True, exist_ok=True)
+    with stages("train", f"{model} on {dataset}, {epochs} epochs"):
+        result = train.fit(
+            network, splits.train, epochs=epochs, batch_size=batch_size, augment=augment,
+            flip=_flips(splits), eval_ds=splits.test, checkpoint_dir=out / CHECKPOINT_DIR,
+            resume=False, seed=seed, progress=progress,
+            **({} if lr is None else {"lr": lr}),
+        )
+    write_json_atomic(out / "train.json", {
+        "model": model, "dataset": dataset, "width": width, "epochs": result.epochs,
+        "accuracy": result.accuracy, "history": result.history, "seconds": stages.seconds,
+        "environment": _environment(),
+    })
+    stages.log(f"test accuracy {result.accuracy:.4f}; checkpoint: {out / CHECKPOINT_DIR}")
+    return out / CHECKPOINT_DIR
 
 
 def _group_ids(config: RunConfig, probe_set):
@@ -342,16 +428,17 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
     stages = _Stages(progress)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
+    with stages("model", "loading the checkpoint" if config.checkpoint else "building the network"):
+        model, variables, meta = _load_network(config)
+        layers = _check_layers(model, config.layers)
+
     with stages("data", f"loading {config.dataset} and a balanced probe set"):
         splits = data.load(config.dataset, source=config.source, progress=progress)
         probe_set = getattr(splits, config.split)
         if config.per_class is not None:
             probe_set = data.balanced_subset(probe_set, config.per_class, seed=config.seed)
     _check_probe_set(config, probe_set)
-
-    with stages("model", "loading the checkpoint" if config.checkpoint else "building the network"):
-        model, variables, meta = _load_network(config, splits.num_classes)
-        layers = _check_layers(model, config.layers)
+    model = _fit_classes(config, model, variables is not None, splits.num_classes)
 
     record = {
         "status": "running",
@@ -365,7 +452,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
             "probe_images": int(len(probe_set.labels)),
             "image_shape": list(probe_set.images.shape[1:]),
         },
-        "model": {"name": type(model).__name__, "checkpoint": config.checkpoint, **meta},
+        "model": {"name": type(model).__name__, **meta},
         "layers": list(layers),
         "seconds": stages.seconds,
         "environment": _environment(),
@@ -374,8 +461,9 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
     try:
         if variables is None:
             with stages("train", f"{config.model} on {config.dataset}, {config.epochs} epochs"):
-                variables, record["model"] = _train(config, model, splits, out / CHECKPOINT_DIR,
-                                                    progress)
+                variables, trained = _train(config, model, splits, out / CHECKPOINT_DIR,
+                                            progress)
+                record["model"].update(trained)
         with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"):
             # The logits come from the same forward pass; they are the one view that may
             # be negative, and they are not factorized.
@@ -454,10 +542,10 @@ def _network_analyses(config, model, variables, views, result, probe_set, layers
     fits = [result]
     if replaceable:
         settings = {**_fit_settings(config, probe_set), "restarts": 1}
-        for rank in _progress(ranks, progress, "fidelity fits"):
+        for rank in progress_bar(ranks, progress, "fidelity fits"):
             fits.append(jaxcnmf.fit(views, rank, progress=False, **settings))
     rows = []
-    for layer in _progress(replaceable, progress, "fidelity"):
+    for layer in progress_bar(replaceable, progress, "fidelity"):
         table = analysis.fidelity(model, variables, probe_set.images, probe_set.labels, fits,
                                   layer, activations=views[layer], shape=shapes[layer])
         rows.extend(table.to_rows())
@@ -469,7 +557,8 @@ def _network_analyses(config, model, variables, views, result, probe_set, layers
     }
 
 
-def _progress(items, progress: bool, desc: str):
+def progress_bar(items, progress: bool, desc: str):
+    """``items`` wrapped in a tqdm bar when ``progress``, else unchanged."""
     if not progress:
         return items
     from tqdm.auto import tqdm

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -55,21 +54,12 @@ figcaption { color: #555; font-size: 0.9rem; }
 """
 
 
-def png_bytes(figure) -> bytes:
-    """PNG bytes of a matplotlib figure, which is closed afterwards.
+def figure_block(run_dir: Path, name: str, figure, caption: str) -> str:
+    """Save ``figure`` to ``run_dir/figures/<name>.png`` and return it as an HTML block."""
+    from jaxcnmf import figures
 
-    Args:
-        figure: a ``matplotlib.figure.Figure``.
-
-    Returns:
-        bytes: the PNG file.
-    """
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
+    path = figures.save_figure(figure, Path(run_dir) / "figures" / f"{name}.png")
+    return figure_html(path.read_bytes(), caption)
 
 
 def figure_html(png: bytes, caption: str, alt: str | None = None) -> str:
@@ -149,12 +139,6 @@ def render_html(title: str, subtitle: str, sections: Iterable[tuple[str, str, li
     )
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    from jaxcnmf.pipeline import write_bytes_atomic
-
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
 PIXEL_VIEWS = ("red", "green", "blue", "gray")
 
 
@@ -225,3 +209,312 @@ class _Page:
              for metric in analysis.METRICS}
             for i in dict.fromkeys(picks.tolist())
         ]
+
+
+def _settings_section(page: _Page, run_dir: Path) -> list[str]:
+    record, config, result = page.record, page.config, page.result
+    model = record.get("model", {})
+    dataset = record["dataset"]
+    fact = record.get("factorization", {})
+    test_accuracy = model.get("accuracy")
+    settings = [
+        ("command", config["command"]),
+        ("model", f"{model.get('name', '?')} (width {model.get('width', config['width'])})"),
+        ("checkpoint", model.get("checkpoint") or "trained by this run"),
+        ("test accuracy", _num(test_accuracy)),
+        ("accuracy on the probe set", _num(record.get("probe_accuracy"))),
+        ("dataset", f"{dataset['name']}, {dataset['split']} split"),
+        ("probe images", f"{dataset['probe_images']} ({config['per_class']} per class)"),
+        ("layers", ", ".join(record["layers"])),
+        ("pixel views", ", ".join(page.channels) or "none"),
+        ("pooling", config["pooling"]),
+        ("rank", config["rank"]),
+        ("method", config["method"]),
+        ("seed", config["seed"]),
+        ("iterations", f"{fact.get('n_iter', result.n_iter)} of {config['max_iter']}"
+                       f" ({'converged' if result.converged else 'not converged'})"),
+        ("restarts", config["restarts"]),
+        ("stability across restarts", _num(fact.get("stability"))),
+        ("view weights", config["weights"] or "none"),
+        ("unit columns", config["unit_columns"]),
+        ("group sparsity", f"{config['group_lam']} over {config['groups']}"
+                           if config["group_lam"] else "off"),
+        ("started", record.get("started", "")),
+    ]
+    settings_rows = [{"setting": key, "value": value} for key, value in settings]
+    view_rows = [
+        {"view": name, "rows": int(result.loadings[name].shape[0]),
+         "relative error": float(result.relative_errors[name])}
+        for name in result.view_names
+    ]
+    time_rows = [{"stage": stage, "seconds": float(seconds)}
+                 for stage, seconds in record.get("seconds", {}).items()]
+    time_rows.append({"stage": "total", "seconds": float(sum(r["seconds"] for r in time_rows))})
+    write_table(run_dir, "settings", settings_rows)
+    write_table(run_dir, "relative_errors", view_rows)
+    write_table(run_dir, "wall_times", time_rows)
+    return [
+        table_html(settings_rows),
+        "<h3>Views: relative reconstruction error ||X - W F|| / ||X||</h3>",
+        table_html(view_rows),
+        "<h3>Wall time per stage</h3>",
+        table_html(time_rows),
+        paragraph("The report stage is not timed here: this page is its output.", note=True),
+    ]
+
+
+def _summary_section(page: _Page, run_dir: Path) -> list[str]:
+    kmeans = page.saved.network["kmeans"]
+    rows = [
+        {"method": f"coupled NMF (rank {page.config['rank']})", "labels": "class",
+         "purity": page.scores["purity"], "NMI": page.scores["nmi"]},
+        {"method": f"k-means on the layer activations (k={kmeans['k']})", "labels": "class",
+         "purity": kmeans["purity"], "NMI": kmeans["nmi"]},
+    ]
+    if "superclass_nmi" in page.scores:
+        rows.append({"method": f"coupled NMF (rank {page.config['rank']})",
+                     "labels": "superclass", "purity": page.scores["superclass_purity"],
+                     "NMI": page.scores["superclass_nmi"]})
+    write_table(run_dir, "summary", rows)
+    return [
+        paragraph(
+            "Purity: the mean over concepts of the share of a concept's weight (row of F) "
+            "that falls on its top class. NMI: normalized mutual information between each "
+            "image's strongest concept and its label. The baseline clusters the same layer "
+            f"activations ({', '.join(kmeans['views'])}) with k-means, each view's columns "
+            "scaled to unit norm; its purity is the mean share of the most common label "
+            "per cluster."
+        ),
+        table_html(rows),
+    ]
+
+
+def _concept_rows(page: _Page) -> list[dict]:
+    rows = []
+    for record in page.records:
+        row = {
+            "concept": record.concept,
+            "mass": record.mass,
+            "top classes": "; ".join(f"{n} {s:.2f}" for n, s in record.top_classes),
+            "entropy (bits)": record.entropy_bits,
+            "entropy (normalized)": record.entropy_normalized,
+        }
+        if record.top_superclasses is not None:
+            row["top superclasses"] = "; ".join(
+                f"{n} {s:.2f}" for n, s in record.top_superclasses)
+            row["superclass entropy (bits)"] = record.superclass_entropy_bits
+        row["top images"] = " ".join(str(int(i)) for i in record.top_images)
+        rows.append(row)
+    return rows
+
+
+def _concepts_section(page: _Page, run_dir: Path) -> list[str]:
+    from jaxcnmf import analysis, figures
+
+    rows = _concept_rows(page)
+    write_table(run_dir, "concepts", rows)
+    json_rows = [record.to_dict() for record in page.records]
+    (Path(run_dir) / "tables" / "concepts_full.json").write_text(json.dumps(json_rows, indent=2))
+    shares = analysis.class_shares(page.F, page.saved.labels, len(page.class_names))
+    blocks = [
+        paragraph(
+            "Each concept is a row of F. Its top images are the probe images with the largest "
+            "weight; its class shares are the fractions of the row's mass on each class. "
+            + ("The latent image is the concept's column of the pixel loadings (each channel "
+               "scaled to [0, 1]); the overlays keep the pixels above its median."
+               if page.latent is not None else
+               "This run factorized no pixel views, so there are no latent images.")
+        ),
+        table_html(rows),
+        figure_block(run_dir, "class_shares",
+                     figures.class_share_heatmap(shares, page.class_names, order=page.order),
+                     "Class shares of each concept (rows in display order)."),
+    ]
+    if page.latent is None:
+        return blocks
+    n_images = int(page.config["top_images"])
+    for k in page.order:
+        record = page.records[int(k)]
+        lead = record.top_classes[0][0] if record.top_classes else "no mass"
+        tile = figures.concept_tile(page.saved.images, record, page.latent[k], page.masks[k],
+                                    n_images=n_images, labels=page.saved.labels,
+                                    class_names=page.class_names)
+        blocks.append(
+            f'<div class="concept" id="concept-{record.concept}">'
+            f"<h3>Concept {record.concept}: {html.escape(lead)}</h3>"
+            + figure_block(run_dir, f"concept_{record.concept:02d}", tile,
+                           f"Concept {record.concept}: top images, masked overlays, latent "
+                           "image, median mask and top classes.")
+            + "</div>"
+        )
+    return blocks
+
+
+def _layers_section(page: _Page, run_dir: Path) -> list[str]:
+    from jaxcnmf import figures
+
+    summary = page.layer_summary
+    if summary is None:
+        return [paragraph("This run factorized no layers.")]
+    rows = summary.to_rows()
+    eigen_rows = [
+        {"layer": layer, **{f"eigenvalue {i + 1}": float(v)
+                            for i, v in enumerate(summary.eigenvalues[layer])}}
+        for layer in summary.layers
+    ]
+    write_table(run_dir, "layers", rows)
+    write_table(run_dir, "eigenvalues", eigen_rows)
+    return [
+        paragraph(
+            "For each layer, the cosine similarity between the columns of its loadings O_j "
+            "(one column per concept, same order in every heatmap). Concepts that use "
+            "disjoint neurons give the identity; eigenvalues (sorted, from eigvalsh) near 1 "
+            "mean separate neurons, a large first eigenvalue means shared ones."
+        ),
+        figure_block(run_dir, "similarity", figures.similarity_heatmaps(summary),
+                     "Cosine similarity of loading columns per layer."),
+        figure_block(run_dir, "eigenvalues", figures.layer_summary_plot(summary),
+                     f"Largest eigenvalue, mean of the top {summary.top_k} and distance from "
+                     "the identity, per layer."),
+        table_html(rows),
+        "<h3>Eigenvalues, largest first</h3>",
+        table_html(eigen_rows),
+    ]
+
+
+def _neighbours_section(page: _Page, run_dir: Path) -> list[str]:
+    from jaxcnmf import figures
+
+    table = page.accuracy_table
+    rows = table.to_rows()
+    write_table(run_dir, "accuracy_vs_entropy", rows)
+    blocks = [
+        paragraph(
+            f"Each image's {page.k} nearest neighbours in F-space (columns of F), the "
+            "distribution of their strongest concepts and its entropy. Examples: the images "
+            "with the lowest, median and highest entropy."
+        )
+    ]
+    example_rows = []
+    for number, example in enumerate(page.examples):
+        for metric, result in example.items():
+            blocks.append(figure_block(
+                run_dir, f"neighbours_{number}_{metric}",
+                figures.neighbour_figure(page.saved.images, result, labels=page.saved.labels,
+                                         class_names=page.class_names),
+                f"Image {result.index}: {metric} neighbours, entropy "
+                f"{result.entropy_bits:.2f} bits."))
+            example_rows.append({"image": result.index, "metric": metric,
+                                 "entropy (bits)": result.entropy_bits,
+                                 "neighbours": " ".join(map(str, result.neighbours.tolist()))})
+    write_table(run_dir, "neighbour_examples", example_rows)
+    blocks += [
+        "<h3>Network accuracy against neighbourhood entropy</h3>",
+        figure_block(run_dir, "accuracy_vs_entropy", figures.accuracy_entropy_plot(table),
+                     "Accuracy of the network per bin of neighbour entropy (cosine)."),
+        table_html(rows),
+    ]
+    return blocks
+
+
+def _fidelity_section(page: _Page, run_dir: Path) -> list[str]:
+    from jaxcnmf import analysis, figures
+
+    rows = page.saved.network["fidelity"]
+    write_table(run_dir, "fidelity", rows)
+    blocks = [paragraph(
+        "Accuracy of the network on the probe images when a layer's activations are "
+        "replaced by their reconstruction O_j F, with F computed from that layer alone "
+        "(FitResult.transform), against its accuracy with the layer's own activations. "
+        "It says how much of what the network uses the concepts capture.")]
+    skipped = page.saved.network.get("fidelity_skipped") or []
+    if skipped:
+        blocks.append(paragraph(
+            f"Not measured for {', '.join(skipped)}: pooled conv activations "
+            f"(--pooling {page.config['pooling']}) cannot be put back into the network.",
+            note=True))
+    if not rows:
+        return blocks
+    tables = []
+    for layer in dict.fromkeys(row["layer"] for row in rows):
+        mine = [row for row in rows if row["layer"] == layer]
+        tables.append(analysis.FidelityTable(
+            layer=layer, original_accuracy=mine[0]["original_accuracy"],
+            ranks=np.array([row["rank"] for row in mine]),
+            accuracy=np.array([row["accuracy"] for row in mine]),
+            relative_error=np.array([row["relative_error"] for row in mine])))
+    blocks += [
+        figure_block(run_dir, "fidelity", figures.fidelity_plot(tables),
+                     "Accuracy with each layer replaced by its reconstruction, per rank."),
+        table_html(rows),
+    ]
+    return blocks
+
+
+def _objective_section(page: _Page, run_dir: Path) -> list[str]:
+    from jaxcnmf import figures
+
+    history = page.result.history
+    objective = np.asarray(history["objective"], dtype=np.float64)
+    rows = [{"iteration": i + 1, "objective": float(v)} for i, v in enumerate(objective)]
+    for name, errors in history.get("rel_error", {}).items():
+        for row, value in zip(rows, np.asarray(errors, dtype=np.float64)):
+            row[f"rel_error {name}"] = float(value)
+    write_table(run_dir, "history", rows)
+    final = f"{objective[-1]:.6g}" if objective.size else "n/a"
+    return [
+        paragraph(f"{objective.size} iterations; final objective {final}; "
+                  f"{'converged' if page.result.converged else 'stopped at max_iter'}."),
+        figure_block(run_dir, "history", figures.history_plot(history),
+                     "Objective and relative error per view over the iterations."),
+    ]
+
+
+_BUILDERS = {
+    "settings": _settings_section,
+    "summary": _summary_section,
+    "concepts": _concepts_section,
+    "layers": _layers_section,
+    "neighbours": _neighbours_section,
+    "fidelity": _fidelity_section,
+    "objective": _objective_section,
+}
+
+
+def write_report(run_dir, *, progress: bool = True) -> Path:
+    """Draw the figures and tables of a saved run and write its ``report.html``.
+
+    Args:
+        run_dir: a directory written by :func:`jaxcnmf.pipeline.run` (it needs
+            ``run.json``, ``factorization.npz``, ``probe.npz`` and ``analysis.json``).
+        progress: a progress bar over the sections on stderr.
+
+    Returns:
+        Path of ``report.html``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory, or the run stopped before
+            its results were saved.
+
+    Example:
+        >>> write_report("runs/demo").name  # doctest: +SKIP
+        'report.html'
+    """
+    from jaxcnmf import pipeline
+
+    saved = pipeline.load_run(run_dir)
+    run_dir = saved.path
+    page = _Page(saved)
+    sections = []
+    for section_id, heading in pipeline.progress_bar(SECTIONS, progress, "report"):
+        sections.append((section_id, heading, _BUILDERS[section_id](page, run_dir)))
+    dataset = saved.record["dataset"]
+    subtitle = (
+        f"{saved.record['model'].get('name', 'network')} on {dataset['name']}: "
+        f"{dataset['probe_images']} probe images, layers {', '.join(saved.record['layers'])}, "
+        f"rank {page.config['rank']} ({page.config['method']})."
+    )
+    path = run_dir / pipeline.REPORT
+    pipeline.write_bytes_atomic(
+        path, render_html("jaxcnmf concept report", subtitle, sections).encode("utf-8"))
+    return path
