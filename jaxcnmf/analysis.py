@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "METRICS",
     "AccuracyTable",
     "BaselineScores",
     "ConceptRecord",
@@ -68,19 +69,19 @@ __all__ = [
     "top_images",
 ]
 
-METRICS = ("cosine", "euclidean")
+METRICS = ("cosine", "euclidean")  # distances in F-space for the neighbour analyses
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _matrix(x, name: str, *, nonnegative: bool = False) -> np.ndarray:
+def _matrix(x, name: str, *, nonnegative: bool = False, dtype=np.float64) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
+    arr = arr.astype(dtype, copy=False)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
     if nonnegative and arr.size and arr.min() < 0:
@@ -120,7 +121,7 @@ def _metric(metric: str) -> str:
 
 def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """``num / den`` with 0 wherever ``den`` is 0 (dead concepts, empty images)."""
-    out = np.zeros(np.broadcast(num, den).shape, dtype=np.float64)
+    out = np.zeros(np.broadcast(num, den).shape, dtype=np.result_type(num, den, np.float32))
     np.divide(num, den, out=out, where=den > 0)
     return out
 
@@ -318,7 +319,8 @@ def _stack_views(activations) -> np.ndarray:
     blocks = []
     n = None
     for name, view in items:
-        view = _matrix(view, f"activations[{name!r}]" if len(items) > 1 else "activations")
+        # float32: layer views can be large and k-means does not need more precision.
+        view = _matrix(view, f"activations[{name!r}]" if len(items) > 1 else "activations", dtype=np.float32)
         if n is not None and view.shape[1] != n:
             raise ValueError(f"activations[{name!r}]: expected {n} columns, got {view.shape[1]}")
         n = view.shape[1]
@@ -1039,8 +1041,9 @@ class FidelityTable:
 
 
 def _check_layer(A, O, shape):
-    A = _matrix(A, "activations")
-    O = _matrix(O, "loadings")
+    # float32 like the network: a flattened early layer can hold hundreds of MB.
+    A = _matrix(A, "activations", dtype=np.float32)
+    O = _matrix(O, "loadings", dtype=np.float32)
     shape = _layer_shape(shape)
     if A.shape[0] != math.prod(shape):
         raise ValueError(f"activations: expected {math.prod(shape)} rows for layer shape {shape}, got {A.shape[0]}")
@@ -1050,18 +1053,17 @@ def _check_layer(A, O, shape):
 
 
 def _layer_accuracy(logits_fn, A: np.ndarray, labels: np.ndarray, shape) -> float:
-    # Networks take float32 activations whatever precision the analysis used.
-    return accuracy(logits_fn(unflatten_activations(A.astype(np.float32), shape)), labels)
+    return accuracy(logits_fn(unflatten_activations(A, shape)), labels)
 
 
 def _replaced_accuracy(logits_fn, A, labels, O, transform_fn, shape) -> tuple[float, float]:
     """(accuracy with ``O F`` in place of ``A``, relative error of ``O F``)."""
-    F = np.asarray(transform_fn(A), dtype=np.float64)
+    F = np.asarray(transform_fn(A), dtype=np.float32)
     if F.shape != (O.shape[1], A.shape[1]):
         raise ValueError(f"transform_fn: expected F of shape {(O.shape[1], A.shape[1])}, got {F.shape}")
     recon = O @ F
-    norm = np.linalg.norm(A)
-    rel_error = float(np.linalg.norm(A - recon) / norm) if norm > 0 else 0.0
+    norm = float(np.linalg.norm(A))
+    rel_error = float(np.linalg.norm(A - recon)) / norm if norm > 0 else 0.0
     return _layer_accuracy(logits_fn, recon, labels, shape), rel_error
 
 

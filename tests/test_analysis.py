@@ -319,7 +319,7 @@ def test_fidelity_full_rank_of_exactly_low_rank_layer_keeps_accuracy():
     )
     assert original == 1.0
     assert replaced == 1.0
-    assert rel < 1e-6
+    assert rel < 1e-5
 
 
 def test_fidelity_rank_one_drops_accuracy():
@@ -370,7 +370,7 @@ def test_fidelity_wrapper_uses_probe_and_transform(monkeypatch):
     assert table.layer == "conv" and table.original_accuracy == 1.0
     np.testing.assert_array_equal(table.ranks, [1, 3])
     assert table.accuracy[0] <= 1 / 3 + 1e-9 and table.accuracy[1] == 1.0
-    assert table.relative_error[1] < 1e-6 < table.relative_error[0]
+    assert table.relative_error[1] < 1e-5 < table.relative_error[0]
     assert calls == ["conv"] * 3
     rows = json.loads(json.dumps(table.to_rows()))
     assert rows[1]["accuracy_drop"] == 0.0

@@ -38,18 +38,25 @@ def check_png(fig, path, n_axes):
     assert fig.axes == []
 
 
-@pytest.mark.parametrize("kind", ["gray", "rgb"])
-def test_concept_tile_and_gallery(case, tmp_path, kind):
+def concept_inputs(case, kind):
     images = case[kind]
     latent = analysis.latent_images(case[f"pixels_{kind}"], images.shape[1:])
-    masks = analysis.median_mask(latent)
     records = analysis.concept_table(case["F"], case["labels"], CLASS_NAMES, n_images=5)
+    return images, records, latent, analysis.median_mask(latent)
+
+
+@pytest.mark.parametrize("kind", ["gray", "rgb"])
+def test_concept_tile(case, tmp_path, kind):
+    images, records, latent, masks = concept_inputs(case, kind)
     fig = figures.concept_tile(images, records[1], latent[1], masks[1], n_images=5,
                                labels=case["labels"], class_names=CLASS_NAMES)
+    assert "top class one (" in fig.get_suptitle()
     check_png(fig, tmp_path / "tile.png", 2 * 5 + 3)
-    if kind == "rgb":
-        return
-    order = analysis.concept_order(case["F"], case["labels"])
+
+
+def test_concept_gallery_writes_one_tile_per_concept_in_order(case, tmp_path):
+    images, records, latent, masks = concept_inputs(case, "gray")
+    order = analysis.concept_order(case["F"])
     paths = figures.concept_gallery(images, records, latent, masks, tmp_path / "gallery", n_images=3, order=order)
     assert [p.name for p in paths] == [f"concept_{k:02d}.png" for k in order]
     assert all(p.stat().st_size > 1000 for p in paths)
