@@ -265,7 +265,9 @@ def nmi(a, b) -> float:
     a = np.asarray(a)
     b = np.asarray(b)
     if a.ndim != 1 or a.shape != b.shape:
-        raise ValueError(f"a, b: expected two 1-D labelings of equal length, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"a, b: expected two 1-D labelings of equal length, got {a.shape} and {b.shape}"
+        )
     if a.size == 0:
         raise ValueError("a, b: expected at least one element, got 0")
     _, ia = np.unique(a, return_inverse=True)
@@ -320,7 +322,8 @@ def _stack_views(activations) -> np.ndarray:
     n = None
     for name, view in items:
         # float32: layer views can be large and k-means does not need more precision.
-        view = _matrix(view, f"activations[{name!r}]" if len(items) > 1 else "activations", dtype=np.float32)
+        label = f"activations[{name!r}]" if len(items) > 1 else "activations"
+        view = _matrix(view, label, dtype=np.float32)
         if n is not None and view.shape[1] != n:
             raise ValueError(f"activations[{name!r}]: expected {n} columns, got {view.shape[1]}")
         n = view.shape[1]
@@ -459,7 +462,9 @@ def concept_table(
                     None if coarse_shares is None
                     else _top_named(coarse_shares[k], superclass_names, top)
                 ),
-                superclass_entropy_bits=None if coarse_entropy is None else float(coarse_entropy[k]),
+                superclass_entropy_bits=(
+                    None if coarse_entropy is None else float(coarse_entropy[k])
+                ),
             )
         )
     return records
@@ -585,7 +590,9 @@ class LayerSummary:
         ]
 
 
-def layer_summary(loadings_by_layer: Mapping[str, np.ndarray], top_k: int = 3, order=None) -> LayerSummary:
+def layer_summary(
+    loadings_by_layer: Mapping[str, np.ndarray], top_k: int = 3, order=None
+) -> LayerSummary:
     """Similarity heatmaps, spectra and the per-layer summary across layers.
 
     Args:
@@ -605,14 +612,17 @@ def layer_summary(loadings_by_layer: Mapping[str, np.ndarray], top_k: int = 3, o
     """
     if not isinstance(loadings_by_layer, Mapping) or not loadings_by_layer:
         raise ValueError(
-            f"loadings_by_layer: expected a non-empty dict name -> (rows, rank), got {loadings_by_layer!r:.60}"
+            "loadings_by_layer: expected a non-empty dict name -> (rows, rank), "
+            f"got {loadings_by_layer!r:.60}"
         )
     top_k = _positive_int(top_k, "top_k")
     sims, eigs, rank = {}, {}, None
     for name, O in loadings_by_layer.items():
         O = _matrix(O, f"loadings_by_layer[{name!r}]")
         if rank is not None and O.shape[1] != rank:
-            raise ValueError(f"loadings_by_layer[{name!r}]: expected {rank} columns, got {O.shape[1]}")
+            raise ValueError(
+                f"loadings_by_layer[{name!r}]: expected {rank} columns, got {O.shape[1]}"
+            )
         rank = O.shape[1]
         sims[name] = loading_similarity(O)
         eigs[name] = similarity_spectrum(sims[name])
@@ -638,7 +648,9 @@ def layer_summary(loadings_by_layer: Mapping[str, np.ndarray], top_k: int = 3, o
 # ------------------------------------------------------------------------------ pixels
 
 
-def latent_images(pixel_loadings: Mapping[str, np.ndarray], image_shape: Sequence[int]) -> np.ndarray:
+def latent_images(
+    pixel_loadings: Mapping[str, np.ndarray], image_shape: Sequence[int]
+) -> np.ndarray:
     """Each concept's latent image from the pixel loadings ``P_i`` (paper 4.1.3).
 
     Args:
@@ -663,7 +675,8 @@ def latent_images(pixel_loadings: Mapping[str, np.ndarray], image_shape: Sequenc
         raise ValueError(f"image_shape: expected (H, W) or (H, W, C), got {image_shape}")
     if len(shape) == 3 and shape[2] != len(pixel_loadings):
         raise ValueError(
-            f"image_shape: expected {len(pixel_loadings)} channels to match pixel_loadings, got {shape[2]}"
+            f"image_shape: expected {len(pixel_loadings)} channels to match pixel_loadings, "
+            f"got {shape[2]}"
         )
     height, width = shape[:2]
     channels = []
@@ -674,7 +687,10 @@ def latent_images(pixel_loadings: Mapping[str, np.ndarray], image_shape: Sequenc
                 f"pixel_loadings[{name!r}]: expected {height * width} rows (H*W), got {P.shape[0]}"
             )
         if channels and P.shape[1] != channels[0].shape[1]:
-            raise ValueError(f"pixel_loadings[{name!r}]: expected {channels[0].shape[1]} columns, got {P.shape[1]}")
+            raise ValueError(
+                f"pixel_loadings[{name!r}]: expected {channels[0].shape[1]} columns, "
+                f"got {P.shape[1]}"
+            )
         lo, hi = P.min(axis=0, keepdims=True), P.max(axis=0, keepdims=True)
         channels.append(_safe_divide(P - lo, hi - lo))
     stacked = np.stack(channels, axis=-1)  # (H*W, rank, C)
@@ -727,7 +743,9 @@ def masked_images(images, mask, background: float = 0.15) -> np.ndarray:
         raise ValueError(f"images: expected uint8 (n, H, W, C), got {images.dtype} {images.shape}")
     mask = np.asarray(mask, dtype=bool)
     if mask.shape not in (images.shape[1:3], images.shape[:3]):
-        raise ValueError(f"mask: expected shape {images.shape[1:3]} or {images.shape[:3]}, got {mask.shape}")
+        raise ValueError(
+            f"mask: expected shape {images.shape[1:3]} or {images.shape[:3]}, got {mask.shape}"
+        )
     if not 0.0 <= background <= 1.0:
         raise ValueError(f"background: expected a value in [0, 1], got {background}")
     factor = np.where(mask, 1.0, background)[..., None]
@@ -829,7 +847,8 @@ def neighbour_concepts(F, index: int, k: int, metric: str = "cosine") -> Neighbo
     F = _matrix(F, "F")
     counts = _concept_counts(strongest_concept(F)[neighbours], F.shape[0])
     distribution = _safe_divide(counts, counts.sum())
-    return NeighbourConcepts(int(index), neighbours, distribution, float(entropy_bits(distribution)), metric)
+    entropy = float(entropy_bits(distribution))
+    return NeighbourConcepts(int(index), neighbours, distribution, entropy, metric)
 
 
 def neighbour_entropy_all(F, k: int, metric: str = "cosine", chunk_size: int = 1024) -> np.ndarray:
@@ -1046,9 +1065,14 @@ def _check_layer(A, O, shape):
     O = _matrix(O, "loadings", dtype=np.float32)
     shape = _layer_shape(shape)
     if A.shape[0] != math.prod(shape):
-        raise ValueError(f"activations: expected {math.prod(shape)} rows for layer shape {shape}, got {A.shape[0]}")
+        raise ValueError(
+            f"activations: expected {math.prod(shape)} rows for layer shape {shape}, "
+            f"got {A.shape[0]}"
+        )
     if O.shape[0] != A.shape[0]:
-        raise ValueError(f"loadings: expected {A.shape[0]} rows to match activations, got {O.shape[0]}")
+        raise ValueError(
+            f"loadings: expected {A.shape[0]} rows to match activations, got {O.shape[0]}"
+        )
     return A, O, shape
 
 
@@ -1060,7 +1084,9 @@ def _replaced_accuracy(logits_fn, A, labels, O, transform_fn, shape) -> tuple[fl
     """(accuracy with ``O F`` in place of ``A``, relative error of ``O F``)."""
     F = np.asarray(transform_fn(A), dtype=np.float32)
     if F.shape != (O.shape[1], A.shape[1]):
-        raise ValueError(f"transform_fn: expected F of shape {(O.shape[1], A.shape[1])}, got {F.shape}")
+        raise ValueError(
+            f"transform_fn: expected F of shape {(O.shape[1], A.shape[1])}, got {F.shape}"
+        )
     recon = O @ F
     norm = float(np.linalg.norm(A))
     rel_error = float(np.linalg.norm(A - recon)) / norm if norm > 0 else 0.0
@@ -1105,7 +1131,9 @@ def fidelity_from_logits_fn(
     return (original, *_replaced_accuracy(logits_fn, A, labels, O, transform_fn, shape))
 
 
-def fidelity(model, variables, images, labels, results, layer: str, activations=None, shape=None) -> FidelityTable:
+def fidelity(
+    model, variables, images, labels, results, layer: str, activations=None, shape=None
+) -> FidelityTable:
     """Fidelity of one probed layer for one or several fitted factorizations (ranks).
 
     Glue over :func:`fidelity_from_logits_fn` with ``probe.intervene`` (the rest of the
@@ -1138,7 +1166,9 @@ def fidelity(model, variables, images, labels, results, layer: str, activations=
         raise ValueError("results: expected at least one FitResult, got none")
     for res in results:
         if layer not in res.loadings:
-            raise ValueError(f"layer: expected one of the fitted views {tuple(res.loadings)}, got {layer!r}")
+            raise ValueError(
+                f"layer: expected one of the fitted views {tuple(res.loadings)}, got {layer!r}"
+            )
     if shape is None:
         layers = probe.available_layers(model, tuple(np.shape(images)[1:]))
         if layer not in layers:
@@ -1158,9 +1188,11 @@ def fidelity(model, variables, images, labels, results, layer: str, activations=
     scores = []
     for res in results:
         O = _check_layer(A, res.loadings[layer], shape)[1]
-        scores.append(
-            _replaced_accuracy(logits_fn, A, labels, O, lambda X, res=res: res.transform({layer: X}), shape)
-        )
+
+        def transform_fn(X, res=res):
+            return res.transform({layer: X})
+
+        scores.append(_replaced_accuracy(logits_fn, A, labels, O, transform_fn, shape))
     return FidelityTable(
         layer=layer,
         original_accuracy=_layer_accuracy(logits_fn, A, labels, shape),

@@ -25,7 +25,14 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxcnmf.analysis import AccuracyTable, ConceptRecord, FidelityTable, LayerSummary, NeighbourConcepts
+from jaxcnmf.analysis import (
+    AccuracyTable,
+    ConceptRecord,
+    FidelityTable,
+    LayerSummary,
+    NeighbourConcepts,
+    masked_images,
+)
 
 __all__ = [
     "accuracy_entropy_plot",
@@ -74,9 +81,18 @@ def _images(images) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
         raise ValueError(
-            f"images: expected uint8 (N, H, W, C) with C in (1, 3), got {images.dtype} {images.shape}"
+            "images: expected uint8 (N, H, W, C) with C in (1, 3), "
+            f"got {images.dtype} {images.shape}"
         )
     return images
+
+
+def _caption(index: int, labels, class_names) -> str:
+    """An image's class name (or id) when labels are given, else its index."""
+    if labels is None:
+        return f"#{index}"
+    label = int(np.asarray(labels)[index])
+    return str(class_names[label]) if class_names is not None else f"class {label}"
 
 
 def _show(ax, image, title: str | None = None, fontsize: float = 8) -> None:
@@ -135,8 +151,6 @@ def concept_tile(
     Returns:
         Figure with ``2 * n + 3`` axes, n = images shown.
     """
-    from jaxcnmf.analysis import masked_images
-
     images = _images(images)
     latent = np.asarray(latent, dtype=np.float64)
     if latent.shape != images.shape[1:]:
@@ -147,11 +161,7 @@ def concept_tile(
     fig = _figure(1.25 * n + 4.6, 3.1)
     grid = fig.add_gridspec(2, n + 2, width_ratios=[1] * n + [1, 2.2])
     for i, index in enumerate(top):
-        caption = f"#{index}"
-        if labels is not None:
-            label = int(np.asarray(labels)[index])
-            caption = class_names[label] if class_names is not None else f"class {label}"
-        _show(fig.add_subplot(grid[0, i]), images[index], caption)
+        _show(fig.add_subplot(grid[0, i]), images[index], _caption(index, labels, class_names))
         overlay = fig.add_subplot(grid[1, i])
         _show(overlay, overlays[i], "masked" if i == 0 else None)
         # The outline keeps the mask readable on dark images, where dimming barely shows.
@@ -213,14 +223,19 @@ def concept_gallery(
     directory = pathlib.Path(directory)
     return [
         save_figure(
-            concept_tile(images, records[k], latent[k], masks[k], n_images, labels=labels, class_names=class_names),
+            concept_tile(
+                images, records[k], latent[k], masks[k], n_images,
+                labels=labels, class_names=class_names,
+            ),
             directory / f"concept_{records[k].concept:02d}.png",
         )
         for k in order
     ]
 
 
-def class_share_heatmap(shares, class_names: Sequence[str], order=None, title: str = "class shares of each concept") -> Figure:
+def class_share_heatmap(
+    shares, class_names: Sequence[str], order=None, title: str = "class shares of each concept"
+) -> Figure:
     """Concepts x classes heatmap of :func:`~jaxcnmf.analysis.class_shares`.
 
     Args:
@@ -239,7 +254,9 @@ def class_share_heatmap(shares, class_names: Sequence[str], order=None, title: s
     rank, num_classes = shares.shape
     fig = _figure(min(3.0 + 0.22 * num_classes, 24.0), 1.8 + 0.25 * rank)
     ax = fig.add_subplot()
-    image = ax.imshow(shares[order], aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    image = ax.imshow(
+        shares[order], aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
+    )
     _ticks(ax, "x", list(class_names), rotation=90)
     _ticks(ax, "y", [str(k) for k in order])
     ax.set_xlabel("class")
@@ -268,7 +285,9 @@ def similarity_heatmaps(summary: LayerSummary) -> Figure:
     axes = [fig.add_subplot(1, len(layers), i + 1) for i in range(len(layers))]
     ticks = [str(k) for k in summary.order]
     for i, (ax, layer) in enumerate(zip(axes, layers, strict=True)):
-        image = ax.imshow(summary.similarity[layer], cmap="magma", vmin=lo, vmax=1.0, interpolation="nearest")
+        image = ax.imshow(
+            summary.similarity[layer], cmap="magma", vmin=lo, vmax=1.0, interpolation="nearest"
+        )
         _ticks(ax, "x", ticks, rotation=90)
         _ticks(ax, "y", ticks)
         ax.set_title(f"{layer}\nlargest eigenvalue {summary.largest[i]:.2f}", fontsize=9)
@@ -307,7 +326,9 @@ def layer_summary_plot(summary: LayerSummary) -> Figure:
 # --------------------------------------------------------------------------- neighbours
 
 
-def neighbour_figure(images, result: NeighbourConcepts, labels=None, class_names: Sequence[str] | None = None) -> Figure:
+def neighbour_figure(
+    images, result: NeighbourConcepts, labels=None, class_names: Sequence[str] | None = None
+) -> Figure:
     """A query image, its nearest neighbours in F-space, and their concept distribution.
 
     Args:
@@ -321,18 +342,14 @@ def neighbour_figure(images, result: NeighbourConcepts, labels=None, class_names
     """
     images = _images(images)
 
-    def caption(index):
-        if labels is None:
-            return f"#{index}"
-        label = int(np.asarray(labels)[index])
-        return class_names[label] if class_names is not None else f"class {label}"
-
     k = len(result.neighbours)
     fig = _figure(1.3 * (k + 1) + 3.5, 2.6)
     grid = fig.add_gridspec(1, k + 2, width_ratios=[1.3] + [1] * k + [3.0])
-    _show(fig.add_subplot(grid[0, 0]), images[result.index], f"query\n{caption(result.index)}", fontsize=9)
+    query = f"query\n{_caption(result.index, labels, class_names)}"
+    _show(fig.add_subplot(grid[0, 0]), images[result.index], query, fontsize=9)
     for i, index in enumerate(result.neighbours):
-        _show(fig.add_subplot(grid[0, i + 1]), images[index], f"{i + 1}\n{caption(index)}")
+        caption = f"{i + 1}\n{_caption(index, labels, class_names)}"
+        _show(fig.add_subplot(grid[0, i + 1]), images[index], caption)
     bars = fig.add_subplot(grid[0, k + 1])
     concepts = np.arange(len(result.distribution))
     bars.bar(concepts, result.distribution, color="tab:orange")
@@ -359,11 +376,13 @@ def accuracy_entropy_plot(table: AccuracyTable) -> Figure:
     centres = (table.edges[:-1] + table.edges[1:]) / 2
     widths = np.diff(table.edges) * 0.9
     filled = table.count > 0
-    ax.bar(centres[filled], table.accuracy[filled], width=widths[filled], color="tab:green", alpha=0.8)
+    ax.bar(centres[filled], table.accuracy[filled], width=widths[filled], color="tab:green",
+           alpha=0.8)
     for x, acc, n in zip(centres[filled], table.accuracy[filled], table.count[filled]):
         # Counts sit at the bar's foot, clear of the overall-accuracy line.
         ax.text(x, 0.02, f"n={n}", ha="center", fontsize=7)
-    ax.axhline(table.overall, color="black", linestyle="--", linewidth=1, label=f"overall {table.overall:.1%}")
+    ax.axhline(table.overall, color="black", linestyle="--", linewidth=1,
+               label=f"overall {table.overall:.1%}")
     ax.set_ylim(0, 1.1)
     ax.set_xlabel("entropy of neighbours' strongest concepts (bits)")
     ax.set_ylabel("network accuracy")
@@ -418,7 +437,9 @@ def history_plot(history: Mapping) -> Figure:
         Figure with 2 axes (objective; relative errors).
     """
     if "objective" not in history:
-        raise ValueError(f"history: expected keys 'objective' and 'rel_error', got {sorted(history)}")
+        raise ValueError(
+            f"history: expected keys 'objective' and 'rel_error', got {sorted(history)}"
+        )
     objective = np.asarray(history["objective"], dtype=np.float64)
     errors = history.get("rel_error", {})
     fig = _figure(9.0, 3.4)

@@ -25,7 +25,9 @@ def case():
         "rgb": rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8),
         "pixels_gray": {"gray": rng.random((H * W, rank))},
         "pixels_rgb": {c: rng.random((H * W, rank)) for c in ("red", "green", "blue")},
-        "loadings": {"conv1": rng.random((30, rank)), "conv2": rng.random((20, rank)), "pool": rng.random((8, rank))},
+        "loadings": {
+            name: rng.random((rows, rank)) for name, rows in (("conv1", 30), ("conv2", 20), ("pool", 8))
+        },
     }
 
 
@@ -57,7 +59,9 @@ def test_concept_tile(case, tmp_path, kind):
 def test_concept_gallery_writes_one_tile_per_concept_in_order(case, tmp_path):
     images, records, latent, masks = concept_inputs(case, "gray")
     order = analysis.concept_order(case["F"])
-    paths = figures.concept_gallery(images, records, latent, masks, tmp_path / "gallery", n_images=3, order=order)
+    paths = figures.concept_gallery(
+        images, records, latent, masks, tmp_path / "gallery", n_images=3, order=order
+    )
     assert [p.name for p in paths] == [f"concept_{k:02d}.png" for k in order]
     assert all(p.stat().st_size > 1000 for p in paths)
 
@@ -67,7 +71,9 @@ def test_concept_tile_rejects_latent_of_wrong_shape(case):
     with pytest.raises(ValueError, match=r"latent: expected shape \(8, 8, 1\)"):
         figures.concept_tile(case["gray"], records[0], np.zeros((8, 8, 3)), np.zeros((8, 8), bool))
     with pytest.raises(ValueError, match="images: expected uint8"):
-        figures.concept_tile(case["gray"].astype(float), records[0], np.zeros((8, 8, 1)), np.zeros((8, 8), bool))
+        figures.concept_tile(
+            case["gray"].astype(float), records[0], np.zeros((8, 8, 1)), np.zeros((8, 8), bool)
+        )
 
 
 def test_class_share_heatmap(case, tmp_path):
@@ -94,7 +100,10 @@ def test_neighbour_figure_and_accuracy_plot(case, tmp_path):
 
 def test_fidelity_plot(tmp_path):
     tables = [
-        analysis.FidelityTable(layer, 0.9, np.array([2, 5, 10]), np.array([0.3, 0.6, 0.85]) + shift, np.array([0.5, 0.3, 0.1]))
+        analysis.FidelityTable(
+            layer, 0.9, np.array([2, 5, 10]), np.array([0.3, 0.6, 0.85]) + shift,
+            np.array([0.5, 0.3, 0.1]),
+        )
         for layer, shift in (("conv2", 0.0), ("pool", 0.04))
     ]
     fig = figures.fidelity_plot(tables)
