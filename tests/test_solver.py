@@ -1,0 +1,222 @@
+"""Solver core: NumPy agreement, monotone objective, unit columns, group lasso, jit/vmap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcnmf import solver
+
+RANK = 3
+N = 48
+ROWS = (20, 12)
+
+
+def _planted(seed=0, noise=0.0):
+    rng = np.random.default_rng(seed)
+    F = rng.random((RANK, N)) * (rng.random((RANK, N)) < 0.6)
+    views = tuple(rng.random((rows, RANK)) @ F + noise * rng.random((rows, N)) for rows in ROWS)
+    return views
+
+
+def _start(seed=1):
+    rng = np.random.default_rng(seed)
+    F0 = rng.random((RANK, N)) + 0.1
+    loadings0 = tuple(rng.random((rows, RANK)) + 0.1 for rows in ROWS)
+    return F0, loadings0
+
+
+def _solve(views, config, groups=None, seed=1):
+    F0, loadings0 = _start(seed)
+    views = tuple(jnp.asarray(X, config.dtype) for X in views)
+    return jax.jit(lambda v: solver.run(solver.init_state(v, F0, loadings0, config, groups),
+                                        v, config))(views)
+
+
+def _numpy_mu(views, F, loadings, weights, l1_F, l2_F, l2_W, eps, n_iter):
+    """The paper's multiplicative updates written out plainly in float64."""
+    loadings = list(loadings)
+    for _ in range(n_iter):
+        numer = sum(w * W.T @ X for w, W, X in zip(weights, loadings, views))
+        gram = sum(w * W.T @ W for w, W in zip(weights, loadings))
+        F = F * numer / (gram @ F + l1_F / 2 + l2_F * F + eps)
+        for v, (w, X) in enumerate(zip(weights, views)):
+            W = loadings[v]
+            loadings[v] = W * (X @ F.T) / (W @ (F @ F.T) + l2_W / w * W + eps)
+    return F, loadings
+
+
+def test_mu_matches_numpy_float64_reference():
+    views = _planted(noise=0.05)
+    F0, loadings0 = _start()
+    weights = (0.7, 2.0)
+    config = solver.SolverConfig(method="mu", rank=RANK, weights=weights, l1_F=0.05,
+                                 l2_F=0.02, l2_W=0.03, max_iter=10, tol=0.0,
+                                 dtype="float64")
+    with jax.enable_x64(True):
+        state = _solve(views, config)
+        F_jax = np.asarray(state.F)
+        loadings_jax = [np.asarray(W) for W in state.loadings]
+        assert state.F.dtype == jnp.float64
+    F_ref, loadings_ref = _numpy_mu(views, F0, loadings0, weights, 0.05, 0.02, 0.03,
+                                    config.eps, 10)
+    assert int(state.iteration) == 10
+    np.testing.assert_allclose(F_jax, F_ref, rtol=1e-5)
+    for W_jax, W_ref in zip(loadings_jax, loadings_ref):
+        np.testing.assert_allclose(W_jax, W_ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["mu", "hals"])
+@pytest.mark.parametrize("unit_columns", [False, True])
+def test_objective_never_increases(method, unit_columns):
+    config = solver.SolverConfig(method=method, rank=RANK, weights=(1.0, 3.0),
+                                 unit_columns=unit_columns, max_iter=60, tol=0.0)
+    state = _solve(_planted(noise=0.1), config)
+    history = np.asarray(state.objective_history)[: int(state.iteration)]
+    assert np.all(np.isfinite(history)) and len(history) > 10
+    assert np.all(np.diff(history) <= 1e-5 * history[:-1])
+    assert history[-1] < 0.5 * history[0]
+
+
+def test_objective_from_grams_matches_residuals():
+    views = _planted(noise=0.1)
+    F0, loadings0 = _start()
+    config = solver.SolverConfig(rank=RANK, weights=(0.5, 2.0), l1_F=0.1, l2_F=0.2, l2_W=0.3)
+    value, rel = solver.objective(tuple(jnp.asarray(X, jnp.float32) for X in views), F0,
+                                  loadings0, config)
+    residuals = [np.sum((X - W @ F0) ** 2) for X, W in zip(views, loadings0)]
+    expected = (0.5 * residuals[0] + 2.0 * residuals[1] + 0.1 * F0.sum()
+                + 0.2 * np.sum(F0 ** 2) + 0.3 * sum(np.sum(W ** 2) for W in loadings0))
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(rel), [np.sqrt(r / np.sum(X ** 2))
+                                                 for r, X in zip(residuals, views)], rtol=1e-4)
+
+
+def test_unit_columns_keep_the_fit_and_normalise_stacked_loadings():
+    views = tuple(jnp.asarray(X, jnp.float32) for X in _planted(noise=0.1))
+    F0, loadings0 = _start()
+    plain = solver.SolverConfig(method="hals", rank=RANK, weights=(1.0, 1.0), max_iter=5)
+    unit = plain._replace(unit_columns=True)
+    a = solver.step(solver.init_state(views, F0, loadings0, plain), views, plain)
+    b = solver.step(solver.init_state(views, F0, loadings0, unit), views, unit)
+    for Wa, Wb in zip(a.loadings, b.loadings):
+        np.testing.assert_allclose(np.asarray(Wb @ b.F), np.asarray(Wa @ a.F), rtol=1e-4)
+    stacked = np.concatenate([np.asarray(W) for W in b.loadings])
+    np.testing.assert_allclose(np.linalg.norm(stacked, axis=0), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(float(b.objective), float(a.objective), rtol=1e-5)
+
+
+def _zero_groups(F, groups):
+    return sum(int(np.all(F[k, groups == g] == 0)) for k in range(F.shape[0])
+               for g in np.unique(groups))
+
+
+def test_group_lasso_zeroes_more_groups_as_lambda_grows():
+    # Unit columns pin the scale of F; without them the penalty only moves scale into W.
+    views = _planted(noise=0.05)
+    groups = np.arange(N) % 4
+    zeros = []
+    for lam in (1.0, 3.0, 10.0):
+        config = solver.SolverConfig(method="hals", rank=RANK, weights=(1.0, 1.0),
+                                     unit_columns=True, group_lam=lam, n_groups=4,
+                                     max_iter=40, tol=1e-6)
+        state = _solve(views, config, groups)
+        assert np.isfinite(float(state.objective))
+        zeros.append(_zero_groups(np.asarray(state.F), groups))
+    assert zeros[0] < zeros[1] < zeros[2]
+
+
+@pytest.mark.parametrize("method", ["mu", "hals"])
+def test_group_lasso_objective_never_increases(method):
+    groups = np.arange(N) % 4
+    config = solver.SolverConfig(method=method, rank=RANK, weights=(1.0, 2.0), l1_F=0.1,
+                                 group_lam=3.0, n_groups=4, max_iter=40, tol=0.0)
+    state = _solve(_planted(noise=0.05), config, groups)
+    history = np.asarray(state.objective_history)[: int(state.iteration)]
+    assert np.all(np.isfinite(history)) and len(history) > 5
+    assert np.all(np.diff(history) <= 1e-5 * history[:-1])
+
+
+def test_group_lambda_zero_equals_plain_solver():
+    views = _planted(noise=0.05)
+    groups = np.arange(N) % 4
+    plain = solver.SolverConfig(method="mu", rank=RANK, weights=(1.0, 1.0), max_iter=20)
+    grouped = plain._replace(group_lam=0.0, n_groups=4)
+    a = _solve(views, plain)
+    b = _solve(views, grouped, groups)
+    np.testing.assert_array_equal(np.asarray(a.F), np.asarray(b.F))
+
+
+def test_group_prox_is_nonnegative_group_soft_threshold():
+    config = solver.SolverConfig(group_lam=1.0, n_groups=2)
+    V = jnp.array([[3.0, 4.0, -1.0, 0.5], [-2.0, 0.1, 0.2, 0.0]])
+    groups = jnp.array([0, 0, 1, 1])
+    out = np.asarray(solver._prox_group(V, 0.5, groups, config))
+    # Row 0, group 0: z = (3, 4), ||z|| = 5, scale 1 - 0.5 / 5 = 0.9.
+    np.testing.assert_allclose(out[0, :2], [2.7, 3.6], rtol=1e-6)
+    # Row 0, group 1: z = (0, 0.5) has norm 0.5 <= 0.5, so it vanishes.
+    np.testing.assert_array_equal(out[0, 2:], 0.0)
+    np.testing.assert_array_equal(out[1], 0.0)
+
+
+def test_init_step_run_inside_user_jit_and_vmap():
+    views = tuple(jnp.asarray(X, jnp.float32) for X in _planted(noise=0.05))
+    config = solver.SolverConfig(method="mu", rank=RANK, weights=(1.0, 1.0), max_iter=15,
+                                 tol=0.0)
+    starts = [_start(seed) for seed in (1, 2, 3)]
+
+    @jax.jit
+    def user_code(v, F0, loadings0):
+        state = solver.init_state(v, F0, loadings0, config)
+        state = solver.step(state, v, config)
+        return solver.run(state, v, config)
+
+    singles = [user_code(views, F0, loadings0) for F0, loadings0 in starts]
+    F0s = jnp.stack([F0 for F0, _ in starts])
+    loadings0s = tuple(jnp.stack([L[v] for _, L in starts]) for v in range(len(ROWS)))
+    batched = jax.jit(jax.vmap(user_code, in_axes=(None, 0, 0)))(views, F0s, loadings0s)
+    for i, single in enumerate(singles):
+        assert int(single.iteration) == 15
+        np.testing.assert_allclose(np.asarray(batched.F[i]), np.asarray(single.F), rtol=1e-4,
+                                   atol=1e-6)
+        np.testing.assert_allclose(np.asarray(batched.objective_history[i]),
+                                   np.asarray(single.objective_history), rtol=1e-5)
+
+
+def test_run_stops_on_tolerance_and_pads_history():
+    config = solver.SolverConfig(method="hals", rank=RANK, weights=(1.0, 1.0), max_iter=500,
+                                 tol=1e-3)
+    state = _solve(_planted(noise=0.05), config)
+    n = int(state.iteration)
+    assert bool(state.converged) and 1 < n < 500
+    history = np.asarray(state.objective_history)
+    assert np.all(np.isfinite(history[:n])) and np.all(np.isnan(history[n:]))
+    assert abs(history[n - 2] - history[n - 1]) <= 1e-3 * history[n - 2]
+
+
+def test_bfloat16_storage_accumulates_in_float32():
+    views = _planted(noise=0.05)
+    config = solver.SolverConfig(method="hals", rank=RANK, weights=(1.0, 1.0), max_iter=30,
+                                 tol=0.0)
+    F0, loadings0 = _start()
+    low = tuple(jnp.asarray(X, jnp.bfloat16) for X in views)
+    state = jax.jit(lambda v: solver.run(solver.init_state(v, F0, loadings0, config), v,
+                                         config))(low)
+    reference = _solve(views, config)
+    assert state.F.dtype == jnp.float32
+    rel = np.asarray(state.rel_error_history)[:, -1]
+    rel_ref = np.asarray(reference.rel_error_history)[:, -1]
+    np.testing.assert_allclose(rel, rel_ref, atol=0.02)
+
+
+def test_solve_F_recovers_embedding_with_fixed_loadings():
+    rng = np.random.default_rng(3)
+    F = rng.random((RANK, N))
+    loadings = tuple(rng.random((rows, RANK)) for rows in ROWS)
+    views = tuple(jnp.asarray(W @ F, jnp.float32) for W in loadings)
+    for method in ("mu", "hals"):
+        config = solver.SolverConfig(method=method, rank=RANK, weights=(1.0, 1.0),
+                                     max_iter=500, tol=1e-9)
+        F_hat, _, _ = jax.jit(solver.solve_F, static_argnames="config")(
+            views, loadings, config=config)
+        np.testing.assert_allclose(np.asarray(F_hat), F, rtol=2e-2, atol=2e-2)
