@@ -192,7 +192,7 @@ def build_parser():
     demo.add_argument(
         "--quick",
         action="store_true",
-        help="a reduced run (1 epoch, 10 images per class, 40 iterations) for smoke tests",
+        help="a reduced run for smoke tests (1 epoch, 10 images per class, 30 iterations)",
     )
     demo.add_argument(
         "--method", choices=("mu", "hals"), default="mu", help="solver (default: mu)"

@@ -125,7 +125,7 @@ def demo_config(*, quick: bool = False, method: str = "mu", seed: int = 0) -> Ru
 
     Args:
         quick: a reduced run for smoke tests (1 epoch, narrow network, 10 images per class,
-            40 iterations, one fidelity rank).
+            30 iterations, fidelity at rank 10 only).
         method: "mu" or "hals".
         seed: seeds everything.
 
@@ -140,7 +140,7 @@ def demo_config(*, quick: bool = False, method: str = "mu", seed: int = 0) -> Ru
         return RunConfig(
             command="demo", dataset="digits", model="small", width=0.25, epochs=1,
             train_batch_size=64, layers=DEMO_LAYERS, per_class=10, rank=10, method=method,
-            max_iter=40, fidelity_ranks=(2,), top_images=4, neighbours=5, seed=seed,
+            max_iter=30, fidelity_ranks=(), top_images=4, neighbours=5, seed=seed,
         )
     return RunConfig(
         command="demo", dataset="digits", model="small", width=0.5, epochs=4,
@@ -204,10 +204,18 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        # mkstemp makes the file private; give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(value):
