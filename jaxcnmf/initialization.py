@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,10 +114,17 @@ def nndsvd(views, rank, weights, variant="nndsvd", seed=0, dtype="float32"):
     Example:
         >>> F, loadings = nndsvd(views, 3, (1.0, 1.0), variant="nndsvda")  # doctest: +SKIP
     """
-    dtype = jnp.dtype(dtype)
+    views = tuple(jnp.asarray(X) for X in views)
+    weights = tuple(float(w) for w in weights)
+    return _nndsvd(views, jax.random.PRNGKey(seed), rank, weights, variant,
+                   jnp.dtype(dtype).name)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _nndsvd(views, key, rank, weights, variant, dtype):
     scales = [float(np.sqrt(w)) for w in weights]
     blocks = tuple(s * X for s, X in zip(scales, _float_views(views, dtype)))
-    U, s, Vt = _randomized_svd(blocks, rank, jax.random.PRNGKey(seed))
+    U, s, Vt = _randomized_svd(blocks, rank, key)
     V = Vt.T
     up, un = _unit(jnp.maximum(U, 0.0))
     vp, vn = _unit(jnp.maximum(V, 0.0))
