@@ -1,0 +1,490 @@
+"""Probe a trained CNN: the pixel matrices D_i and activation matrices A_j of a probe set.
+
+A layer is the output of a direct child of the model's top module, named as in
+``jaxcnmf.models`` (``"conv4_x"``, ``"avgpool"``, ...). ``collect`` runs the model in
+inference mode in batches with ``capture_intermediates`` filtered to the requested layers,
+pools inside the compiled function and writes each batch into preallocated
+``(rows, N)`` float32 matrices, so memory is the outputs plus one batch. ``intervene`` and
+``layer_forward`` replace a layer's output (``flax.linen.intercept_methods``) to read off
+the logits, for concept fidelity and TCAV.
+
+Row orders (``N`` images of ``H x W`` pixels):
+
+* pixel views ``"red"``, ``"green"``, ``"blue"`` (or ``"gray"``): ``(H*W, N)``,
+  row ``h*W + w``;
+* a layer of shape ``(h, w, C)`` with ``pooling="flatten"``: ``(C*h*w, N)``, row
+  ``c*h*w + i*w + j`` (channel-major, as PyTorch flattens ``CHW``);
+* ``pooling="mean"`` or ``"max"`` over space: ``(C, N)``; vector layers such as
+  ``avgpool`` are ``(C, N)`` under every pooling.
+
+Example:
+    >>> import jax, numpy as np
+    >>> from jaxcnmf import models, probe
+    >>> model = models.small_cnn(10, width=0.25)
+    >>> variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    >>> images = np.zeros((5, 32, 32, 3), np.uint8)
+    >>> views = probe.collect(model, variables, images, ["conv3", "pool"], progress=False)
+    >>> {k: v.shape for k, v in views.items()}
+    {'red': (1024, 5), 'green': (1024, 5), 'blue': (1024, 5), 'conv3': (512, 5), 'pool': (32, 5)}
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+POOLINGS = ("flatten", "mean", "max")
+PIXEL_NAMES = {1: ("gray",), 3: ("red", "green", "blue")}
+# Fewer batches than this finish too fast for a progress bar to help.
+_PROGRESS_MIN_BATCHES = 4
+
+
+def _is_direct_child(mdl: nn.Module) -> bool:
+    return len(mdl.scope.path) == 1
+
+
+def _layer_filter(layers: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
+    def keep(mdl: nn.Module, method_name: str) -> bool:
+        return method_name == "__call__" and mdl.name in layers and _is_direct_child(mdl)
+
+    return keep
+
+
+def _all_children(mdl: nn.Module, method_name: str) -> bool:
+    return method_name == "__call__" and _is_direct_child(mdl)
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    # On the host, as data.to_float does: under jit XLA turns "/ 255" into "* (1 / 255)",
+    # which moves half the pixel values by one ulp.
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255)
+    return x.astype(np.float32, copy=False)
+
+
+def _to_float_traced(x: jnp.ndarray) -> jnp.ndarray:
+    if x.dtype == jnp.uint8:
+        return x.astype(jnp.float32) / jnp.float32(255)
+    return x.astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+
+    def init(x):
+        _, variables = model.init_with_output(
+            jax.random.key(0), x, train=False, capture_intermediates=_all_children
+        )
+        return variables["intermediates"]
+
+    inter = jax.eval_shape(init, x)
+    shapes = {}
+    for name, calls in inter.items():
+        out = calls["__call__"][0]
+        if hasattr(out, "shape"):
+            shapes[name] = tuple(out.shape[1:])
+    order = _probe_order(model)
+    first = [n for n in order if n in shapes]
+    return {n: shapes[n] for n in first + [n for n in shapes if n not in first]}
+
+
+def _probe_order(model: nn.Module) -> tuple[str, ...]:
+    from jaxcnmf import models
+
+    try:
+        return models.probe_layers(model)
+    except ValueError:
+        return ()
+
+
+def available_layers(
+    model: nn.Module, input_shape: Sequence[int] = (32, 32, 3)
+) -> dict[str, tuple[int, ...]]:
+    """Names and per-image output shapes of the layers ``collect`` can read.
+
+    Traces the model abstractly (``jax.eval_shape``): no parameters are created and nothing
+    is computed. The probe points of ``models.probe_layers(model)`` come first, in order,
+    then any other direct child (``"fc"``, the logits, which may be negative).
+
+    Args:
+        model: a flax.linen Module taking ``(B, *input_shape)`` and ``train=``.
+        input_shape: ``(H, W, C)`` of one image.
+
+    Returns:
+        dict layer name -> shape of one image's activation, e.g. ``(8, 8, 256)`` or
+        ``(512,)``.
+
+    Example:
+        >>> from jaxcnmf import models
+        >>> available_layers(models.small_cnn(10))
+        {'conv1': (16, 16, 32), 'conv2': (8, 8, 64), 'conv3': (4, 4, 128), 'pool': (128,), 'fc': (10,)}
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f"input_shape: expected (H, W, C) of positive sizes, got {input_shape}")
+    return dict(_layer_shapes(model, input_shape))
+
+
+def _view_rows(shape: tuple[int, ...], pooling: str) -> int:
+    if pooling == "flatten":
+        return int(np.prod(shape))
+    return shape[-1]
+
+
+def _pool(act: jnp.ndarray, pooling: str) -> jnp.ndarray:
+    """``(B, *spatial, C)`` -> ``(rows, B)`` in the documented row order."""
+    spatial = tuple(range(1, act.ndim - 1))
+    if pooling != "flatten" and spatial:
+        # A reduction fused into the layer's own kernels sums in another order than one
+        # over the finished activation; the barrier keeps pooled values reproducible.
+        act = jax.lax.optimization_barrier(act)
+    if pooling == "mean" and spatial:
+        act = jnp.mean(act, axis=spatial)
+    elif pooling == "max" and spatial:
+        act = jnp.max(act, axis=spatial)
+    # Channel first, then the spatial axes, then the batch: channel-major rows.
+    perm = (act.ndim - 1, *range(1, act.ndim - 1), 0)
+    return jnp.transpose(act, perm).reshape(-1, act.shape[0])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layers", "pooling"))
+def _probe_batch(model, variables, x, n_valid, layers, pooling):
+    _, state = model.apply(
+        variables,
+        x,
+        train=False,
+        capture_intermediates=_layer_filter(layers),
+        mutable=["intermediates"],
+    )
+    inter = state["intermediates"]
+    valid = jnp.arange(x.shape[0]) < n_valid
+    views, minima = {}, {}
+    for name in layers:
+        act = inter[name]["__call__"][0]
+        views[name] = _pool(act, pooling)
+        # Over the raw activation, not the pooled view: a mean can hide negative entries.
+        mask = valid.reshape((-1,) + (1,) * (act.ndim - 1))
+        minima[name] = jnp.min(jnp.where(mask, act, jnp.inf))
+    return views, minima
+
+
+def _check_images(images: Any, model: nn.Module) -> np.ndarray:
+    """Validate ``images`` once, outside jit; returns it as a uint8 or float32 array."""
+    arr = np.asarray(images)
+    if arr.ndim != 4:
+        raise ValueError(
+            f"images: expected an array of shape (N, H, W, C), got {arr.ndim} dimensions "
+            f"with shape {arr.shape}"
+        )
+    n, h, w, c = arr.shape
+    if n < 1:
+        raise ValueError(f"images: expected at least one image, got shape {arr.shape}")
+    if c not in PIXEL_NAMES:
+        raise ValueError(
+            f"images: expected 1 (gray) or 3 (RGB) channels last, NHWC, got shape {arr.shape}"
+        )
+    if arr.dtype == np.uint8:
+        pass
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32, copy=False)
+        lo, hi = float(arr.min()), float(arr.max())
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise ValueError(
+                f"images: expected float pixels in [0, 1] (or uint8 in [0, 255]), got values "
+                f"in [{lo:.4g}, {hi:.4g}]; scale with jaxcnmf.data.to_float"
+            )
+    else:
+        raise ValueError(f"images: expected dtype uint8 or float32 in [0, 1], got {arr.dtype}")
+    if _probe_order(model) and (h, w) != (32, 32):
+        raise ValueError(f"images: expected 32x32 images, shape (N, 32, 32, C), got shape {arr.shape}")
+    return arr
+
+
+def _check_input_channels(model: nn.Module, variables: Mapping, image_shape: tuple) -> None:
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    try:
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    except Exception as err:  # flax raises its own shape errors; restate them for the user
+        raise ValueError(
+            f"images: per-image shape {image_shape} does not fit the model's variables "
+            f"(was it trained on images with another number of channels?): {err}"
+        ) from err
+
+
+def _check_layers(model: nn.Module, layers: Any, image_shape: tuple) -> tuple[str, ...]:
+    if isinstance(layers, str):
+        layers = (layers,)
+    layers = tuple(layers)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers: expected distinct names, got {list(layers)}")
+    shapes = _layer_shapes(model, image_shape)
+    unknown = [name for name in layers if name not in shapes]
+    if unknown:
+        raise ValueError(
+            f"layers: unknown layer(s) {unknown} for {type(model).__name__}; available "
+            f"layers are {list(shapes)}"
+        )
+    return layers
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _batches(n: int, batch_size: int, progress: bool, desc: str):
+    starts = range(0, n, batch_size)
+    show = progress and len(starts) >= _PROGRESS_MIN_BATCHES
+    return tqdm(starts, desc=desc, unit="batch", leave=False) if show else starts
+
+
+def _padded(images: np.ndarray, start: int, batch_size: int) -> tuple[np.ndarray, int]:
+    # Padding the last batch to full size keeps one compiled shape for the whole run.
+    block = _to_float(images[start : start + batch_size])
+    n_valid = block.shape[0]
+    if n_valid < batch_size:
+        pad = np.zeros((batch_size - n_valid, *block.shape[1:]), block.dtype)
+        block = np.concatenate([block, pad])
+    return block, n_valid
+
+
+def pixel_views(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Pixel matrices of ``images``: one ``(H*W, N)`` float32 matrix per channel.
+
+    Args:
+        images: ``(N, H, W, C)`` uint8, or float in [0, 1]; ``C`` is 1 or 3.
+
+    Returns:
+        ``{"red", "green", "blue"}`` (or ``{"gray"}``) -> ``(H*W, N)`` float32, row
+        ``h*W + w``, values in [0, 1].
+
+    Example:
+        >>> pixel_views(np.zeros((2, 32, 32, 1), np.uint8))["gray"].shape
+        (1024, 2)
+    """
+    arr = np.asarray(images)
+    n, h, w, c = arr.shape
+    flat = arr.reshape(n, h * w, c)
+    flat = _to_float(flat)
+    return {name: np.ascontiguousarray(flat[:, :, i].T) for i, name in enumerate(PIXEL_NAMES[c])}
+
+
+def collect(
+    model: nn.Module,
+    variables: Mapping,
+    images: Any,
+    layers: str | Sequence[str],
+    pixels: bool = True,
+    pooling: str = "flatten",
+    batch_size: int = 256,
+    progress: bool = True,
+    allow_negative: bool = False,
+) -> dict[str, np.ndarray]:
+    """Pixel and activation matrices of a probe set, ready for ``jaxcnmf.fit``.
+
+    Runs ``model`` in inference mode (``train=False``: batch-norm running statistics) in
+    batches of ``batch_size`` with only the requested layers captured; pooling happens
+    inside the compiled function and each batch is written straight into the outputs.
+
+    Args:
+        model: a ``jaxcnmf.models`` network (or any linen Module whose layers are direct
+            children and that takes ``train=``).
+        variables: its variables (``"params"``, ``"batch_stats"``).
+        images: ``(N, H, W, C)`` uint8 (scaled by ``/ 255``) or float in [0, 1]; ``C`` is
+            1 or 3; 32x32 for ``jaxcnmf.models``.
+        layers: layer name or names, see ``available_layers``.
+        pixels: put the pixel views first.
+        pooling: ``"flatten"`` (every unit), ``"mean"`` or ``"max"`` (one row per
+            channel, for large probe sets).
+        batch_size: images per forward pass.
+        progress: show a progress bar when there are several batches.
+        allow_negative: accept layers with negative values (pre-ReLU or logits); the
+            solver then needs ``negative="clip"`` or ``"shift"``.
+
+    Returns:
+        dict view name -> ``(rows, N)`` float32 numpy array: pixel views first (``"red"``,
+        ``"green"``, ``"blue"`` or ``"gray"``, ``(H*W, N)``), then each layer in the order
+        asked (``(C*h*w, N)`` for ``"flatten"``, ``(C, N)`` otherwise). Row orders are in
+        the module docstring.
+
+    Raises:
+        ValueError: bad ``images``, unknown layer, unknown ``pooling``, ``batch_size`` < 1,
+            or a layer with negative values while ``allow_negative`` is False.
+
+    Example:
+        >>> import jax
+        >>> from jaxcnmf import models
+        >>> model = models.resnet18(10, width=0.125)
+        >>> variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+        >>> views = collect(model, variables, np.zeros((3, 32, 32, 3), np.uint8),
+        ...                 ["conv5_x", "avgpool"], pooling="mean", progress=False)
+        >>> [(k, v.shape) for k, v in views.items()][3:]
+        [('conv5_x', (64, 3)), ('avgpool', (64, 3))]
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
+    batch_size = _check_batch_size(batch_size)
+    arr = _check_images(images, model)
+    image_shape = arr.shape[1:]
+    layers = _check_layers(model, layers, image_shape)
+    if not layers and not pixels:
+        raise ValueError("layers: expected at least one layer when pixels=False, got none")
+    if layers:
+        _check_input_channels(model, variables, image_shape)
+
+    n = arr.shape[0]
+    shapes = _layer_shapes(model, image_shape)
+    out = pixel_views(arr) if pixels else {}
+    for name in layers:
+        out[name] = np.empty((_view_rows(shapes[name], pooling), n), np.float32)
+    if not layers:
+        return out
+
+    def write(start, n_valid, result):
+        views, minima = result
+        for name in layers:
+            lowest = float(minima[name])
+            if lowest < 0 and not allow_negative:
+                raise ValueError(
+                    f"layer {name!r} has negative values (min {lowest:.4g}); is it a pre-ReLU "
+                    f"layer? NMF needs non-negative views. Pass allow_negative=True to collect "
+                    f"it anyway and factorize with jaxcnmf.fit(..., negative='clip') or "
+                    f"negative='shift'"
+                )
+            out[name][:, start : start + n_valid] = np.asarray(views[name])[:, :n_valid]
+
+    # Dispatch the next batch before copying the previous one back, so the host copy
+    # overlaps the device computation.
+    pending = None
+    for start in _batches(n, batch_size, progress, "probe"):
+        block, n_valid = _padded(arr, start, batch_size)
+        result = _probe_batch(model, variables, block, n_valid, layers, pooling)
+        if pending is not None:
+            write(*pending)
+        pending = (start, n_valid, result)
+    write(*pending)
+    return out
+
+
+def _replace_output(layer: str, activations: jnp.ndarray):
+    def interceptor(next_fun, args, kwargs, context):
+        mdl = context.module
+        if context.method_name == "__call__" and mdl.name == layer and _is_direct_child(mdl):
+            return activations
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+def _forward_replaced(model, variables, x, layer, activations):
+    with nn.intercept_methods(_replace_output(layer, activations)):
+        return model.apply(variables, _to_float_traced(x), train=False)
+
+
+_intervene_batch = jax.jit(_forward_replaced, static_argnames=("model", "layer"))
+
+
+def _check_activations(activations: Any, layer: str, shape: tuple, n: int | None) -> None:
+    got = tuple(np.shape(activations))
+    expected = ("N" if n is None else n, *shape)
+    if len(got) != len(expected) or got[1:] != shape or (n is not None and got[0] != n):
+        raise ValueError(
+            f"activations: expected shape {expected} for layer {layer!r}, got {got}"
+        )
+
+
+def intervene(
+    model: nn.Module,
+    variables: Mapping,
+    images: Any,
+    layer: str,
+    activations: Any,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Logits with the output of ``layer`` replaced by ``activations``.
+
+    Args:
+        model, variables: as for ``collect``.
+        images: ``(N, H, W, C)`` uint8 or float in [0, 1] (they fix the shapes; the layers
+            before ``layer`` do not change the result).
+        layer: name of a direct child, see ``available_layers``.
+        activations: ``(N, *layer_shape)`` float, e.g. ``(N, 8, 8, 256)`` for ResNet-18's
+            ``conv4_x`` (NHWC, as the layer outputs it, not the ``collect`` row order).
+        batch_size: images per forward pass.
+
+    Returns:
+        ``(N, num_classes)`` float32 numpy logits.
+
+    Example:
+        >>> import jax
+        >>> from jaxcnmf import models
+        >>> model = models.small_cnn(10, width=0.25)
+        >>> variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+        >>> images = np.zeros((4, 32, 32, 3), np.uint8)
+        >>> intervene(model, variables, images, "pool", np.zeros((4, 32), np.float32)).shape
+        (4, 10)
+    """
+    batch_size = _check_batch_size(batch_size)
+    arr = _check_images(images, model)
+    (layer,) = _check_layers(model, (layer,), arr.shape[1:])
+    _check_input_channels(model, variables, arr.shape[1:])
+    shape = _layer_shapes(model, arr.shape[1:])[layer]
+    _check_activations(activations, layer, shape, arr.shape[0])
+    acts = np.asarray(activations, np.float32)
+
+    outs = []
+    for start in range(0, arr.shape[0], batch_size):
+        block, n_valid = _padded(arr, start, batch_size)
+        act_block, _ = _padded(acts, start, batch_size)
+        logits = _intervene_batch(model, variables, block, layer, act_block)
+        outs.append((logits, n_valid))
+    return np.concatenate([np.asarray(l)[:k] for l, k in outs]).astype(np.float32, copy=False)
+
+
+def layer_forward(
+    model: nn.Module, variables: Mapping, layer: str
+) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
+    """Pure function ``(images, activations) -> logits`` with ``layer``'s output replaced.
+
+    For gradients with respect to a layer (TCAV) and for concept fidelity. Works under
+    ``jax.jit``, ``jax.grad`` and ``jax.vmap``; under ``jit`` the layers before ``layer``
+    are dead code and are removed.
+
+    Args:
+        model, variables: as for ``collect``.
+        layer: name of a direct child, see ``available_layers``.
+
+    Returns:
+        ``f(images, activations)``: ``images`` ``(B, H, W, C)`` uint8 or float32 in
+        [0, 1], ``activations`` ``(B, *layer_shape)`` float32 -> logits
+        ``(B, num_classes)`` float32. A wrong activation shape raises ``ValueError``
+        when ``f`` is traced.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxcnmf import models
+        >>> model = models.small_cnn(10, width=0.25)
+        >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+        >>> f = layer_forward(model, variables, "pool")
+        >>> g = jax.grad(lambda a: f(jnp.zeros((2, 32, 32, 3)), a)[:, 3].sum())
+        >>> g(jnp.ones((2, 32))).shape
+        (2, 32)
+    """
+    if not isinstance(layer, str):
+        raise ValueError(f"layer: expected a layer name (str), got {layer!r}")
+    _check_layers(model, (layer,), (32, 32, 3))
+
+    def forward(images: jnp.ndarray, activations: jnp.ndarray) -> jnp.ndarray:
+        shape = _layer_shapes(model, tuple(images.shape[1:]))[layer]
+        _check_activations(activations, layer, shape, images.shape[0])
+        return _forward_replaced(model, variables, images, layer, activations)
+
+    return forward

@@ -1,0 +1,259 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcnmf import models, probe
+
+TINY = 0.125
+N = 7  # with batch_size=3: two full batches and a partial one
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), dtype=np.uint8)
+
+
+def _variables(model, channels=3):
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False)
+    # Non-trivial running statistics, so inference mode is really exercised.
+    stats = jax.tree.map(
+        lambda s: s + 0.1 * jax.random.uniform(jax.random.key(3), s.shape), variables["batch_stats"]
+    )
+    return {"params": variables["params"], "batch_stats": stats}
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = models.small_cnn(10, width=TINY)
+    return model, _variables(model)
+
+
+def _reference(model, variables, x):
+    """Every intermediate of one unbatched, unfiltered forward pass, NHWC numpy."""
+    _, state = model.apply(
+        variables, jnp.asarray(x), train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    inter = state["intermediates"]
+    return {k: np.asarray(v["__call__"][0]) for k, v in inter.items() if "__call__" in v}
+
+
+def _float(images):
+    return images.astype(np.float32) / np.float32(255)
+
+
+@pytest.mark.parametrize("pooling", probe.POOLINGS)
+def test_collect_equals_direct_forward_pass(small, images, pooling):
+    model, variables = small
+    layers = ["conv2", "conv1", "pool"]
+    # One batch: a spatial reduction's summation order depends on the batch shape, so the
+    # reference pools the same (N, h, w, C) array.
+    views = probe.collect(
+        model, variables, images, layers, pooling=pooling, batch_size=N, progress=False
+    )
+    assert list(views) == ["red", "green", "blue", *layers]
+    ref = _reference(model, variables, _float(images))
+    for name in layers:
+        act = ref[name]
+        if act.ndim == 4:
+            if pooling == "flatten":
+                # Channel-major rows: row = c*h*w + i*w + j.
+                act = act.transpose(0, 3, 1, 2).reshape(N, -1)
+            else:
+                act = getattr(jnp, pooling)(jnp.asarray(act), axis=(1, 2))
+        assert views[name].dtype == np.float32
+        np.testing.assert_array_equal(views[name], np.asarray(act).T, err_msg=name)
+
+
+def test_last_partial_batch(small, images):
+    model, variables = small
+    layers = ["conv1", "conv3", "pool"]
+    whole = probe.collect(model, variables, images, layers, batch_size=N, progress=False)
+    # 7 images in batches of 3: the last batch is padded, and the padding dropped.
+    parts = probe.collect(model, variables, images, layers, batch_size=3, progress=True)
+    for name in whole:
+        assert parts[name].shape == whole[name].shape
+        np.testing.assert_array_equal(parts[name], whole[name], err_msg=name)
+
+
+def test_flatten_row_order_by_index(small, images):
+    model, variables = small
+    view = probe.collect(model, variables, images, "conv2", pixels=False, progress=False)["conv2"]
+    act = _reference(model, variables, _float(images))["conv2"]
+    h, w, c = act.shape[1:]
+    n, ci, i, j = 5, c - 1, 2, 3
+    assert view[ci * h * w + i * w + j, n] == act[n, i, j, ci]
+
+
+def test_collect_resnet_and_vgg_match_forward_pass(images):
+    for name, layers in (("resnet18", ["conv3_x", "avgpool"]), ("vgg11", ["block5", "block2"])):
+        model = models.build(name, 10, TINY)
+        variables = _variables(model)
+        views = probe.collect(model, variables, images[:4], layers, pixels=False, progress=False)
+        ref = _reference(model, variables, _float(images[:4]))
+        for layer in layers:
+            act = ref[layer]
+            act = act.transpose(0, 3, 1, 2).reshape(4, -1) if act.ndim == 4 else act
+            np.testing.assert_array_equal(views[layer], act.T, err_msg=f"{name}/{layer}")
+            assert views[layer].min() >= 0
+
+
+def test_pixel_views_equal_images(small, images):
+    model, variables = small
+    views = probe.collect(model, variables, images, [], pixels=True, progress=False)
+    x = _float(images)
+    for c, name in enumerate(("red", "green", "blue")):
+        assert views[name].shape == (32 * 32, N)
+        np.testing.assert_array_equal(views[name], x[..., c].reshape(N, -1).T)
+    assert views["red"][5 * 32 + 7, 2] == x[2, 5, 7, 0]
+    gray = probe.pixel_views(x[..., :1])
+    assert list(gray) == ["gray"]
+    np.testing.assert_array_equal(gray["gray"], x[..., 0].reshape(N, -1).T)
+
+
+def test_float_images_give_the_same_views(small, images):
+    model, variables = small
+    a = probe.collect(model, variables, images, ["conv3"], batch_size=4, progress=False)
+    b = probe.collect(model, variables, _float(images), ["conv3"], batch_size=4, progress=False)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_only_requested_layers_are_captured(small, images, monkeypatch):
+    model, variables = small
+    captured = []
+
+    def spy_apply(self, *args, **kwargs):
+        result = nn.Module.apply(self, *args, **kwargs)
+        if kwargs.get("capture_intermediates"):
+            captured.append(set(result[1]["intermediates"]))
+        return result
+
+    monkeypatch.setattr(type(model), "apply", spy_apply)
+    jax.clear_caches()
+    probe.collect(model, variables, images, ["conv3"], pixels=False, progress=False)
+    assert captured and all(c == {"conv3"} for c in captured)
+
+
+def test_available_layers_shapes_tiny():
+    expected = {
+        "small": {"conv1": (16, 16, 4), "conv2": (8, 8, 8), "conv3": (4, 4, 16), "pool": (16,), "fc": (10,)},
+        "resnet18": {
+            "conv1": (32, 32, 8),
+            "conv2_x": (32, 32, 8),
+            "conv3_x": (16, 16, 16),
+            "conv4_x": (8, 8, 32),
+            "conv5_x": (4, 4, 64),
+            "avgpool": (64,),
+            "fc": (10,),
+        },
+        "vgg11": {
+            "block1": (16, 16, 8),
+            "block2": (8, 8, 16),
+            "block3": (4, 4, 32),
+            "block4": (2, 2, 64),
+            "block5": (1, 1, 64),
+            "fc": (10,),
+        },
+    }
+    for name, shapes in expected.items():
+        got = probe.available_layers(models.build(name, 10, TINY), (32, 32, 1))
+        assert list(got.items()) == list(shapes.items()), name
+
+
+def test_activations_are_non_negative(images):
+    model = models.resnet18(10, width=TINY)
+    variables = _variables(model)
+    layers = list(models.probe_layers(model))
+    views = probe.collect(model, variables, images[:3], layers, pixels=False, progress=False)
+    assert all(views[k].min() >= 0 for k in layers)
+
+
+def test_intervene(small, images):
+    model, variables = small
+    x = _float(images)
+    ref = _reference(model, variables, x)
+    logits = np.asarray(model.apply(variables, x, train=False))
+    own = probe.intervene(model, variables, images, "conv2", ref["conv2"], batch_size=3)
+    assert own.shape == (N, 10) and own.dtype == np.float32
+    np.testing.assert_allclose(own, logits, rtol=1e-5, atol=1e-6)
+    zeros = probe.intervene(model, variables, images, "conv2", np.zeros_like(ref["conv2"]))
+    assert np.abs(zeros - logits).max() > 1e-3
+    # Zero activations: every image gets the same logits.
+    np.testing.assert_allclose(zeros, np.broadcast_to(zeros[:1], zeros.shape), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_forward_gradient_matches_finite_differences(small, images):
+    model, variables = small
+    x = jnp.asarray(_float(images[:2]))
+    act = jnp.asarray(_reference(model, variables, x)["conv2"])
+    f = jax.jit(probe.layer_forward(model, variables, "conv2"))
+    np.testing.assert_allclose(
+        f(x, act), model.apply(variables, x, train=False), rtol=1e-5, atol=1e-6
+    )
+    # Central differences need float64 to resolve a 1e-6 step.
+    with jax.enable_x64(True):
+        variables64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        f = jax.jit(probe.layer_forward(model, variables64, "conv2"))
+        x, act = jnp.asarray(x, jnp.float64), jnp.asarray(act, jnp.float64)
+
+        def score(a):
+            return f(x, a)[:, 3].sum()
+
+        grad = jax.grad(score)(act)
+        direction = jax.random.normal(jax.random.key(5), act.shape, jnp.float64)
+        eps = 1e-6
+        fd = (score(act + eps * direction) - score(act - eps * direction)) / (2 * eps)
+        assert abs(float(jnp.vdot(grad, direction))) > 1e-3
+        np.testing.assert_allclose(float(jnp.vdot(grad, direction)), float(fd), rtol=1e-6)
+
+
+class _Signed(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Dense(4, name="linear")(x.reshape(x.shape[0], -1))
+        return nn.Dense(2, name="fc")(nn.relu(x))
+
+
+def test_negative_layer_error_and_allow_negative(images):
+    model = _Signed()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match=r"layer 'linear' has negative values .*pre-ReLU.*allow_negative=True.*negative='clip'"):
+        probe.collect(model, variables, images, ["linear"], progress=False)
+    views = probe.collect(model, variables, images, ["linear"], allow_negative=True, progress=False)
+    assert views["linear"].shape == (4, N) and views["linear"].min() < 0
+
+
+def test_errors(small, images):
+    model, variables = small
+    collect = lambda imgs=images, layers=("conv1",), **kw: probe.collect(  # noqa: E731
+        model, variables, imgs, list(layers), progress=False, **kw
+    )
+    with pytest.raises(ValueError, match=r"layers: unknown layer\(s\) \['conv9'\].*available layers are \['conv1', 'conv2', 'conv3', 'pool', 'fc'\]"):
+        collect(layers=["conv9"])
+    with pytest.raises(ValueError, match=r"pooling: expected one of \('flatten', 'mean', 'max'\), got 'sum'"):
+        collect(pooling="sum")
+    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):
+        collect(batch_size=0)
+    with pytest.raises(ValueError, match=r"images: expected an array of shape \(N, H, W, C\), got 3 dimensions"):
+        collect(images[0])
+    with pytest.raises(ValueError, match=r"images: expected 1 \(gray\) or 3 \(RGB\) channels"):
+        collect(np.zeros((2, 32, 32, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"images: expected float pixels in \[0, 1\].*got values in \[0, 255\]"):
+        collect(images.astype(np.float32))
+    with pytest.raises(ValueError, match="images: expected dtype uint8 or float32 in \\[0, 1\\], got int64"):
+        collect(images.astype(np.int64))
+    with pytest.raises(ValueError, match=r"images: expected 32x32 images.*got shape \(7, 28, 28, 3\)"):
+        collect(images[:, :28, :28])
+    with pytest.raises(ValueError, match=r"images: per-image shape \(32, 32, 1\) does not fit"):
+        collect(images[..., :1])
+    with pytest.raises(ValueError, match="layers: expected distinct names"):
+        collect(layers=["conv1", "conv1"])
+    with pytest.raises(ValueError, match=r"activations: expected shape \(7, 8, 8, 8\) for layer 'conv2', got \(7, 8, 8, 4\)"):
+        probe.intervene(model, variables, images, "conv2", np.zeros((N, 8, 8, 4)))
+    f = probe.layer_forward(model, variables, "pool")
+    with pytest.raises(ValueError, match=r"activations: expected shape \(2, 16\) for layer 'pool', got \(2, 8\)"):
+        f(jnp.zeros((2, 32, 32, 3)), jnp.zeros((2, 8)))
+    with pytest.raises(ValueError, match="layers: unknown layer"):
+        probe.layer_forward(model, variables, "avgpool")
