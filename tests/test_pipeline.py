@@ -1,0 +1,121 @@
+"""The pipeline's front door and run-directory lifecycle: checks before work, failures."""
+
+import json
+import os
+
+import pytest
+
+from jaxcnmf import cli, pipeline, train
+
+
+def _previous_complete_run(out):
+    out.mkdir()
+    (out / "report.html").write_text("<html>an earlier, finished report</html>")
+    (out / "COMPLETE").write_text("earlier\n")
+    (out / "run.json").write_text(json.dumps({"status": "complete"}))
+
+
+def test_interrupted_run_leaves_no_complete_looking_report(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _previous_complete_run(out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Ctrl-C in the middle of the job: after the run directory is set up, during training.
+    monkeypatch.setattr(train, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(pipeline.demo_config(quick=True), out, force=True, progress=False)
+    assert not (out / "report.html").exists()
+    assert not (out / "COMPLETE").exists()
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed"
+    assert record["error"].startswith("KeyboardInterrupt")
+    assert "train" not in record["seconds"]  # the stage never finished
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_cli_reports_an_interrupted_run_with_status_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--quiet"])
+    assert exit_info.value.code == 130
+    assert "incomplete" in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "COMPLETE").exists()
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "report.html"
+    target.write_text("old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.write_bytes_atomic(target, b"new")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    path = tmp_path / "run.json"
+    pipeline.write_json_atomic(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert path.stat().st_mode & 0o044 == 0o044 & ~pipeline._umask()
+
+
+def test_unknown_layer_fails_before_data_or_training(tmp_path, monkeypatch):
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("trained before checking the layers")
+
+    monkeypatch.setattr(train, "fit", must_not_train)
+    config = pipeline.RunConfig(layers=("conv2", "fc"), per_class=5, rank=3)
+    with pytest.raises(ValueError, match="unknown layer 'fc'.*conv1, conv2, conv3, pool"):
+        pipeline.run(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rank": 31}, r"rank: expected 1 <= rank <= 30"),
+        ({"fidelity_ranks": (2, 40)}, r"fidelity_ranks: .* got 40"),
+        ({"group_lam": 0.1, "groups": "superclass"}, "coarse labels"),
+        ({"per_class": 1000}, "per_class"),
+        ({"split": "validation"}, "split: expected 'train' or 'test'"),
+        ({"layers": (), "pixels": False}, "at least one view"),
+        ({"model": "alexnet"}, "model name"),
+    ],
+)
+def test_bad_settings_fail_before_training(changes, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained"))
+    config = pipeline.RunConfig(**{"per_class": 3, "rank": 5, **changes})
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_dir_rules(tmp_path):
+    assert pipeline.check_out_dir(tmp_path / "new", force=False) == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    pipeline.check_out_dir(tmp_path / "empty", force=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="--force"):
+        pipeline.check_out_dir(tmp_path / "full", force=False)
+    pipeline.check_out_dir(tmp_path / "full", force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        pipeline.check_out_dir(tmp_path / "file", force=True)
+
+
+def test_config_is_json_ready():
+    config = pipeline.demo_config(quick=True)
+    restored = json.loads(json.dumps(config.to_json()))
+    assert restored["layers"] == list(pipeline.DEMO_LAYERS)
+    assert pipeline.RunConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in restored.items()}) == config
