@@ -426,14 +426,23 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         init: ``"nndsvda"``, ``"nndsvd"``, ``"random"`` or
             ``{"F": (rank, N), "loadings": {name: (rows_v, rank)}}``.
         weights: ``None`` (all 1), ``"balanced"`` (``1 / ||X_v||^2``) or dict name -> weight.
-        unit_columns: keep unit-L2 columns of the stacked loadings ``[W_1; ...; W_V]``
-            (with one view: of ``W``, the paper's constraint). The column norms move into
-            ``F``, so the fit is unchanged; the authors' code discards them instead.
+        unit_columns: after every step, give the stacked loadings ``[W_1; ...; W_V]``
+            unit-L2 columns (with one view exactly the paper's constraint on ``W``). The
+            column norms are multiplied into the rows of ``F``, so every ``W_v F`` and the
+            fit are unchanged; the authors' code discards the scale, which changes the fit.
+            With several views one scale per concept cannot make every view's columns
+            unit at once without changing some ``W_v F``, hence the stacked norm. With
+            ``l1_F``/``l2_F``/``l2_W`` the rescaling can raise those penalty terms.
         l1_F, l2_F, l2_W: penalties (>= 0).
         groups: ``(N,)`` int group ids (e.g. class labels) for the group lasso.
-        group_lam: group-lasso weight (> 0 needs ``groups``); ``F`` is then updated by FISTA.
-        restarts: number of initialisations run in one vmapped call; the best objective
-            wins, all are kept in ``restarts`` with a ``stability`` score.
+        group_lam: group-lasso weight (> 0 needs ``groups``); ``F`` is then updated by
+            monotone FISTA. Combine it with ``unit_columns=True`` (or ``l2_W``): otherwise
+            the loadings can grow to let ``F`` shrink without zeroing any group.
+        restarts: number of initialisations run in one vmapped call; restart ``i`` starts
+            from seed ``seed + i``. With ``init="nndsvd(a)"`` or user arrays restart 0 uses
+            them and the others start at random (so they genuinely differ). The lowest
+            objective wins (``config["best_restart"]``); all are kept in ``restarts`` with
+            a ``stability`` score (mean matched cosine of ``F`` rows to the best).
         negative: what to do with negative entries: ``"raise"``, ``"clip"`` to 0, or
             ``"shift"`` each view by its minimum.
         dtype: compute dtype, ``"float32"`` or ``"float64"`` (needs ``jax_enable_x64``).
@@ -506,11 +515,12 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                            {**config_dict, "seed": seed + i}) for i in range(restarts)]
     objectives = np.array([r.objective if np.isfinite(r.objective) else np.inf
                            for r in results])
-    best = results[int(np.argmin(objectives))]
+    best_index = int(np.argmin(objectives))
+    best = results[best_index]
     if restarts > 1:
         others = [r for r in results if r is not best]
         best = dataclasses.replace(
-            best, config=config_dict, restarts=results,
+            best, config={**config_dict, "best_restart": best_index}, restarts=results,
             stability=float(np.mean([_matched_cosine(best.F, r.F) for r in others])))
     elapsed = time.perf_counter() - start
 

@@ -59,7 +59,8 @@ class SolverConfig(NamedTuple):
         inner_iter: FISTA iterations per outer step when ``group_lam > 0``.
         max_iter: bound of the ``while_loop`` and length of the history buffers.
         tol: stop when ``|obj_prev - obj| <= tol * |obj_prev|``.
-        eps: added to denominators only (MU), and the floor of HALS / FISTA-free updates.
+        eps: added to denominators only; also the floor HALS clips to, so that no
+            component dies at exact zero.
         dtype: compute dtype name, ``"float32"`` or ``"float64"``.
     """
 
