@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -51,6 +52,9 @@ figure { margin: 0.8rem 0; } figure img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 0.9rem; }
 .concept { border: 1px solid #ddd; border-radius: 6px; padding: 0.6rem 1rem; margin: 1rem 0; }
 .concept h3 { margin-top: 0.2rem; }
+.strip { display: flex; flex-wrap: wrap; gap: 0.5rem; }
+.thumb { margin: 0; text-align: center; }
+.thumb img { width: 96px; height: 96px; image-rendering: pixelated; }
 """
 
 
@@ -247,9 +251,7 @@ def _settings_section(page: _Page, run_dir: Path) -> list[str]:
          "relative error": float(result.relative_errors[name])}
         for name in result.view_names
     ]
-    time_rows = [{"stage": stage, "seconds": float(seconds)}
-                 for stage, seconds in record.get("seconds", {}).items()]
-    time_rows.append({"stage": "total", "seconds": float(sum(r["seconds"] for r in time_rows))})
+    time_rows = _time_rows(record)
     write_table(run_dir, "settings", settings_rows)
     write_table(run_dir, "relative_errors", view_rows)
     write_table(run_dir, "wall_times", time_rows)
@@ -261,6 +263,12 @@ def _settings_section(page: _Page, run_dir: Path) -> list[str]:
         table_html(time_rows),
         paragraph("The report stage is not timed here: this page is its output.", note=True),
     ]
+
+
+def _time_rows(record: dict) -> list[dict]:
+    rows = [{"stage": stage, "seconds": float(seconds)}
+            for stage, seconds in record.get("seconds", {}).items()]
+    return rows + [{"stage": "total", "seconds": float(sum(r["seconds"] for r in rows))}]
 
 
 def _summary_section(page: _Page, run_dir: Path) -> list[str]:
@@ -308,6 +316,31 @@ def _concept_rows(page: _Page) -> list[dict]:
     return rows
 
 
+def _lead(record) -> str:
+    if not record.top_classes:
+        return "no mass"
+    name, share = record.top_classes[0]
+    return f"{name} ({share:.0%} of its mass)"
+
+
+def _image_strip(images, indices, captions) -> str:
+    """The images at ``indices`` as inline PNGs, drawn large with square pixels."""
+    from PIL import Image
+
+    cells = []
+    for index, caption in zip(indices, captions):
+        image = images[int(index)]
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, "PNG")
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        cells.append(
+            f'<figure class="thumb"><img src="data:image/png;base64,{data}" '
+            f'alt="image {int(index)}"><figcaption>{html.escape(str(caption))}'
+            "</figcaption></figure>"
+        )
+    return f'<div class="strip">{"".join(cells)}</div>'
+
+
 def _concepts_section(page: _Page, run_dir: Path) -> list[str]:
     from jaxcnmf import analysis, figures
 
@@ -330,18 +363,27 @@ def _concepts_section(page: _Page, run_dir: Path) -> list[str]:
                      figures.class_share_heatmap(shares, page.class_names, order=page.order),
                      "Class shares of each concept (rows in display order)."),
     ]
-    if page.latent is None:
-        return blocks
     n_images = int(page.config["top_images"])
+    if page.latent is None:
+        for k in page.order:
+            record = page.records[int(k)]
+            blocks.append(
+                f'<div class="concept" id="concept-{record.concept}">'
+                f"<h3>Concept {record.concept}: {html.escape(_lead(record))}</h3>"
+                + _image_strip(page.saved.images, record.top_images[:n_images],
+                               [page.class_names[page.saved.labels[i]]
+                                for i in record.top_images[:n_images]])
+                + "</div>"
+            )
+        return blocks
     for k in page.order:
         record = page.records[int(k)]
-        lead = record.top_classes[0][0] if record.top_classes else "no mass"
         tile = figures.concept_tile(page.saved.images, record, page.latent[k], page.masks[k],
                                     n_images=n_images, labels=page.saved.labels,
                                     class_names=page.class_names)
         blocks.append(
             f'<div class="concept" id="concept-{record.concept}">'
-            f"<h3>Concept {record.concept}: {html.escape(lead)}</h3>"
+            f"<h3>Concept {record.concept}: {html.escape(_lead(record))}</h3>"
             + figure_block(run_dir, f"concept_{record.concept:02d}", tile,
                            f"Concept {record.concept}: top images, masked overlays, latent "
                            "image, median mask and top classes.")
@@ -517,4 +559,87 @@ def write_report(run_dir, *, progress: bool = True) -> Path:
     path = run_dir / pipeline.REPORT
     pipeline.write_bytes_atomic(
         path, render_html("jaxcnmf concept report", subtitle, sections).encode("utf-8"))
+    return path
+
+
+SUMMARY_FIGURES = ("class_shares", "similarity", "eigenvalues", "fidelity",
+                   "accuracy_vs_entropy", "history")
+
+
+def _markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return "(empty)\n"
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run_dir, path, *, title: str | None = None,
+                  figures: Sequence[str] = SUMMARY_FIGURES) -> Path:
+    """A Markdown summary of a finished run, with a few of its figures copied beside it.
+
+    For committing an experiment's numbers without its data: settings, purity and NMI
+    against the k-means baseline, fidelity, relative errors per view, wall times per
+    stage, the concept table, and the figures named in ``figures`` (none shows probe
+    images, except the concept tiles, which are not copied by default).
+
+    Args:
+        run_dir: a complete run directory (it has ``COMPLETE`` and ``tables/``).
+        path: the Markdown file to write, e.g. ``experiments/results/cifar10/README.md``.
+        title: first heading; defaults to the report's subtitle.
+        figures: names of ``run_dir/figures/<name>.png`` to copy next to ``path``.
+
+    Returns:
+        Path of the Markdown file.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a complete run.
+
+    Example:
+        >>> write_summary("runs/c10", "experiments/results/cifar10/README.md")  # doctest: +SKIP
+    """
+    from jaxcnmf import pipeline
+
+    run_dir, path = Path(run_dir), Path(path)
+    if not (run_dir / pipeline.COMPLETE).is_file():
+        raise FileNotFoundError(f"run_dir: {run_dir} is not a complete run (no "
+                                f"{pipeline.COMPLETE} file)")
+    record = json.loads((run_dir / pipeline.RUN_JSON).read_text())
+
+    def table(name):
+        return json.loads((run_dir / "tables" / f"{name}.json").read_text())
+
+    dataset = record["dataset"]
+    heading = title or (f"{record['model'].get('name', 'network')} on {dataset['name']}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in figures:
+        source = run_dir / "figures" / f"{name}.png"
+        if source.is_file():
+            (path.parent / source.name).write_bytes(source.read_bytes())
+            copied.append(source.name)
+    parts = [
+        f"# {heading}\n",
+        f"Run finished {record.get('finished', '?')}; written by `jaxcnmf` from "
+        f"`{run_dir}` (report.html there holds the concept gallery with the probe images).\n",
+        "## Settings\n", _markdown_table(table("settings")),
+        "## Concepts against labels (purity, NMI) and the k-means baseline\n",
+        _markdown_table(table("summary")),
+        "## Fidelity: accuracy with a layer replaced by its reconstruction O_j F\n",
+        _markdown_table(table("fidelity")),
+        "## Relative reconstruction error per view\n", _markdown_table(table("relative_errors")),
+        "## Wall time per stage (seconds)\n", _markdown_table(_time_rows(record)),
+        f"Environment: {record.get('environment', {})}\n",
+        "## Neurons per layer\n", _markdown_table(table("layers")),
+        "## Concepts\n", _markdown_table(table("concepts")),
+        "## Figures\n", *[f"![{name}]({name})\n" for name in copied],
+    ]
+    path.write_text("\n".join(parts))
     return path

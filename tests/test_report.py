@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -107,3 +108,69 @@ def test_write_table_columns_are_the_union_of_row_keys(tmp_path):
     report.write_table(tmp_path, "t", [{"a": 1}, {"a": 2, "b": np.float64(0.5).item()}])
     lines = (tmp_path / "tables" / "t.csv").read_text().splitlines()
     assert lines == ["a,b", "1,", "2,0.5"]
+
+
+def _synthetic_run(out, *, pixels):
+    """A saved run made without a network: random views, 2 superclasses, no fidelity."""
+    import jaxcnmf
+
+    rng = np.random.default_rng(0)
+    n = 24
+    labels = np.repeat(np.arange(4), n // 4)
+    views = {"conv": rng.random((16, n)), "pool": rng.random((8, n))}
+    if pixels:
+        views = {"gray": rng.random((32 * 32, n)), **views}
+    out.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 10 iterations are enough to draw a report
+        jaxcnmf.fit(views, 4, max_iter=10, progress=False).save(out / pipeline.FACTORIZATION)
+    np.savez(out / pipeline.PROBE,
+             images=rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8), labels=labels,
+             coarse_labels=labels // 2, predictions=labels)
+    (out / pipeline.ANALYSIS).write_text(json.dumps({
+        "kmeans": {"k": 4, "nmi": 0.5, "purity": 0.5, "views": ["conv", "pool"]},
+        "fidelity": [], "fidelity_skipped": ["conv"]}))
+    config = pipeline.RunConfig(layers=("conv", "pool"), pixels=pixels, pooling="mean",
+                                per_class=6, rank=4, max_iter=10, top_images=3, neighbours=3)
+    (out / pipeline.RUN_JSON).write_text(json.dumps({
+        "status": "complete", "config": config.to_json(),
+        "dataset": {"name": "toy", "class_names": ["a", "b", "c", "<d>"],
+                    "superclass_names": ["ab", "cd"], "split": "test", "probe_images": n,
+                    "image_shape": [32, 32, 1]},
+        "model": {"name": "Toy"}, "layers": ["conv", "pool"], "seconds": {"probe": 1.0}}))
+    return out
+
+
+def test_report_without_pixels_shows_top_images_and_superclasses(tmp_path):
+    run_dir = _synthetic_run(tmp_path / "run", pixels=False)
+    page = report.write_report(run_dir, progress=False).read_text()
+    assert _section_ids(page) == [section_id for section_id, _ in report.SECTIONS]
+    assert page.count('<figure class="thumb">') == 4 * 3
+    assert "no pixel views" in page
+    assert "Not measured for conv" in page
+    assert "&lt;d&gt;" in page and "<d>" not in page
+    summary = json.loads((run_dir / "tables" / "summary.json").read_text())
+    assert [row["labels"] for row in summary] == ["class", "class", "superclass"]
+    concepts = json.loads((run_dir / "tables" / "concepts.json").read_text())
+    assert all("top superclasses" in row for row in concepts)
+
+
+def test_report_with_pixels_draws_a_tile_per_concept(tmp_path):
+    run_dir = _synthetic_run(tmp_path / "run", pixels=True)
+    page = report.write_report(run_dir, progress=False).read_text()
+    assert sorted(p.name for p in (run_dir / "figures").glob("concept_*.png")) == [
+        f"concept_{k:02d}.png" for k in range(4)]
+    assert '<figure class="thumb">' not in page
+
+
+def test_summary_markdown_needs_a_complete_run_and_copies_figures(demo_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a complete run"):
+        report.write_summary(tmp_path, tmp_path / "x.md")
+    path = report.write_summary(demo_dir, tmp_path / "summary" / "README.md", title="Demo")
+    text = path.read_text()
+    assert text.startswith("# Demo\n")
+    for heading in ("purity, NMI", "Fidelity", "Relative reconstruction error", "Wall time"):
+        assert heading in text
+    assert "| report |" in text  # the summary has the report stage's time too
+    copied = sorted(p.name for p in path.parent.glob("*.png"))
+    assert "similarity.png" in copied and not any(n.startswith("concept_") for n in copied)
