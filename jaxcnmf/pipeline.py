@@ -145,7 +145,7 @@ def demo_config(*, quick: bool = False, method: str = "mu", seed: int = 0) -> Ru
     return RunConfig(
         command="demo", dataset="digits", model="small", width=0.5, epochs=4,
         train_batch_size=64, layers=DEMO_LAYERS, per_class=30, rank=10, method=method,
-        max_iter=200, fidelity_ranks=(2, 5), top_images=6, neighbours=10, seed=seed,
+        max_iter=200, fidelity_ranks=(5,), top_images=6, neighbours=10, seed=seed,
     )
 
 
@@ -399,8 +399,9 @@ def _group_ids(config: RunConfig, probe_set):
 
 def _start_run_dir(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    # A forced re-run must not leave the previous run's finished report in view.
-    for stale in (COMPLETE, REPORT):
+    # A forced re-run must leave nothing of the previous run that could pass for its own:
+    # no finished report, and no saved results that `jaxcnmf report` would draw from.
+    for stale in (COMPLETE, REPORT, FACTORIZATION, PROBE, ANALYSIS):
         (out / stale).unlink(missing_ok=True)
     write_json_atomic(out / RUN_JSON, record)
 

@@ -547,6 +547,10 @@ def write_report(run_dir, *, progress: bool = True) -> Path:
     saved = pipeline.load_run(run_dir)
     run_dir = saved.path
     page = _Page(saved)
+    # Figures and tables of an earlier drawing (say, of a higher rank) must not linger.
+    for pattern in ("figures/*.png", "tables/*.csv", "tables/*.json"):
+        for stale in run_dir.glob(pattern):
+            stale.unlink()
     sections = []
     for section_id, heading in pipeline.progress_bar(SECTIONS, progress, "report"):
         sections.append((section_id, heading, _BUILDERS[section_id](page, run_dir)))

@@ -13,6 +13,8 @@ def _previous_complete_run(out):
     (out / "report.html").write_text("<html>an earlier, finished report</html>")
     (out / "COMPLETE").write_text("earlier\n")
     (out / "run.json").write_text(json.dumps({"status": "complete"}))
+    for saved in (pipeline.FACTORIZATION, pipeline.PROBE, pipeline.ANALYSIS):
+        (out / saved).write_bytes(b"earlier results")
 
 
 def test_interrupted_run_leaves_no_complete_looking_report(tmp_path, monkeypatch):
@@ -28,6 +30,8 @@ def test_interrupted_run_leaves_no_complete_looking_report(tmp_path, monkeypatch
         pipeline.run(pipeline.demo_config(quick=True), out, force=True, progress=False)
     assert not (out / "report.html").exists()
     assert not (out / "COMPLETE").exists()
+    with pytest.raises(FileNotFoundError, match="stopped before"):
+        pipeline.load_run(out)  # nothing of the earlier run passes for this one's results
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "failed"
     assert record["error"].startswith("KeyboardInterrupt")

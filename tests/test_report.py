@@ -73,12 +73,15 @@ def test_report_command_redraws_from_the_saved_run(demo_dir, tmp_path):
     shutil.copytree(demo_dir, copy)
     before = (copy / "tables" / "summary.json").read_text()
     (copy / "report.html").unlink()
-    shutil.rmtree(copy / "figures")
     shutil.rmtree(copy / "tables")
+    for png in (copy / "figures").glob("*.png"):
+        png.unlink()
+    (copy / "figures" / "concept_99.png").write_bytes(b"from an earlier drawing")
     assert cli.main(["report", str(copy), "--quiet"]) == 0
     page = (copy / "report.html").read_text()
     assert _section_ids(page) == [section_id for section_id, _ in report.SECTIONS]
     assert (copy / "figures" / "concept_00.png").is_file()
+    assert not (copy / "figures" / "concept_99.png").exists()
     assert (copy / "tables" / "summary.json").read_text() == before
 
 
