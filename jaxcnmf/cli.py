@@ -22,7 +22,7 @@ EXIT_INTERRUPTED = 130
 
 _EPILOG_MAIN = """\
 examples:
-  jaxcnmf demo                       # digits, small CNN, report in runs/demo (offline, ~1 min)
+  jaxcnmf demo                       # digits, small CNN, report in runs/demo (offline, 1-2 min)
   jaxcnmf train --model small --dataset cifar10 --source DIR --out runs/c10
   jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
                   --layers conv2,conv3,pool --per-class 300 --rank 20 --out runs/c10/concepts
@@ -34,7 +34,8 @@ Run 'jaxcnmf COMMAND --help' for the options of one command.
 _EPILOG_DEMO = """\
 The demo trains a small CNN on the digits bundled with scikit-learn (no files, no network),
 probes the pixels and the layers conv2, conv3 and pool of 30 test images per class,
-factorizes them with rank 10 and writes RUN_DIR/report.html.
+factorizes them with rank 10 and writes OUT/report.html, in one to two minutes on a
+laptop CPU.
 
 If --out already holds files, the demo writes to a new directory OUT-YYYYmmdd-HHMMSS
 beside it instead, so that repeating the demo never destroys an earlier run; pass --force
@@ -240,6 +241,7 @@ def build_parser():
     analyze.add_argument("--out", required=True, help="run directory to create")
     analyze.add_argument(
         "--layers",
+        metavar="LIST",
         type=_comma_list,
         default=None,
         help="comma-separated layers to probe (default: every probe-able layer)",
@@ -249,6 +251,7 @@ def build_parser():
     )
     analyze.add_argument(
         "--per-class",
+        metavar="N",
         type=_positive_int,
         default=100,
         help="probe images per class, balanced (default: 100)",
@@ -266,15 +269,20 @@ def build_parser():
         help="how a conv layer becomes rows: every position, or pooled per channel "
         "(default: flatten)",
     )
-    analyze.add_argument("--rank", type=_positive_int, default=20, help="concepts (default: 20)")
+    analyze.add_argument(
+        "--rank", metavar="K", type=_positive_int, default=20,
+        help="number of concepts (default: 20)",
+    )
     analyze.add_argument(
         "--method", choices=("mu", "hals"), default="mu", help="solver (default: mu)"
     )
     analyze.add_argument(
-        "--max-iter", type=_positive_int, default=200, help="solver iterations (default: 200)"
+        "--max-iter", metavar="N", type=_positive_int, default=200,
+        help="most solver iterations (default: 200)",
     )
     analyze.add_argument(
         "--restarts",
+        metavar="N",
         type=_positive_int,
         default=1,
         help="random restarts; the best is kept and their stability reported (default: 1)",
@@ -306,12 +314,14 @@ def build_parser():
     )
     analyze.add_argument(
         "--fidelity-ranks",
+        metavar="LIST",
         type=_positive_int_list,
         default=(2, 5, 10),
         help="ranks at which fidelity is measured, besides --rank (default: 2,5,10)",
     )
     analyze.add_argument(
-        "--batch-size", type=_positive_int, default=256, help="probing batch (default: 256)"
+        "--batch-size", metavar="N", type=_positive_int, default=256,
+        help="images per forward pass when probing (default: 256)",
     )
     _add_common(analyze)
 

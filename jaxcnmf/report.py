@@ -198,9 +198,9 @@ class _Page:
         self.correct = saved.predictions == labels
         self.entropy = analysis.neighbour_entropy_all(self.F, self.k) if n > 1 else np.zeros(n)
         self.accuracy_table = analysis.accuracy_vs_entropy(self.entropy, self.correct, bins=5)
-        self.examples = self._neighbour_examples(labels)
+        self.examples = self._neighbour_examples()
 
-    def _neighbour_examples(self, labels, count: int = 3):
+    def _neighbour_examples(self, count: int = 3):
         """Queries for the neighbour section: the lowest-, middle- and highest-entropy images."""
         from jaxcnmf import analysis
 
@@ -219,13 +219,11 @@ def _settings_section(page: _Page, run_dir: Path) -> list[str]:
     record, config, result = page.record, page.config, page.result
     model = record.get("model", {})
     dataset = record["dataset"]
-    fact = record.get("factorization", {})
-    test_accuracy = model.get("accuracy")
     settings = [
         ("command", config["command"]),
         ("model", f"{model.get('name', '?')} (width {model.get('width', config['width'])})"),
         ("checkpoint", model.get("checkpoint") or "trained by this run"),
-        ("test accuracy", _num(test_accuracy)),
+        ("test accuracy (at training)", _num(model.get("accuracy"))),
         ("accuracy on the probe set", _num(record.get("probe_accuracy"))),
         ("dataset", f"{dataset['name']}, {dataset['split']} split"),
         ("probe images", f"{dataset['probe_images']} ({config['per_class']} per class)"),
@@ -235,10 +233,10 @@ def _settings_section(page: _Page, run_dir: Path) -> list[str]:
         ("rank", config["rank"]),
         ("method", config["method"]),
         ("seed", config["seed"]),
-        ("iterations", f"{fact.get('n_iter', result.n_iter)} of {config['max_iter']}"
+        ("iterations", f"{result.n_iter} of {config['max_iter']}"
                        f" ({'converged' if result.converged else 'not converged'})"),
         ("restarts", config["restarts"]),
-        ("stability across restarts", _num(fact.get("stability"))),
+        ("stability across restarts", _num(result.stability)),
         ("view weights", config["weights"] or "none"),
         ("unit columns", config["unit_columns"]),
         ("group sparsity", f"{config['group_lam']} over {config['groups']}"
