@@ -264,8 +264,9 @@ def _check_config(config: RunConfig) -> None:
         raise ValueError(f"split: expected 'train' or 'test', got {config.split!r}")
     if config.groups not in ("class", "superclass"):
         raise ValueError(f"groups: expected 'class' or 'superclass', got {config.groups!r}")
-    if config.layers is not None and not config.layers and not config.pixels:
-        raise ValueError("layers: expected at least one view, got no layers and no pixels")
+    if config.layers is not None and not config.layers:
+        # The analyses (k-means baseline, neurons per layer, fidelity) are about layers.
+        raise ValueError("layers: expected at least one layer, got none")
     if config.checkpoint is not None and not Path(config.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint: {config.checkpoint} does not exist")
 

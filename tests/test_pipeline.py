@@ -91,7 +91,7 @@ def test_unknown_layer_fails_before_data_or_training(tmp_path, monkeypatch):
         ({"group_lam": 0.1, "groups": "superclass"}, "coarse labels"),
         ({"per_class": 1000}, "per_class"),
         ({"split": "validation"}, "split: expected 'train' or 'test'"),
-        ({"layers": (), "pixels": False}, "at least one view"),
+        ({"layers": ()}, "at least one layer"),
         ({"model": "alexnet"}, "model name"),
     ],
 )
