@@ -105,36 +105,28 @@ def _comma_list(text):
     return items
 
 
-def _positive_int_list(text):
-    try:
-        values = tuple(int(item) for item in _comma_list(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers, got {text!r}"
-        ) from None
-    if any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def _checked(convert, accept, expected):
+    """An argparse type: ``convert`` the text, then insist on ``accept(value)``."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+_positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+_non_negative_float = _checked(float, lambda value: value >= 0, "a number >= 0")
+_positive_int_list = _checked(
+    lambda text: tuple(int(item) for item in text.split(",")),
+    lambda values: all(value >= 1 for value in values),
+    "comma-separated positive integers",
+)
 
 
 def _add_common(parser):
