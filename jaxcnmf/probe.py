@@ -207,15 +207,32 @@ def _check_images(images: Any, model: nn.Module) -> np.ndarray:
     return arr
 
 
+_INPUT_CHECKS: dict[tuple, str] = {}
+
+
 def _check_input_channels(model: nn.Module, variables: Mapping, image_shape: tuple) -> None:
-    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    try:
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-    except Exception as err:  # flax raises its own shape errors; restate them for the user
-        raise ValueError(
-            f"images: per-image shape {image_shape} does not fit the model's variables "
-            f"(was it trained on images with another number of channels?): {err}"
-        ) from err
+    leaves = jax.tree_util.tree_leaves_with_path(variables)
+    signature = tuple((jax.tree_util.keystr(p), tuple(np.shape(x))) for p, x in leaves)
+    message = _input_mismatch(model, tuple(image_shape), signature, variables)
+    if message:
+        raise ValueError(message)
+
+
+def _input_mismatch(model, image_shape, signature, variables) -> str:
+    # Tracing the whole model costs as much as compiling a small one; remember the verdict
+    # for each (model, image shape, variable shapes).
+    key = (model, image_shape, signature)
+    if key not in _INPUT_CHECKS:
+        x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+        try:
+            jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+            _INPUT_CHECKS[key] = ""
+        except Exception as err:  # flax raises its own shape errors; restate them
+            _INPUT_CHECKS[key] = (
+                f"images: per-image shape {image_shape} does not fit the model's variables "
+                f"(were they made for images with another number of channels?): {err}"
+            )
+    return _INPUT_CHECKS[key]
 
 
 def _check_layers(model: nn.Module, layers: Any, image_shape: tuple) -> tuple[str, ...]:

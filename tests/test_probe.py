@@ -16,7 +16,8 @@ def images():
 
 
 def _variables(model, channels=3):
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False)
+    init = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))
+    variables = init(jnp.zeros((1, 32, 32, channels)))
     # Non-trivial running statistics, so inference mode is really exercised.
     stats = jax.tree.map(
         lambda s: s + 0.1 * jax.random.uniform(jax.random.key(3), s.shape), variables["batch_stats"]
@@ -43,6 +44,15 @@ def _float(images):
     return images.astype(np.float32) / np.float32(255)
 
 
+def _assert_matches(view, expected, layer_ndim, name):
+    if layer_ndim == 4:
+        np.testing.assert_array_equal(view, expected, err_msg=name)
+    else:
+        # A vector layer is the model's own spatial mean, and XLA picks that reduction's
+        # summation order per compiled program: compiled and op-by-op agree to a few ulp.
+        np.testing.assert_allclose(view, expected, rtol=1e-6, atol=0, err_msg=name)
+
+
 @pytest.mark.parametrize("pooling", probe.POOLINGS)
 def test_collect_equals_direct_forward_pass(small, images, pooling):
     model, variables = small
@@ -63,7 +73,7 @@ def test_collect_equals_direct_forward_pass(small, images, pooling):
             else:
                 act = getattr(jnp, pooling)(jnp.asarray(act), axis=(1, 2))
         assert views[name].dtype == np.float32
-        np.testing.assert_array_equal(views[name], np.asarray(act).T, err_msg=name)
+        _assert_matches(views[name], np.asarray(act).T, ref[name].ndim, name)
 
 
 def test_last_partial_batch(small, images):
@@ -86,17 +96,18 @@ def test_flatten_row_order_by_index(small, images):
     assert view[ci * h * w + i * w + j, n] == act[n, i, j, ci]
 
 
-def test_collect_resnet_and_vgg_match_forward_pass(images):
-    for name, layers in (("resnet18", ["conv3_x", "avgpool"]), ("vgg11", ["block5", "block2"])):
-        model = models.build(name, 10, TINY)
-        variables = _variables(model)
-        views = probe.collect(model, variables, images[:4], layers, pixels=False, progress=False)
-        ref = _reference(model, variables, _float(images[:4]))
-        for layer in layers:
-            act = ref[layer]
-            act = act.transpose(0, 3, 1, 2).reshape(4, -1) if act.ndim == 4 else act
-            np.testing.assert_array_equal(views[layer], act.T, err_msg=f"{name}/{layer}")
-            assert views[layer].min() >= 0
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_collect_resnet_and_vgg_match_forward_pass(images, name):
+    model = models.build(name, 10, TINY)
+    variables = _variables(model)
+    layers = list(models.probe_layers(model))
+    views = probe.collect(model, variables, images[:2], layers, pixels=False, progress=False)
+    ref = _reference(model, variables, _float(images[:2]))
+    for layer in layers:
+        act = ref[layer]
+        flat = act.transpose(0, 3, 1, 2).reshape(2, -1) if act.ndim == 4 else act
+        _assert_matches(views[layer], flat.T, act.ndim, layer)
+        assert views[layer].min() >= 0, layer
 
 
 def test_pixel_views_equal_images(small, images):
@@ -160,14 +171,6 @@ def test_available_layers_shapes_tiny():
     for name, shapes in expected.items():
         got = probe.available_layers(models.build(name, 10, TINY), (32, 32, 1))
         assert list(got.items()) == list(shapes.items()), name
-
-
-def test_activations_are_non_negative(images):
-    model = models.resnet18(10, width=TINY)
-    variables = _variables(model)
-    layers = list(models.probe_layers(model))
-    views = probe.collect(model, variables, images[:3], layers, pixels=False, progress=False)
-    assert all(views[k].min() >= 0 for k in layers)
 
 
 def test_intervene(small, images):

@@ -1,0 +1,138 @@
+"""Images per second of ``probe.collect`` against plain jitted inference of the same model.
+
+Both passes read the same uint8 images in the same batches, convert each batch on the
+host, keep the next batch in flight while the previous result is copied back, and pad the
+last batch; the plain pass returns the logits, ``collect`` the probe matrices. The first
+run of each compiles and is reported separately; the timed figure is the median of
+``--repeats`` runs. Writes ``benchmarks/results/probe_speed.json`` next to a printed table.
+
+Usage:
+    python benchmarks/probe_speed.py                 # width 1, 1024 images, batch 256
+    python benchmarks/probe_speed.py --quick         # width 0.25, 256 images, batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnmf import models, probe
+
+DEFAULT_LAYERS = {
+    "small": ("conv2", "conv3", "pool"),
+    "resnet18": ("conv4_x", "conv5_x", "avgpool"),
+    "vgg11": ("block3", "block4", "block5"),
+}
+
+
+def plain_inference(apply, variables, images, batch_size):
+    """Logits of every image from jitted ``apply``, batched exactly as ``collect`` batches."""
+    outs, pending = [], None
+    for start in range(0, len(images), batch_size):
+        block = images[start : start + batch_size].astype(np.float32) / np.float32(255)
+        n_valid = len(block)
+        if n_valid < batch_size:
+            block = np.concatenate([block, np.zeros((batch_size - n_valid, *block.shape[1:]), block.dtype)])
+        logits = apply(variables, block)
+        if pending is not None:
+            outs.append(np.asarray(pending[0])[: pending[1]])
+        pending = (logits, n_valid)
+    outs.append(np.asarray(pending[0])[: pending[1]])
+    return np.concatenate(outs)
+
+
+def timed(fn, repeats):
+    """(first-run seconds, median seconds of the next ``repeats`` runs)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def bench(name, width, n, batch_size, pooling, repeats):
+    model = models.build(name, 10, width)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
+        jnp.zeros((1, 32, 32, 3), jnp.float32)
+    )
+    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    layers = DEFAULT_LAYERS[name]
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+    first_plain, plain = timed(lambda: plain_inference(apply, variables, images, batch_size), repeats)
+    first_collect, collect = timed(
+        lambda: probe.collect(
+            model, variables, images, layers, pooling=pooling, batch_size=batch_size, progress=False
+        ),
+        repeats,
+    )
+    return {
+        "model": name,
+        "width": width,
+        "layers": list(layers),
+        "pooling": pooling,
+        "n_images": n,
+        "batch_size": batch_size,
+        "plain_images_per_s": n / plain,
+        "collect_images_per_s": n / collect,
+        "ratio": plain / collect,
+        "plain_compile_s": first_plain - plain,
+        "collect_compile_s": first_collect - collect,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["small", "resnet18"], choices=models.MODEL_NAMES)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--n", type=int, default=1024, help="images per pass")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--pooling", default="flatten", choices=probe.POOLINGS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="width 0.25, 256 images, batch 64")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe_speed.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.width, args.n, args.batch_size = 0.25, 256, 64
+
+    rows = [bench(m, args.width, args.n, args.batch_size, args.pooling, args.repeats) for m in args.models]
+
+    print(f"{'model':<10}{'width':>7}{'N':>7}{'batch':>7}{'plain img/s':>13}{'collect img/s':>15}{'ratio':>7}{'compile s (plain/collect)':>28}")
+    for r in rows:
+        print(
+            f"{r['model']:<10}{r['width']:>7.3g}{r['n_images']:>7}{r['batch_size']:>7}"
+            f"{r['plain_images_per_s']:>13.1f}{r['collect_images_per_s']:>15.1f}{r['ratio']:>7.2f}"
+            f"{r['plain_compile_s']:>14.2f} / {r['collect_compile_s']:.2f}"
+        )
+    result = {
+        "benchmark": "probe_speed",
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "platform": platform.platform(),
+        "jax_version": jax.__version__,
+        "args": vars(args),
+        "results": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
