@@ -514,6 +514,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         write_json_atomic(out / RUN_JSON, record)
 
         with stages("report", "figures, tables and report.html"):
+            # Drawn from the saved files, as `jaxcnmf report` does, so a re-draw is identical.
             report_path = report.write_report(out, progress=progress)
         record["status"] = "complete"
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
