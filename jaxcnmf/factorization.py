@@ -304,6 +304,12 @@ class FitResult:
     def save(self, path):
         """Write factors, history and config to an ``.npz`` file (restarts are not kept).
 
+        Args:
+            path: file path; NumPy appends ``.npz`` when it is missing.
+
+        Returns:
+            The path written, as a string.
+
         Example:
             >>> res.save("fit.npz"); jaxcnmf.load_result("fit.npz")  # doctest: +SKIP
         """
@@ -317,6 +323,8 @@ class FitResult:
         rel = np.stack([self.history["rel_error"][name] for name in self.view_names])
         np.savez(path, F=self.F, objective_history=self.history["objective"],
                  rel_error_history=rel, meta=np.array(json.dumps(meta)), **arrays)
+        path = str(path)
+        return path if path.endswith(".npz") else path + ".npz"
 
 
 def load_result(path):

@@ -112,8 +112,8 @@ def test_transform_of_training_views_reproduces_F(hals_fit):
 
 def test_save_load_round_trip(hals_fit, tmp_path):
     views, _, res = hals_fit
-    path = tmp_path / "fit.npz"
-    res.save(path)
+    path = res.save(tmp_path / "fit")
+    assert path.endswith("fit.npz")
     back = jaxcnmf.load_result(path)
     np.testing.assert_array_equal(back.F, res.F)
     for name in res.view_names:
