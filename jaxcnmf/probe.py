@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxcnmf import models
+
 POOLINGS = ("flatten", "mean", "max")
 PIXEL_NAMES = {1: ("gray",), 3: ("red", "green", "blue")}
 # Fewer batches than this finish too fast for a progress bar to help.
@@ -96,8 +98,6 @@ def _layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, t
 
 
 def _probe_order(model: nn.Module) -> tuple[str, ...]:
-    from jaxcnmf import models
-
     try:
         return models.probe_layers(model)
     except ValueError:
@@ -480,8 +480,9 @@ def layer_forward(
         layer: name of a direct child, see ``available_layers``.
 
     Returns:
-        ``f(images, activations)``: ``images`` ``(B, H, W, C)`` uint8 or float32 in
-        [0, 1], ``activations`` ``(B, *layer_shape)`` float32 -> logits
+        ``f(images, activations)``: ``images`` ``(B, H, W, C)`` float32 in [0, 1] (uint8
+        is scaled inside, where XLA's ``* (1/255)`` may differ from ``collect`` by an
+        ulp), ``activations`` ``(B, *layer_shape)`` float32 -> logits
         ``(B, num_classes)`` float32. A wrong activation shape raises ``ValueError``
         when ``f`` is traced.
 
