@@ -28,6 +28,10 @@ _OVERSAMPLE = 10
 _POWER_ITERATIONS = 4
 
 
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _float_views(views, dtype):
     return tuple(jnp.asarray(X).astype(dtype) for X in views)
 
@@ -70,11 +74,11 @@ def _randomized_svd(blocks, rank, key):
     width = min(rank + _OVERSAMPLE, n, total_rows)
 
     def left(Y):
-        return jnp.concatenate([X @ Y for X in blocks], axis=0)
+        return jnp.concatenate([_mm(X, Y) for X in blocks], axis=0)
 
     def right(Q):
         offsets = np.cumsum([0] + [X.shape[0] for X in blocks])
-        return sum(X.T @ Q[a:b] for X, a, b in zip(blocks, offsets[:-1], offsets[1:]))
+        return sum(_mm(X.T, Q[a:b]) for X, a, b in zip(blocks, offsets[:-1], offsets[1:]))
 
     omega = jax.random.normal(key, (n, width), blocks[0].dtype)
     Q, _ = jnp.linalg.qr(left(omega))
@@ -83,7 +87,7 @@ def _randomized_svd(blocks, rank, key):
         Q, _ = jnp.linalg.qr(left(P))
     small = right(Q).T
     U_small, s, Vt = jnp.linalg.svd(small, full_matrices=False)
-    return (Q @ U_small)[:, :rank], s[:rank], Vt[:rank]
+    return _mm(Q, U_small)[:, :rank], s[:rank], Vt[:rank]
 
 
 def _unit(x):

@@ -39,6 +39,14 @@ from jax import lax
 
 METHODS = ("mu", "hals")
 
+# Full float32 products on every backend: GPUs default to TF32, whose rounding breaks the
+# monotone decrease of the updates and the "same answer on any backend" promise.
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
 
 class SolverConfig(NamedTuple):
     """Static, hashable solver settings (hyperparameters never live in the state).
@@ -121,13 +129,13 @@ def _weights(config, n_views):
 def _dot_tn(W, X, dtype):
     """``W^T X`` with ``X`` kept in its storage dtype and accumulation in ``dtype``."""
     return lax.dot_general(W.astype(X.dtype), X, (((0,), (0,)), ((), ())),
-                           preferred_element_type=dtype)
+                           precision=_HIGHEST, preferred_element_type=dtype)
 
 
 def _dot_nt(X, F, dtype):
     """``X F^T`` with ``X`` kept in its storage dtype and accumulation in ``dtype``."""
     return lax.dot_general(X, F.astype(X.dtype), (((1,), (1,)), ((), ())),
-                           preferred_element_type=dtype)
+                           precision=_HIGHEST, preferred_element_type=dtype)
 
 
 def f_grams(views, loadings, config):
@@ -145,7 +153,7 @@ def f_grams(views, loadings, config):
     dtype = jnp.dtype(config.dtype)
     weights = _weights(config, len(views))
     B = sum(w * _dot_tn(W, X, dtype) for w, W, X in zip(weights, loadings, views))
-    G = sum(w * (W.T @ W) for w, W in zip(weights, loadings))
+    G = sum(w * _mm(W.T, W) for w, W in zip(weights, loadings))
     return B, G
 
 
@@ -172,13 +180,13 @@ def _rel_errors(sq_norms, fits):
 
 
 def _mu_F(F, B, G, config):
-    denom = G @ F + 0.5 * config.l1_F + config.l2_F * F + config.eps
+    denom = _mm(G, F) + 0.5 * config.l1_F + config.l2_F * F + config.eps
     return F * B / denom
 
 
 def _hals_F(F, B, G, config):
     def update_row(k, F):
-        numer = B[k] - G[k] @ F - 0.5 * config.l1_F - config.l2_F * F[k]
+        numer = B[k] - _mm(G[k], F) - 0.5 * config.l1_F - config.l2_F * F[k]
         row = F[k] + numer / (G[k, k] + config.l2_F + config.eps)
         return F.at[k].set(jnp.maximum(row, config.eps))
 
@@ -206,12 +214,12 @@ def _fista_F(F, B, G, groups, config):
     step_size = 1.0 / lipschitz
 
     def subproblem(Z):
-        smooth = jnp.sum(Z * (G @ Z)) - 2.0 * jnp.sum(B * Z)
+        smooth = jnp.sum(Z * _mm(G, Z)) - 2.0 * jnp.sum(B * Z)
         return smooth + _penalty_F(Z, groups, config)
 
     def body(_, carry):
         X, Y, t, fx = carry
-        grad = 2.0 * (G @ Y - B) + config.l1_F + 2.0 * config.l2_F * Y
+        grad = 2.0 * (_mm(G, Y) - B) + config.l1_F + 2.0 * config.l2_F * Y
         Z = _prox_group(Y - step_size * grad, step_size, groups, config)
         fz = subproblem(Z)
         better = fz <= fx
@@ -241,12 +249,12 @@ def _update_W(W, A, C, weight, config):
         At, Wt = A.T, W.T
 
         def update_col(k, Wt):
-            numer = At[k] - C[k] @ Wt - ridge * Wt[k]
+            numer = At[k] - _mm(C[k], Wt) - ridge * Wt[k]
             col = Wt[k] + numer / (C[k, k] + ridge + config.eps)
             return Wt.at[k].set(jnp.maximum(col, config.eps))
 
         return lax.fori_loop(0, W.shape[1], update_col, Wt).T
-    return W * A / (W @ C + ridge * W + config.eps)
+    return W * A / (_mm(W, C) + ridge * W + config.eps)
 
 
 def _objective_from_terms(F, loadings, groups, sq_norms, crosses, quads, config):
@@ -259,9 +267,9 @@ def _objective_from_terms(F, loadings, groups, sq_norms, crosses, quads, config)
 
 def _fit_and_cross(views, F, loadings, config):
     dtype = jnp.dtype(config.dtype)
-    C = F @ F.T
+    C = _mm(F, F.T)
     crosses = tuple(jnp.sum(W * _dot_nt(X, F, dtype)) for X, W in zip(views, loadings))
-    quads = tuple(jnp.sum((W.T @ W) * C) for W in loadings)
+    quads = tuple(jnp.sum(_mm(W.T, W) * C) for W in loadings)
     return crosses, quads
 
 
@@ -356,14 +364,14 @@ def step(state, views, config):
     weights = _weights(config, len(views))
     B, G = f_grams(views, state.loadings, config)
     F = _update_F(state.F, B, G, state.groups, config)
-    C = F @ F.T
+    C = _mm(F, F.T)
     loadings, crosses, quads = [], [], []
     for X, W, w in zip(views, state.loadings, weights):
         A = _dot_nt(X, F, dtype)
         W = _update_W(W, A, C, w, config)
         loadings.append(W)
         crosses.append(jnp.sum(W * A))
-        quads.append(jnp.sum((W.T @ W) * C))
+        quads.append(jnp.sum(_mm(W.T, W) * C))
     loadings = tuple(loadings)
     if config.unit_columns:
         # The rescaling keeps every W_v F, hence the cross and quadratic terms above.
@@ -438,7 +446,7 @@ def solve_F(views, loadings, config, F0=None):
     plain = config._replace(group_lam=0.0)
 
     def value(F):
-        return (jnp.sum(F * (G @ F)) - 2.0 * jnp.sum(B * F)
+        return (jnp.sum(F * _mm(G, F)) - 2.0 * jnp.sum(B * F)
                 + config.l1_F * jnp.sum(F) + config.l2_F * jnp.sum(F * F))
 
     def body(carry):
