@@ -432,7 +432,8 @@ def main(argv=None):
         raise SystemExit(EXIT_USAGE)
     try:
         written = _COMMANDS[args.command](args)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError,
+            NotADirectoryError) as err:
         raise SystemExit(_fail(err)) from None
     except KeyboardInterrupt:
         _note("interrupted; the output directory is incomplete (no COMPLETE marker)")

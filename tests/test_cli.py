@@ -89,6 +89,14 @@ def test_missing_checkpoint(tmp_path, capsys):
     assert "checkpoint" in line and str(missing) in line and "does not exist" in line
 
 
+def test_checkpoint_that_is_a_file(tmp_path, capsys):
+    not_a_checkpoint = tmp_path / "weights.bin"
+    not_a_checkpoint.write_bytes(b"0")
+    line = _error_line(capsys, ["analyze", "--checkpoint", str(not_a_checkpoint),
+                                "--out", str(tmp_path / "run"), "--quiet"])
+    assert "expected a directory" in line
+
+
 def test_missing_data(checkpoint, tmp_path, capsys):
     line = _error_line(capsys, ["analyze", "--checkpoint", str(checkpoint), "--dataset",
                                 "cifar10", "--source", str(tmp_path / "no-data"),
