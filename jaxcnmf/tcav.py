@@ -186,7 +186,7 @@ def _split_masks(n_pos: int, n_neg: int, runs: int, holdout: float, seed: int) -
         return masks
     offset = 0
     for n in (n_pos, n_neg):
-        n_test = max(1, int(round(holdout * n)))
+        n_test = min(n - 1, max(1, int(round(holdout * n))))
         order = np.argsort(rng.random((runs, n)), axis=1)
         np.put_along_axis(masks[:, offset : offset + n], order[:, :n_test], False, axis=1)
         offset += n
@@ -260,8 +260,10 @@ def train_cavs(
     ``"logistic"``: L2-regularised logistic regression (mean log-loss +
     ``l2/2 ||w||^2``, unpenalised intercept) on inputs centred on the training mean and
     divided by one global scale (the RMS of the centred entries, so ``l2`` means the
-    same at every layer and directions are unchanged), solved with optax L-BFGS until the
-    gradient norm is below ``tol`` or ``steps`` iterations. ``"mean_diff"``: the
+    same at every layer and directions are unchanged), solved with optax L-BFGS in the
+    span of the training rows (exact by the representer theorem), preconditioned by the
+    Hessian at zero, until the gradient norm in those coordinates is below ``tol`` or
+    after ``steps`` iterations. ``"mean_diff"``: the
     difference of the class means (no fitting). Each run holds out a fresh stratified
     ``holdout`` fraction of both sides to measure accuracy (with ``holdout=0`` the
     accuracy is on the training rows).
@@ -281,7 +283,8 @@ def train_cavs(
         accuracies (R,) float32.
 
     Example:
-        >>> cavs = train_cavs(np.ones((20, 8)) + noise, rand_acts)   # rand: (5, 20, 8)
+        >>> rng = np.random.default_rng(0)
+        >>> cavs = train_cavs(rng.normal(size=(20, 8)) + 2, rng.normal(size=(5, 20, 8)))
         >>> cavs.vectors.shape, cavs.accuracies.shape
         ((5, 8), (5,))
     """
@@ -469,17 +472,8 @@ def _forward(model, variables, x, layers, deltas=None):
     return logits, captured
 
 
-def layer_shapes(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> dict[str, tuple]:
-    """Per-image output shapes of the model's direct children, in call order.
-
-    Args:
-        model: flax linen module, ``model.apply(variables, x, train=False)`` -> logits.
-        variables: its variables.
-        image_shape: (H, W, C) of one image.
-
-    Returns:
-        dict layer name -> per-image shape tuple.
-    """
+def _shapes(model, variables, image_shape) -> tuple[dict[str, tuple], int]:
+    """Per-image output shapes of the direct children, and the number of logits."""
     shapes: dict[str, tuple] = {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -496,8 +490,26 @@ def layer_shapes(model: nn.Module, variables: Any, image_shape: Sequence[int]) -
 
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-    return shapes
+        logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    return shapes, int(np.prod(logits.shape[1:]))
+
+
+def layer_shapes(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> dict[str, tuple]:
+    """Per-image output shapes of the model's direct children, in call order.
+
+    Args:
+        model: flax linen module, ``model.apply(variables, x, train=False)`` -> logits.
+        variables: its variables.
+        image_shape: (H, W, C) of one image.
+
+    Returns:
+        dict layer name -> per-image shape tuple.
+
+    Example:
+        >>> layer_shapes(models.small_cnn(10), variables, (32, 32, 3))["conv3"]
+        (4, 4, 128)
+    """
+    return _shapes(model, variables, image_shape)[0]
 
 
 def _activations(model, variables, x, *, layers):
@@ -853,13 +865,12 @@ def run(
 
     first = _check_images("classes", next(iter(classes.values())), None)
     image_shape = first.shape[1:]
-    shapes = layer_shapes(model, variables, image_shape)
+    shapes, num_logits = _shapes(model, variables, image_shape)
     for name in layers:
         if name not in shapes:
             raise ValueError(
                 f"layer: expected one of the model's layers {tuple(shapes)}, got {name!r}"
             )
-    num_logits = int(np.prod(shapes[tuple(shapes)[-1]]))
 
     class_keys, class_ids, class_images = [], [], []
     for key, images in classes.items():
@@ -1001,22 +1012,22 @@ def figure(result: TcavResult, layer: str | None = None, path=None, ax=None):
     Returns:
         the matplotlib Figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     means, significant = result.heatmap_matrix(layer)
     n_c, n_k = means.shape
     if ax is None:
-        fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n_k, 1.0 + 0.45 * n_c))
+        # A bare Figure (no pyplot) draws with Agg and leaves the user's backend alone.
+        fig = Figure(figsize=(1.5 + 0.6 * n_k, 1.0 + 0.45 * n_c))
+        ax = fig.subplots()
     else:
         fig = ax.figure
     image = ax.imshow(np.where(significant, means, np.nan), cmap="viridis", vmin=0, vmax=1)
     for ci in range(n_c):
         for ki in range(n_k):
             if not significant[ci, ki]:
-                ax.add_patch(matplotlib.patches.Rectangle(
+                ax.add_patch(Rectangle(
                     (ki - 0.5, ci - 0.5), 1, 1, facecolor="0.85", edgecolor="0.6",
                     hatch="//", linewidth=0))
             ax.text(ki, ci, f"{means[ci, ki]:.2f}", ha="center", va="center", fontsize=7,
