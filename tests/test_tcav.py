@@ -328,3 +328,16 @@ def test_run_validates_at_the_front_door(toy, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         tcav.run(toy["model"], toy["variables"], **args)
+
+
+def test_activations_match_probe_collect_flattening():
+    from jaxcnmf import probe
+
+    model = models.small_cnn(4, width=0.25)
+    images = np.random.default_rng(9).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    variables = model.init(jax.random.key(2), images[:1].astype(np.float32), train=False)
+    ours = tcav.layer_activations(model, variables, images, ["conv2", "pool"], batch_size=4)
+    theirs = probe.collect(model, variables, images, ["conv2", "pool"], pixels=False,
+                           pooling="flatten", batch_size=4, progress=False)
+    for layer in ("conv2", "pool"):
+        np.testing.assert_allclose(ours[layer], theirs[layer].T, rtol=1e-5, atol=1e-6)
