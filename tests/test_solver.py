@@ -100,7 +100,8 @@ def test_unit_columns_keep_the_fit_and_normalise_stacked_loadings():
     a = solver.step(solver.init_state(views, F0, loadings0, plain), views, plain)
     b = solver.step(solver.init_state(views, F0, loadings0, unit), views, unit)
     for Wa, Wb in zip(a.loadings, b.loadings):
-        np.testing.assert_allclose(np.asarray(Wb @ b.F), np.asarray(Wa @ a.F), rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(Wb) @ np.asarray(b.F),
+                                   np.asarray(Wa) @ np.asarray(a.F), rtol=1e-4)
     stacked = np.concatenate([np.asarray(W) for W in b.loadings])
     np.testing.assert_allclose(np.linalg.norm(stacked, axis=0), 1.0, rtol=1e-5)
     np.testing.assert_allclose(float(b.objective), float(a.objective), rtol=1e-5)
