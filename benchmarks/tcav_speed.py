@@ -140,7 +140,8 @@ def main():
     )
     slow_measured = time.perf_counter() - t0
     scale = args.runs / args.baseline_runs
-    slow_time = slow_stages["activations"] + scale * (slow_stages["cavs"] + slow_stages["gradients"])
+    per_run = slow_stages["cavs"] + slow_stages["gradients"]
+    slow_time = slow_stages["activations"] + scale * per_run
 
     # The straightforward path's CAVs scored from gradients computed once: same numbers.
     inputs = np.concatenate(classes)

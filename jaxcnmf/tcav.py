@@ -222,7 +222,8 @@ def _bucket(n: int) -> int:
 
 def _cavs_from_indices(acts, pos_idx, neg_idx, *, method, l2, steps, tol, holdout, seed):
     runs = pos_idx.shape[0]
-    acts = np.pad(np.asarray(acts, np.float32), [(0, _bucket(acts.shape[0]) - acts.shape[0]), (0, 0)])
+    acts = np.asarray(acts, np.float32)
+    acts = np.pad(acts, [(0, _bucket(acts.shape[0]) - acts.shape[0]), (0, 0)])
     masks = _split_masks(pos_idx.shape[1], neg_idx.shape[1], runs, holdout, seed)
     chunk = _chunk(pos_idx.shape[1] + neg_idx.shape[1], acts.shape[1], runs)
     # Pad the runs to a multiple of the chunk so lax.map compiles one vmapped body only.
@@ -817,6 +818,12 @@ def run(
     against its R random scores (two-sided Welch t-test) and the p-values corrected over
     the whole grid; a cell is significant when its corrected p-value is <= ``alpha``.
 
+    A concept set is fixed while the random-vs-random anchors are fresh in every run, so a
+    set of random images whose mean happens to lie slightly along a class's gradient is
+    a real, small effect that many runs can declare significant (a property of Kim et
+    al.'s test, not of this implementation): read significance together with the mean
+    score's distance from the random mean (``table()`` reports both).
+
     Args:
         model: flax linen module; ``model.apply(variables, x, train=False)`` -> logits.
         variables: its variables.
@@ -900,7 +907,9 @@ def run(
     }
     if pool is None:
         same_dtype = len({images.dtype for images in class_images}) == 1
-        pool = np.concatenate(class_images if same_dtype else [_to_float(im) for im in class_images])
+        pool = np.concatenate(
+            class_images if same_dtype else [_to_float(im) for im in class_images]
+        )
     else:
         pool = _check_images("pool", pool, image_shape)
     for name, images in concept_images.items():
