@@ -341,3 +341,15 @@ def test_activations_match_probe_collect_flattening():
                            pooling="flatten", batch_size=4, progress=False)
     for layer in ("conv2", "pool"):
         np.testing.assert_allclose(ours[layer], theirs[layer].T, rtol=1e-5, atol=1e-6)
+
+
+def test_several_layers_in_one_call_match_single_layer_calls(toy):
+    args = dict(concepts=toy["concepts"], classes=toy["classes"], random_runs=3,
+                pool=toy["pool"], cav_method="mean_diff", progress=False, seed=3)
+    both = tcav.run(toy["model"], toy["variables"], ["feat", "fc"], **args)
+    single = tcav.run(toy["model"], toy["variables"], "feat", **args)
+    assert both.layers == ("feat", "fc")
+    assert both.scores.shape == (2, 3, 3, 3) and both.p_values.shape == (2, 3, 3)
+    np.testing.assert_array_equal(both.scores[0], single.scores[0])
+    np.testing.assert_array_equal(both.random_scores[0], single.random_scores[0])
+    assert len(both.table()) == 2 * 3 * 3
