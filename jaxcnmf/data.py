@@ -53,6 +53,7 @@ __all__ = [
     "balanced_subset",
     "channel_names",
     "load",
+    "select_classes",
     "to_float",
 ]
 
@@ -317,6 +318,59 @@ def balanced_subset(ds: Dataset, per_class: int, seed: int = 0) -> Dataset:
         members = np.flatnonzero(ds.labels == label)
         chosen.append(np.sort(rng.choice(members, size=per_class, replace=False)))
     return ds.subset(np.concatenate(chosen))
+
+
+def select_classes(ds: Dataset, classes: Sequence[str | int]) -> Dataset:
+    """Keep only the images of ``classes``, relabelled 0..k-1 in the order given.
+
+    Useful for out-of-distribution splits: train on some classes, probe with all of them.
+    Image order is kept; coarse labels and superclass names are kept unchanged.
+
+    Args:
+        ds: the dataset.
+        classes: k >= 1 distinct class names or label ids of ``ds``; the i-th becomes
+            label i and keeps its name.
+
+    Returns:
+        A :class:`Dataset` with ``class_names`` of length k and labels in [0, k).
+
+    Example:
+        >>> ds = Dataset(np.zeros((3, 8, 8, 1), np.uint8), np.array([0, 1, 2]), ("a", "b", "c"))
+        >>> sub = select_classes(ds, ["c", 0])
+        >>> sub.class_names, sub.labels.tolist()
+        (('c', 'a'), [1, 0])
+    """
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence) or not classes:
+        raise ValueError(
+            f"classes: expected a non-empty list of class names or ids, got {classes!r}"
+        )
+    ids = []
+    for item in classes:
+        if isinstance(item, str):
+            if item not in ds.class_names:
+                raise ValueError(
+                    f"classes: expected names in {ds.class_names} of {ds.name or 'dataset'}, "
+                    f"got {item!r}"
+                )
+            ids.append(ds.class_names.index(item))
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            if not 0 <= item < ds.num_classes:
+                raise ValueError(
+                    f"classes: expected ids in [0, {ds.num_classes}), got {item!r}"
+                )
+            ids.append(int(item))
+        else:
+            raise ValueError(f"classes: expected a class name or int id, got {item!r}")
+    if len(set(ids)) != len(ids):
+        dups = sorted({ds.class_names[i] for i in ids if ids.count(i) > 1})
+        raise ValueError(f"classes: expected distinct classes, got {dups} more than once")
+    remap = np.full(ds.num_classes, -1, np.int64)
+    remap[ids] = np.arange(len(ids))
+    keep = remap[ds.labels] >= 0
+    sub = ds.subset(keep)
+    return dataclasses.replace(
+        sub, labels=remap[sub.labels], class_names=tuple(ds.class_names[i] for i in ids)
+    )
 
 
 def load(

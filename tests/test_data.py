@@ -634,3 +634,36 @@ def test_real_cifar10_jpegs_as_image_folder(tmp_path):
     assert images.shape[1:] == (32, 32, 3)
     assert bytes(np.asarray(Image.open(io.BytesIO(one.read_bytes())).convert("RGB"))) in {bytes(i) for i in images}
     assert set(ds.class_names) <= set(CIFAR10_NAMES)
+
+
+def test_select_classes_remaps_in_given_order():
+    ds = Dataset(
+        np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1).repeat(2, 1).repeat(2, 2),
+        np.array([0, 1, 2, 1, 0, 2]), ("a", "b", "c"),
+        coarse_labels=np.array([0, 1, 1, 1, 0, 1]), superclass_names=("x", "y"),
+        name="tiny",
+    )
+    sub = data.select_classes(ds, ["c", 0])
+    assert sub.class_names == ("c", "a")
+    assert sub.labels.tolist() == [1, 0, 1, 0]
+    assert sub.images[:, 0, 0, 0].tolist() == [0, 2, 4, 5]
+    assert sub.coarse_labels.tolist() == [0, 1, 0, 1]
+    assert sub.superclass_names == ("x", "y")
+    assert data.select_classes(ds, [np.int64(1)]).labels.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "classes, match",
+    [
+        (["a", "dog"], "expected names in .* got 'dog'"),
+        ([3], r"expected ids in \[0, 3\), got 3"),
+        (["a", 0], r"expected distinct classes, got \['a'\]"),
+        ([], "non-empty list"),
+        ("a", "non-empty list"),
+        ([1.5], "class name or int id, got 1.5"),
+    ],
+)
+def test_select_classes_errors(classes, match):
+    ds = Dataset(np.zeros((3, 2, 2, 1), np.uint8), np.array([0, 1, 2]), ("a", "b", "c"))
+    with pytest.raises(ValueError, match=match):
+        data.select_classes(ds, classes)
