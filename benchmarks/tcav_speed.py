@@ -22,7 +22,10 @@ so. Writes ``benchmarks/results/tcav_speed.json`` next to a printed table.
 
 Usage:
     python benchmarks/tcav_speed.py                    # width 1, conv2, 100 runs
-    python benchmarks/tcav_speed.py --quick            # width 0.25, 20 runs, 50 per set
+    python benchmarks/tcav_speed.py --quick            # smoke test: width 0.25, 20 runs,
+                                                       # 50 per set (gradients are so
+                                                       # cheap there that CAV fitting
+                                                       # dominates: ~3x, not the target)
     python benchmarks/tcav_speed.py --checkpoint DIR   # a trained small CNN
 """
 

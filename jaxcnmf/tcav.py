@@ -423,6 +423,10 @@ def welch_pvalues(concept_scores: np.ndarray, random_scores: np.ndarray) -> np.n
 
     Returns:
         (...) float64 p-values.
+
+    Example:
+        >>> welch_pvalues(np.array([0.9, 1.0, 0.95]), np.array([0.4, 0.6, 0.5])) < 0.01
+        True
     """
     from scipy import stats
 
@@ -583,6 +587,11 @@ def layer_activations(
 
     Returns:
         dict layer -> (N, D) float32, row order ``c*H*W + h*W + w``.
+
+    Example:
+        >>> acts = layer_activations(model, variables, images, ["conv3", "pool"])
+        >>> acts["conv3"].shape              # small CNN, width 1: (N, 128 * 4 * 4)
+        (100, 2048)
     """
     layers = tuple(layers)
     fn = functools.partial(_compiled(_activations, model, layers), variables)
@@ -607,8 +616,9 @@ def layer_gradients(
         dict layer -> (N, D) float32, flattened like ``layer_activations``.
 
     Example:
-        >>> g = layer_gradients(model, variables, images, np.zeros(len(images), int), ["conv3"])
-        >>> g["conv3"].shape        # (N, C*H*W)
+        >>> g = layer_gradients(model, variables, images, labels, ["conv3"])
+        >>> g["conv3"].shape              # small CNN, width 1: (N, 128 * 4 * 4)
+        (100, 2048)
     """
     layers = tuple(layers)
     fn = functools.partial(_compiled(_gradients, model, layers), variables)
@@ -1020,6 +1030,9 @@ def figure(result: TcavResult, layer: str | None = None, path=None, ax=None):
 
     Returns:
         the matplotlib Figure.
+
+    Example:
+        >>> figure(result, layer="conv3", path="tcav_conv3.png")
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
