@@ -1,8 +1,9 @@
-"""The ``jaxcnmf`` command: ``demo``, ``train``, ``analyze`` and ``report``.
+"""The ``jaxcnmf`` command: ``demo``, ``train``, ``analyze``, ``tcav`` and ``report``.
 
 Each subcommand is a thin layer over :mod:`jaxcnmf.pipeline`. Mistakes a user can make on
 the command line (an unknown layer, a rank larger than the probe set, a missing checkpoint
-or data folder, a run directory that already exists, an unknown dataset) end with one line
+or data folder, a run directory that already exists or is incomplete, an unknown dataset)
+end with one line
 on stderr, ``jaxcnmf: error: ...``, and exit status 2; library errors are caught here and
 nowhere else.
 
@@ -26,6 +27,7 @@ examples:
   jaxcnmf train --model small --dataset cifar10 --source DIR --out runs/c10
   jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
                   --layers conv2,conv3,pool --per-class 300 --rank 20 --out runs/c10/concepts
+  jaxcnmf tcav runs/c10/concepts     # validate the concepts with TCAV, add them to the report
   jaxcnmf report runs/c10/concepts   # re-draw report.html from a saved run
 
 Run 'jaxcnmf COMMAND --help' for the options of one command.
@@ -41,10 +43,14 @@ If --out already holds files, the demo writes to a new directory OUT-YYYYmmdd-HH
 beside it instead, so that repeating the demo never destroys an earlier run; pass --force
 to overwrite OUT itself.
 
+--tcav adds the TCAV step (see 'jaxcnmf tcav --help') with 30 images per concept (10 with
+--quick).
+
 examples:
   jaxcnmf demo
   jaxcnmf demo --quick --out /tmp/demo
   jaxcnmf demo --method hals --force
+  jaxcnmf demo --tcav --tcav-runs 20
 """
 
 _EPILOG_TRAIN = """\
@@ -66,7 +72,8 @@ The run directory OUT receives report.html (one self-contained file), figures/*.
 tables/*.csv and *.json, factorization.npz (reload with jaxcnmf.load_result), probe.npz
 (the probe images, labels and the network's predictions) and run.json (settings, accuracy,
 relative errors and wall time per stage). A file OUT/COMPLETE appears only when every stage
-has finished.
+has finished. With --tcav, a last stage runs 'jaxcnmf tcav' on the new run (default layer,
+every class) before the report is drawn.
 
 examples:
   jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
@@ -76,6 +83,30 @@ examples:
   jaxcnmf analyze --checkpoint runs/r18/ckpt --dataset cifar100 --source DIR \\
                   --layers conv4_x,conv5_x,avgpool --per-class 30 --rank 20 --max-iter 50 \\
                   --group-sparse 0.1 --groups superclass --out runs/r18/concepts
+  jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \
+                  --layers conv2,conv3 --rank 20 --tcav --tcav-runs 50 --out runs/c10/tcav
+"""
+
+_EPILOG_TCAV = """\
+Validates a saved run's concepts with TCAV (Kim et al. 2018). Concept i is the --top probe
+images with the largest weight in row i of F; for each of --random-runs random sets of probe
+images (outside the concept) a linear classifier separates the concept's activations at the
+layer from the random set's, and its unit normal is a concept activation vector (CAV). A
+class's TCAV score is the fraction of its probe images whose class logit rises along the
+CAV. Scores are tested against random-vs-random CAVs (two-sided Welch t-test), corrected over
+the whole (layer, concept, class) grid.
+
+The network comes from RUN_DIR/ckpt or the checkpoint named in RUN_DIR/run.json. The layer
+defaults to the last probed layer with a spatial output (conv3 for the demo), the last
+probed layer if none has one; any probe-able layer of the network may be named. --top may be
+at most a third of the probe set. Writes RUN_DIR/tcav.json, RUN_DIR/tcav.npz,
+tables/tcav.csv and figures/tcav_<layer>.png, and re-draws report.html with a TCAV section:
+the concept x class heatmap, non-significant cells hatched, and the significant cells.
+
+examples:
+  jaxcnmf tcav runs/demo
+  jaxcnmf tcav runs/c10/concepts --layer conv2,conv3 --top 50 --random-runs 100
+  jaxcnmf tcav runs/c10/concepts --classes cat,dog --cav mean_diff --correction bonferroni
 """
 
 _EPILOG_REPORT = """\
@@ -121,6 +152,8 @@ def _checked(convert, accept, expected):
 
 
 _positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+_at_least_two = _checked(int, lambda value: value >= 2, "an integer >= 2")
+_level = _checked(float, lambda value: 0 < value < 1, "a level in (0, 1)")
 _non_negative_float = _checked(float, lambda value: value >= 0, "a number >= 0")
 _positive_int_list = _checked(
     lambda text: tuple(int(item) for item in text.split(",")),
@@ -137,6 +170,21 @@ def _add_common(parser):
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bars or stage lines on stderr"
     )
+
+
+def _add_tcav_step(parser):
+    parser.add_argument(
+        "--tcav", action="store_true",
+        help="test the concepts with TCAV at the end (see 'jaxcnmf tcav --help')",
+    )
+    parser.add_argument(
+        "--tcav-runs", metavar="N", type=_at_least_two, default=None,
+        help="random runs per concept for --tcav (default: 50)",
+    )
+
+
+def _classes(text):
+    return None if text.strip() == "all" else _comma_list(text)
 
 
 def _add_data(parser):
@@ -157,7 +205,7 @@ def build_parser():
     """The argument parser of the ``jaxcnmf`` command.
 
     Returns:
-        argparse.ArgumentParser: with subcommands demo, train, analyze and report.
+        argparse.ArgumentParser: with subcommands demo, train, analyze, tcav and report.
     """
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
@@ -190,6 +238,7 @@ def build_parser():
     demo.add_argument(
         "--method", choices=("mu", "hals"), default="mu", help="solver (default: mu)"
     )
+    _add_tcav_step(demo)
     _add_common(demo)
 
     train = commands.add_parser(
@@ -315,7 +364,53 @@ def build_parser():
         "--batch-size", metavar="N", type=_positive_int, default=256,
         help="images per forward pass when probing (default: 256)",
     )
+    _add_tcav_step(analyze)
+    analyze.add_argument(
+        "--tcav-top", metavar="N", type=_positive_int, default=None,
+        help="images per concept for --tcav (default: 50)",
+    )
     _add_common(analyze)
+
+    tcav = commands.add_parser(
+        "tcav",
+        help="validate a saved run's concepts with TCAV and add them to its report",
+        description="Test each concept of a saved run with TCAV against every class and "
+        "add the concept x class heatmap to report.html.",
+        epilog=_EPILOG_TCAV,
+        formatter_class=formatter,
+    )
+    tcav.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by analyze/demo")
+    tcav.add_argument(
+        "--layer", metavar="LIST", type=_comma_list, default=None,
+        help="layer(s) to test, comma-separated (default: the last spatial probed layer)",
+    )
+    tcav.add_argument(
+        "--top", metavar="N", type=_positive_int, default=50,
+        help="images per concept: the top of each row of F (default: 50)",
+    )
+    tcav.add_argument(
+        "--random-runs", metavar="N", type=_at_least_two, default=50,
+        help="random sets per concept, at least 2 (default: 50)",
+    )
+    tcav.add_argument(
+        "--classes", metavar="LIST", type=_classes, default=None,
+        help="'all' or comma-separated class names to score (default: all)",
+    )
+    tcav.add_argument(
+        "--correction", choices=("bh", "bonferroni"), default="bh",
+        help="multiple-testing correction over the grid (default: bh, Benjamini-Hochberg)",
+    )
+    tcav.add_argument(
+        "--alpha", type=_level, default=0.05,
+        help="significance level after correction (default: 0.05)",
+    )
+    tcav.add_argument(
+        "--cav", choices=("logistic", "mean_diff"), default="logistic",
+        help="how a CAV is found: L2-regularised logistic regression or the difference of "
+        "means (faster) (default: logistic)",
+    )
+    tcav.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    tcav.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     report = commands.add_parser(
         "report",
@@ -338,7 +433,24 @@ def _demo(args):
         out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _note(f"{requested} already holds a run; writing to {out} (--force overwrites it)")
     config = pipeline.demo_config(quick=args.quick, method=args.method, seed=args.seed)
-    return pipeline.run(config, out, force=args.force, progress=not args.quiet)
+    tcav = _tcav_step(args, top=10 if args.quick else 30)
+    return pipeline.run(config, out, force=args.force, progress=not args.quiet, tcav=tcav)
+
+
+def _tcav_step(args, top):
+    """The TCAV settings of ``--tcav``, or None without it."""
+    from jaxcnmf import pipeline
+
+    given = [flag for flag, value in (("--tcav-runs", args.tcav_runs),
+                                      ("--tcav-top", getattr(args, "tcav_top", None)))
+             if value is not None]
+    if not args.tcav:
+        if given:
+            raise UsageError(f"{given[0]} needs --tcav")
+        return None
+    defaults = pipeline.TcavConfig()
+    return pipeline.TcavConfig(
+        top=top, random_runs=args.tcav_runs or defaults.random_runs, seed=args.seed)
 
 
 def _train(args):
@@ -385,7 +497,19 @@ def _analyze(args):
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    return pipeline.run(config, args.out, force=args.force, progress=not args.quiet)
+    tcav = _tcav_step(args, top=args.tcav_top or pipeline.TcavConfig().top)
+    return pipeline.run(config, args.out, force=args.force, progress=not args.quiet,
+                        tcav=tcav)
+
+
+def _tcav(args):
+    from jaxcnmf import pipeline
+
+    config = pipeline.TcavConfig(
+        layers=args.layer, top=args.top, random_runs=args.random_runs, classes=args.classes,
+        correction=args.correction, alpha=args.alpha, cav_method=args.cav, seed=args.seed,
+    )
+    return pipeline.run_tcav(args.run_dir, config, progress=not args.quiet)
 
 
 def _report(args):
@@ -394,7 +518,8 @@ def _report(args):
     return report.write_report(args.run_dir, progress=not args.quiet)
 
 
-_COMMANDS = {"demo": _demo, "train": _train, "analyze": _analyze, "report": _report}
+_COMMANDS = {"demo": _demo, "train": _train, "analyze": _analyze, "tcav": _tcav,
+             "report": _report}
 
 
 def _note(message):

@@ -20,6 +20,9 @@ Run directory layout::
     factorization.npz   the FitResult (jaxcnmf.load_result)
     probe.npz           probe images (N, H, W, C) uint8, labels, coarse labels, predictions
     analysis.json       k-means baseline and fidelity (they need activations / the network)
+    tcav.json           TCAV settings, timings and one row per (layer, concept, class), when
+    tcav.npz            the TCAV step ran (``jaxcnmf tcav`` or ``--tcav``); the npz holds
+                        the per-run scores the report's heatmaps are drawn from
     ckpt/               the network, when this run trained it
     figures/*.png, tables/*.csv|json, report.html, COMPLETE
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -47,6 +51,8 @@ RUN_JSON = "run.json"
 FACTORIZATION = "factorization.npz"
 PROBE = "probe.npz"
 ANALYSIS = "analysis.json"
+TCAV = "tcav.json"
+TCAV_ARRAYS = "tcav.npz"
 CHECKPOINT_DIR = "ckpt"
 COMPLETE = "COMPLETE"
 REPORT = "report.html"
@@ -110,6 +116,43 @@ class RunConfig:
     batch_size: int = 256
     top_images: int = 8
     neighbours: int = 10
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (tuples become lists)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TcavConfig:
+    """Settings of the TCAV step (``jaxcnmf tcav``, ``analyze --tcav``), see :mod:`jaxcnmf.tcav`.
+
+    Concept i is the ``top`` probe images with the largest weight in row i of F; the
+    classes are the probe set's own images of each class; random sets are drawn from the
+    probe set minus the concept's images, so ``top`` may be at most a third of it.
+
+    Attributes:
+        layers: layers to test; None takes the last probed layer with a spatial output
+            (the last probed layer when none has one), the layer of the paper's Fig. 6.
+        top: images per concept.
+        random_runs: R >= 2 random runs per concept.
+        classes: class names to score; None scores every class of the probe set.
+        correction: "bh" or "bonferroni", over the whole (layer, concept, class) grid.
+        alpha: significance level after correction.
+        cav_method: "logistic" or "mean_diff".
+        seed: seeds the random sets and the held-out splits.
+    """
+
+    layers: tuple[str, ...] | None = None
+    top: int = 50
+    random_runs: int = 50
+    classes: tuple[str, ...] | None = None
+    correction: str = "bh"
+    alpha: float = 0.05
+    cav_method: str = "logistic"
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -271,6 +314,63 @@ def _check_config(config: RunConfig) -> None:
         raise FileNotFoundError(f"checkpoint: {config.checkpoint} does not exist")
 
 
+def _check_tcav_config(tcav_config: TcavConfig) -> None:
+    """TCAV checks that need no data."""
+    from jaxcnmf import tcav
+
+    if tcav_config.random_runs < 2:
+        raise ValueError(f"random_runs: expected an integer >= 2, got {tcav_config.random_runs}")
+    if tcav_config.top < 1:
+        raise ValueError(f"top: expected a positive integer, got {tcav_config.top}")
+    if tcav_config.correction not in tcav.CORRECTIONS:
+        raise ValueError(f"correction: expected one of {', '.join(tcav.CORRECTIONS)}, "
+                         f"got {tcav_config.correction!r}")
+    if tcav_config.cav_method not in tcav.CAV_METHODS:
+        raise ValueError(f"cav: expected one of {', '.join(tcav.CAV_METHODS)}, "
+                         f"got {tcav_config.cav_method!r}")
+    if not 0 < tcav_config.alpha < 1:
+        raise ValueError(f"alpha: expected a level in (0, 1), got {tcav_config.alpha}")
+
+
+def _check_tcav_probe(tcav_config: TcavConfig, n_images: int, class_names) -> None:
+    """TCAV checks against the probe set: concept size, class names."""
+    limit = n_images // 3
+    if tcav_config.top > limit:
+        raise ValueError(
+            f"top: expected 1 <= top <= {limit} (a third of the {n_images} probe images: "
+            f"each random run draws two sets of top images from outside the concept), "
+            f"got {tcav_config.top}"
+        )
+    if tcav_config.classes is not None:
+        unknown = [name for name in tcav_config.classes if name not in class_names]
+        if unknown:
+            raise ValueError(f"classes: unknown class {unknown[0]!r}; expected 'all' or some "
+                             f"of {', '.join(class_names)}")
+        if len(set(tcav_config.classes)) != len(tcav_config.classes):
+            raise ValueError(f"classes: expected distinct names, got "
+                             f"{', '.join(tcav_config.classes)}")
+
+
+def _tcav_layers(model, tcav_config: TcavConfig, probed, image_shape) -> tuple[str, ...]:
+    """The layers to test: the requested ones (any probe-able layer) or the default."""
+    from jaxcnmf import models, probe
+
+    if tcav_config.layers is None:
+        shapes = probe.available_layers(model, input_shape=tuple(image_shape))
+        spatial = [layer for layer in probed if len(shapes[layer]) == 3]
+        return ((spatial or list(probed))[-1],)
+    available = models.probe_layers(model)
+    unknown = [layer for layer in tcav_config.layers if layer not in available]
+    if unknown:
+        raise ValueError(
+            f"layer: unknown layer {unknown[0]!r} for model {type(model).__name__}; "
+            f"expected some of {', '.join(available)}"
+        )
+    if len(set(tcav_config.layers)) != len(tcav_config.layers):
+        raise ValueError(f"layer: expected distinct names, got {', '.join(tcav_config.layers)}")
+    return tuple(tcav_config.layers)
+
+
 def _check_probe_set(config: RunConfig, probe_set) -> None:
     """Checks against the probe set: ranks, groups."""
     n_images = len(probe_set.labels)
@@ -402,13 +502,13 @@ def _start_run_dir(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # A forced re-run must leave nothing of the previous run that could pass for its own:
     # no finished report, and no saved results that `jaxcnmf report` would draw from.
-    for stale in (COMPLETE, REPORT, FACTORIZATION, PROBE, ANALYSIS):
+    for stale in (COMPLETE, REPORT, FACTORIZATION, PROBE, ANALYSIS, TCAV, TCAV_ARRAYS):
         (out / stale).unlink(missing_ok=True)
     write_json_atomic(out / RUN_JSON, record)
 
 
 def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
-        progress: bool = True) -> Path:
+        progress: bool = True, tcav: TcavConfig | None = None) -> Path:
     """Run every stage and write the run directory ``out``.
 
     Args:
@@ -416,6 +516,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         out: the run directory; created, or reused when it holds no files.
         force: overwrite a run directory that already holds files.
         progress: progress bars and one log line per stage on stderr.
+        tcav: when given, a last stage tests the concepts with TCAV (as
+            :func:`run_tcav` does) before the report is drawn.
 
     Returns:
         Path of ``report.html``.
@@ -434,6 +536,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
     from jaxcnmf import data, probe, report, train
 
     _check_config(config)
+    if tcav is not None:
+        _check_tcav_config(tcav)
     out = check_out_dir(out, force)
     stages = _Stages(progress)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -449,6 +553,9 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
             probe_set = data.balanced_subset(probe_set, config.per_class, seed=config.seed)
     _check_probe_set(config, probe_set)
     model = _fit_classes(config, model, variables is not None, splits.num_classes)
+    if tcav is not None:
+        _check_tcav_probe(tcav, len(probe_set.labels), splits.class_names)
+        tcav_layers = _tcav_layers(model, tcav, layers, probe_set.images.shape[1:])
 
     record = {
         "status": "running",
@@ -511,6 +618,11 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
                 _network_analyses(config, model, variables, views, result, probe_set, layers,
                                   progress),
             )
+        if tcav is not None:
+            with stages("tcav", f"{config.rank} concepts at {', '.join(tcav_layers)}, "
+                                f"{tcav.random_runs} random runs"):
+                _tcav_step(tcav, tcav_layers, model, variables, result, probe_set.images,
+                           probe_set.labels, splits.class_names, out, progress)
         write_json_atomic(out / RUN_JSON, record)
 
         with stages("report", "figures, tables and report.html"):
@@ -568,6 +680,147 @@ def _network_analyses(config, model, variables, views, result, probe_set, layers
     }
 
 
+_TCAV_FIELDS = ("scores", "random_scores", "magnitudes", "random_magnitudes", "cav_accuracies",
+                "random_cav_accuracies", "p_values", "adjusted", "significant")
+
+
+def _tcav_step(tcav_config: TcavConfig, layers, model, variables, result, images, labels,
+               class_names, out: Path, progress: bool):
+    """Concepts from F's top images, classes from the probe set; TCAV; save the result."""
+    from jaxcnmf import tcav
+
+    class_names = tuple(class_names)
+    classes = {name: images[labels == class_names.index(name)]
+               for name in tcav_config.classes or class_names}
+    empty = [name for name, members in classes.items() if not len(members)]
+    if tcav_config.classes is not None and empty:
+        raise ValueError(f"classes: class {empty[0]!r} has no probe images")
+    classes = {name: members for name, members in classes.items() if len(members)}
+    concepts = tcav.concepts_from_factors(result, images, top=tcav_config.top)
+    scores = tcav.run(
+        model, variables, list(layers), concepts, classes, class_names=class_names,
+        random_runs=tcav_config.random_runs, pool=images, seed=tcav_config.seed,
+        cav_method=tcav_config.cav_method, correction=tcav_config.correction,
+        alpha=tcav_config.alpha, progress=progress,
+    )
+    scores = dataclasses.replace(scores, config={**scores.config, "top": tcav_config.top})
+    save_tcav(out, scores)
+    return scores
+
+
+def save_tcav(run_dir: str | os.PathLike, result) -> None:
+    """Save a :class:`jaxcnmf.tcav.TcavResult` as ``tcav.npz`` (arrays) and ``tcav.json``.
+
+    ``tcav.json`` (names, settings, timings and ``table()``'s rows) is written last, so its
+    presence says both files are whole.
+    """
+    run_dir = Path(run_dir)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{name: getattr(result, name) for name in _TCAV_FIELDS})
+    write_bytes_atomic(run_dir / TCAV_ARRAYS, buffer.getvalue())
+    write_json_atomic(run_dir / TCAV, {
+        "layers": list(result.layers), "concepts": list(result.concepts),
+        "classes": list(result.classes), "correction": result.correction,
+        "alpha": result.alpha, "config": result.config, "timings": result.timings,
+        "cells": result.table(),
+    })
+
+
+def load_tcav(run_dir: str | os.PathLike):
+    """The :class:`jaxcnmf.tcav.TcavResult` saved in ``run_dir``, or None when there is none.
+
+    Example:
+        >>> load_tcav("runs/demo").heatmap_matrix()[0].shape  # doctest: +SKIP
+        (10, 10)
+    """
+    from jaxcnmf import tcav
+
+    run_dir = Path(run_dir)
+    if not (run_dir / TCAV).is_file():
+        return None
+    summary = json.loads((run_dir / TCAV).read_text())
+    with np.load(run_dir / TCAV_ARRAYS) as arrays:
+        fields = {name: arrays[name] for name in _TCAV_FIELDS}
+    return tcav.TcavResult(
+        layers=tuple(summary["layers"]), concepts=tuple(summary["concepts"]),
+        classes=tuple(summary["classes"]), correction=summary["correction"],
+        alpha=summary["alpha"], timings=summary["timings"], config=summary["config"], **fields,
+    )
+
+
+def _run_checkpoint(saved) -> Path:
+    """The saved run's network: its own ``ckpt/``, else the checkpoint run.json names."""
+    own = saved.path / CHECKPOINT_DIR
+    if own.is_dir():
+        return own
+    recorded = saved.record.get("model", {}).get("checkpoint")
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
+    raise FileNotFoundError(
+        f"checkpoint: TCAV needs the run's network; found neither {own} nor {recorded} "
+        "(the checkpoint named in run.json)"
+    )
+
+
+def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(), *,
+             progress: bool = True) -> Path:
+    """Test a saved run's concepts with TCAV and re-draw its report (``jaxcnmf tcav``).
+
+    Reads the run's factorization, probe set and network (its ``ckpt/`` or the checkpoint
+    named in ``run.json``), scores every concept (the ``top`` images of a row of F) for
+    every chosen class, writes ``tcav.json``, ``tcav.npz`` and the wall time to
+    ``run.json``, and re-draws ``report.html``, whose TCAV section shows the heatmaps and
+    the table of significant cells (also ``tables/tcav.csv``, ``figures/tcav_<layer>.png``).
+
+    Args:
+        run_dir: a directory written by :func:`run`.
+        tcav_config: the TCAV settings (see :class:`TcavConfig`).
+        progress: one log line per stage on stderr.
+
+    Returns:
+        Path of ``report.html``.
+
+    Raises:
+        FileNotFoundError: not a run directory, a run that stopped before its results
+            were saved, or a network that is no longer where the run found it.
+        ValueError: an unknown layer or class, ``top`` above a third of the probe set,
+            fewer than two random runs, or any other setting the library rejects; all
+            raised before any TCAV work.
+
+    Example:
+        >>> run_tcav("runs/demo", TcavConfig(top=30, random_runs=20))  # doctest: +SKIP
+        PosixPath('runs/demo/report.html')
+    """
+    from jaxcnmf import report, train
+
+    _check_tcav_config(tcav_config)
+    saved = load_run(run_dir)
+    class_names = tuple(saved.record["dataset"]["class_names"])
+    _check_tcav_probe(tcav_config, len(saved.labels), class_names)
+    stages = _Stages(progress)
+    with stages("model", "loading the run's network"):
+        checkpoint = train.load_checkpoint(_run_checkpoint(saved))
+        if checkpoint.model.num_classes != len(class_names):
+            raise ValueError(
+                f"checkpoint: the network at {checkpoint.path} has "
+                f"{checkpoint.model.num_classes} classes but the run has {len(class_names)}"
+            )
+        layers = _tcav_layers(checkpoint.model, tcav_config, saved.record["layers"],
+                              saved.images.shape[1:])
+    rank = saved.result.F.shape[0]
+    with stages("tcav", f"{rank} concepts at {', '.join(layers)}, "
+                        f"{tcav_config.random_runs} random runs"):
+        _tcav_step(tcav_config, layers, checkpoint.model, checkpoint.variables, saved.result,
+                   saved.images, saved.labels, class_names, saved.path, progress)
+    record = saved.record
+    record.setdefault("seconds", {})["tcav"] = stages.seconds["tcav"]
+    write_json_atomic(saved.path / RUN_JSON, record)
+    with stages("report", "re-drawing report.html with the TCAV section"):
+        path = report.write_report(saved.path, progress=progress)
+    stages.log(f"report: {path}")
+    return path
+
+
 def progress_bar(items, progress: bool, desc: str):
     """``items`` wrapped in a tqdm bar when ``progress``, else unchanged."""
     if not progress:
@@ -590,6 +843,7 @@ class SavedRun:
         coarse_labels: int64 (N,) superclass ids, or None.
         predictions: int64 (N,) the network's predicted classes.
         network: ``analysis.json`` (k-means baseline, fidelity rows).
+        tcav: the :class:`jaxcnmf.tcav.TcavResult` of ``tcav.json``/``tcav.npz``, or None.
     """
 
     path: Path
@@ -600,6 +854,7 @@ class SavedRun:
     coarse_labels: np.ndarray | None
     predictions: np.ndarray
     network: dict
+    tcav: Any = None
 
 
 def load_run(run_dir: str | os.PathLike) -> SavedRun:
@@ -617,6 +872,8 @@ def load_run(run_dir: str | os.PathLike) -> SavedRun:
     import jaxcnmf
 
     path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory: {path} does not exist or is not a directory")
     if not (path / RUN_JSON).is_file():
         raise FileNotFoundError(f"run directory: {path} has no {RUN_JSON}; expected a "
                                 "directory written by 'jaxcnmf analyze' or 'jaxcnmf demo'")
@@ -641,4 +898,5 @@ def load_run(run_dir: str | os.PathLike) -> SavedRun:
         coarse_labels=None if np.any(coarse < 0) else coarse.astype(np.int64),
         predictions=probe_arrays["predictions"].astype(np.int64),
         network=json.loads((path / ANALYSIS).read_text()),
+        tcav=load_tcav(path),
     )

@@ -1,7 +1,8 @@
 """``report.html``: one self-contained page of a run's concepts, figures and tables.
 
 :func:`write_report` reads a run directory written by :func:`jaxcnmf.pipeline.run`
-(``run.json``, ``factorization.npz``, ``probe.npz``, ``analysis.json``), recomputes the
+(``run.json``, ``factorization.npz``, ``probe.npz``, ``analysis.json`` and, when the TCAV
+step ran, ``tcav.json``/``tcav.npz``), recomputes the
 analyses that need only the factorization and the probe set, draws the figures with
 :mod:`jaxcnmf.figures`, writes them to ``figures/*.png`` and the tables to
 ``tables/*.csv`` and ``tables/*.json``, and writes ``report.html`` with every image
@@ -10,7 +11,7 @@ page is written to a temporary file and moved into place, so a reader never sees
 it.
 
 Sections (the ``id`` of each ``<section>``): ``settings``, ``summary``, ``concepts``,
-``layers``, ``neighbours``, ``fidelity``, ``objective``.
+``layers``, ``neighbours``, ``fidelity``, ``tcav``, ``objective``.
 
 Example:
     >>> from jaxcnmf.report import write_report
@@ -37,6 +38,7 @@ SECTIONS = (
     ("layers", "Neurons per layer"),
     ("neighbours", "Neighbours and entropy"),
     ("fidelity", "Fidelity"),
+    ("tcav", "TCAV"),
     ("objective", "Objective history"),
 )
 
@@ -491,6 +493,49 @@ def _fidelity_section(page: _Page, run_dir: Path) -> list[str]:
     return blocks
 
 
+TCAV_COLUMNS = ("layer", "concept", "class", "mean_score", "std_score", "random_mean",
+                "magnitude", "cav_accuracy", "p_adjusted")
+
+
+def _tcav_section(page: _Page, run_dir: Path) -> list[str]:
+    from jaxcnmf import tcav
+
+    result = page.saved.tcav
+    if result is None:
+        return [paragraph(
+            "This run has no TCAV results. Add them with 'jaxcnmf tcav RUN_DIR' (options: "
+            "'jaxcnmf tcav --help'), or pass --tcav to analyze or demo; this section then "
+            "shows the concept x class heatmap of TCAV scores.")]
+    config = result.config
+    rows = result.table()
+    write_table(run_dir, "tcav", rows)
+    significant = [row for row in rows if row["significant"]]
+    blocks = [
+        paragraph(
+            f"Each concept is the {config.get('top', '?')} probe images with the largest "
+            "weight in its row of F. At each layer, a linear classifier "
+            f"({config['cav_method']}) separates their activations from those of "
+            f"{config['random_runs']} random sets of probe images; its unit normal is the "
+            "concept activation vector (CAV). A cell's TCAV score is the fraction of the "
+            "class's probe images whose logit for that class rises along the CAV, averaged "
+            "over the random runs. The scores are tested against random-vs-random CAVs with "
+            "a two-sided Welch t-test, corrected for the whole grid "
+            f"({'Benjamini-Hochberg' if result.correction == 'bh' else 'Bonferroni'}); a cell "
+            f"is significant when the corrected p-value is at most {result.alpha}."),
+        paragraph(f"{len(significant)} of {len(rows)} cells significant; TCAV took "
+                  f"{result.timings.get('total', 0.0):.1f} s.", note=True),
+    ]
+    for layer in result.layers:
+        blocks.append(figure_block(
+            run_dir, f"tcav_{layer}", tcav.figure(result, layer),
+            f"Mean TCAV score of each concept (row) for each class (column) at {layer}; "
+            "hatched grey cells are not significant."))
+    blocks.append("<h3>Significant cells</h3>")
+    blocks.append(table_html(significant, TCAV_COLUMNS) if significant else paragraph(
+        "No cell is significant after correction.", note=True))
+    return blocks
+
+
 def _objective_section(page: _Page, run_dir: Path) -> list[str]:
     from jaxcnmf import figures
 
@@ -517,6 +562,7 @@ _BUILDERS = {
     "layers": _layers_section,
     "neighbours": _neighbours_section,
     "fidelity": _fidelity_section,
+    "tcav": _tcav_section,
     "objective": _objective_section,
 }
 
