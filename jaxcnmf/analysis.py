@@ -47,6 +47,7 @@ __all__ = [
     "accuracy",
     "accuracy_vs_entropy",
     "class_shares",
+    "cluster_purity",
     "concept_order",
     "concept_table",
     "entropy_bits",
@@ -285,8 +286,25 @@ def nmi(a, b) -> float:
     return float(np.clip(mutual / ((ha + hb) / 2.0), 0.0, 1.0))
 
 
-def _cluster_purity(assignment: np.ndarray, labels: np.ndarray) -> float:
-    """Mean over non-empty clusters of the share of its most common label."""
+def cluster_purity(assignment: np.ndarray, labels: np.ndarray) -> float:
+    """Hard purity of a clustering: mean over clusters of the share of its commonest label.
+
+    Scores NMF concepts (``assignment = strongest_concept(F)``) and k-means clusters on the
+    same footing; :func:`purity` instead weighs each image by its concept weight.
+
+    Args:
+        assignment: (N,) int cluster of every image; ``-1`` (no concept) is ignored.
+        labels: (N,) int labels.
+
+    Returns:
+        Purity in [0, 1]; 0 when no image has a cluster.
+
+    Example:
+        >>> cluster_purity(np.array([0, 0, 1, 1]), np.array([3, 3, 3, 5]))
+        0.75
+    """
+    assignment = np.asarray(assignment)
+    labels = np.asarray(labels)
     shares = []
     for cluster in np.unique(assignment[assignment >= 0]):
         counts = np.bincount(labels[assignment == cluster])
@@ -361,7 +379,7 @@ def kmeans_baseline(activations, labels, k: int, seed: int = 0, n_init: int = 10
     n_init = _positive_int(n_init, "n_init")
     model = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
     assignment = model.fit_predict(X.T).astype(np.int64)
-    return BaselineScores(nmi(assignment, labels), _cluster_purity(assignment, labels), assignment)
+    return BaselineScores(nmi(assignment, labels), cluster_purity(assignment, labels), assignment)
 
 
 @dataclasses.dataclass(frozen=True)

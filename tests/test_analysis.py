@@ -408,3 +408,16 @@ def test_fidelity_wrapper_uses_probe_and_transform(monkeypatch):
 def test_error_messages_name_the_parameter(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_cluster_purity_scores_hard_assignments_and_skips_unassigned_images():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    assert analysis.cluster_purity(np.array([0, 0, 1, 1, 2, 2]), labels) == 1.0
+    # Cluster 0 holds labels (0, 0, 1): 2/3; cluster 1 holds (1, 2): 1/2; -1 is ignored.
+    assert analysis.cluster_purity(np.array([0, 0, 0, 1, 1, -1]), labels) == pytest.approx(
+        (2 / 3 + 1 / 2) / 2)
+    assert analysis.cluster_purity(np.full(6, -1), labels) == 0.0
+    # The same number for a concept assignment from F and for a k-means assignment.
+    F = np.array([[5.0, 4.0, 0.1, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0, 3.0, 1.0]])
+    assert analysis.cluster_purity(analysis.strongest_concept(F), labels) == pytest.approx(
+        (1.0 + 0.5) / 2)
