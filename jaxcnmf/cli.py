@@ -43,8 +43,7 @@ If --out already holds files, the demo writes to a new directory OUT-YYYYmmdd-HH
 beside it instead, so that repeating the demo never destroys an earlier run; pass --force
 to overwrite OUT itself.
 
---tcav adds the TCAV step (see 'jaxcnmf tcav --help') with 30 images per concept (10 with
---quick).
+--tcav adds the TCAV step (see 'jaxcnmf tcav --help': default layer, every class).
 
 examples:
   jaxcnmf demo
@@ -99,7 +98,7 @@ the whole (layer, concept, class) grid.
 The network comes from RUN_DIR/ckpt or the checkpoint named in RUN_DIR/run.json. The layer
 defaults to the last probed layer with a spatial output (conv3 for the demo), the last
 probed layer if none has one; any probe-able layer of the network may be named. --top may be
-at most a third of the probe set. Writes RUN_DIR/tcav.json, RUN_DIR/tcav.npz,
+at most a third of the probe set (the random sets come from the rest). Writes RUN_DIR/tcav.json, RUN_DIR/tcav.npz,
 tables/tcav.csv and figures/tcav_<layer>.png, and re-draws report.html with a TCAV section:
 the concept x class heatmap, non-significant cells hatched, and the significant cells.
 
@@ -367,7 +366,8 @@ def build_parser():
     _add_tcav_step(analyze)
     analyze.add_argument(
         "--tcav-top", metavar="N", type=_positive_int, default=None,
-        help="images per concept for --tcav (default: 50)",
+        help="images per concept for --tcav (default: 50, at most a third of the probe "
+        "set)",
     )
     _add_common(analyze)
 
@@ -385,8 +385,9 @@ def build_parser():
         help="layer(s) to test, comma-separated (default: the last spatial probed layer)",
     )
     tcav.add_argument(
-        "--top", metavar="N", type=_positive_int, default=50,
-        help="images per concept: the top of each row of F (default: 50)",
+        "--top", metavar="N", type=_positive_int, default=None,
+        help="images per concept: the top of each row of F (default: 50, or a third of "
+        "the probe set when that is smaller)",
     )
     tcav.add_argument(
         "--random-runs", metavar="N", type=_at_least_two, default=50,
@@ -433,11 +434,11 @@ def _demo(args):
         out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _note(f"{requested} already holds a run; writing to {out} (--force overwrites it)")
     config = pipeline.demo_config(quick=args.quick, method=args.method, seed=args.seed)
-    tcav = _tcav_step(args, top=10 if args.quick else 30)
+    tcav = _tcav_step(args)
     return pipeline.run(config, out, force=args.force, progress=not args.quiet, tcav=tcav)
 
 
-def _tcav_step(args, top):
+def _tcav_step(args):
     """The TCAV settings of ``--tcav``, or None without it."""
     from jaxcnmf import pipeline
 
@@ -449,8 +450,9 @@ def _tcav_step(args, top):
             raise UsageError(f"{given[0]} needs --tcav")
         return None
     defaults = pipeline.TcavConfig()
-    return pipeline.TcavConfig(
-        top=top, random_runs=args.tcav_runs or defaults.random_runs, seed=args.seed)
+    return pipeline.TcavConfig(top=getattr(args, "tcav_top", None),
+                               random_runs=args.tcav_runs or defaults.random_runs,
+                               seed=args.seed)
 
 
 def _train(args):
@@ -497,7 +499,7 @@ def _analyze(args):
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    tcav = _tcav_step(args, top=args.tcav_top or pipeline.TcavConfig().top)
+    tcav = _tcav_step(args)
     return pipeline.run(config, args.out, force=args.force, progress=not args.quiet,
                         tcav=tcav)
 

@@ -58,6 +58,7 @@ COMPLETE = "COMPLETE"
 REPORT = "report.html"
 
 DEMO_LAYERS = ("conv2", "conv3", "pool")
+DEFAULT_TCAV_TOP = 50
 LOGITS = "fc"
 
 
@@ -134,10 +135,15 @@ class TcavConfig:
     classes are the probe set's own images of each class; random sets are drawn from the
     probe set minus the concept's images, so ``top`` may be at most a third of it.
 
+    Example:
+        >>> TcavConfig(layers=("conv3",), random_runs=20).top is None  # 50 or N // 3
+        True
+
     Attributes:
         layers: layers to test; None takes the last probed layer with a spatial output
             (the last probed layer when none has one), the layer of the paper's Fig. 6.
-        top: images per concept.
+        top: images per concept; None takes 50, or a third of the probe set when that is
+            smaller.
         random_runs: R >= 2 random runs per concept.
         classes: class names to score; None scores every class of the probe set.
         correction: "bh" or "bonferroni", over the whole (layer, concept, class) grid.
@@ -147,7 +153,7 @@ class TcavConfig:
     """
 
     layers: tuple[str, ...] | None = None
-    top: int = 50
+    top: int | None = None
     random_runs: int = 50
     classes: tuple[str, ...] | None = None
     correction: str = "bh"
@@ -320,7 +326,7 @@ def _check_tcav_config(tcav_config: TcavConfig) -> None:
 
     if tcav_config.random_runs < 2:
         raise ValueError(f"random_runs: expected an integer >= 2, got {tcav_config.random_runs}")
-    if tcav_config.top < 1:
+    if tcav_config.top is not None and tcav_config.top < 1:
         raise ValueError(f"top: expected a positive integer, got {tcav_config.top}")
     if tcav_config.correction not in tcav.CORRECTIONS:
         raise ValueError(f"correction: expected one of {', '.join(tcav.CORRECTIONS)}, "
@@ -335,11 +341,11 @@ def _check_tcav_config(tcav_config: TcavConfig) -> None:
 def _check_tcav_probe(tcav_config: TcavConfig, n_images: int, class_names) -> None:
     """TCAV checks against the probe set: concept size, class names."""
     limit = n_images // 3
-    if tcav_config.top > limit:
+    if _tcav_top(tcav_config, n_images) > limit or limit < 1:
         raise ValueError(
             f"top: expected 1 <= top <= {limit} (a third of the {n_images} probe images: "
             f"each random run draws two sets of top images from outside the concept), "
-            f"got {tcav_config.top}"
+            f"got {_tcav_top(tcav_config, n_images)}"
         )
     if tcav_config.classes is not None:
         unknown = [name for name in tcav_config.classes if name not in class_names]
@@ -349,6 +355,10 @@ def _check_tcav_probe(tcav_config: TcavConfig, n_images: int, class_names) -> No
         if len(set(tcav_config.classes)) != len(tcav_config.classes):
             raise ValueError(f"classes: expected distinct names, got "
                              f"{', '.join(tcav_config.classes)}")
+
+
+def _tcav_top(tcav_config: TcavConfig, n_images: int) -> int:
+    return min(DEFAULT_TCAV_TOP, n_images // 3) if tcav_config.top is None else tcav_config.top
 
 
 def _tcav_layers(model, tcav_config: TcavConfig, probed, image_shape) -> tuple[str, ...]:
@@ -696,14 +706,15 @@ def _tcav_step(tcav_config: TcavConfig, layers, model, variables, result, images
     if tcav_config.classes is not None and empty:
         raise ValueError(f"classes: class {empty[0]!r} has no probe images")
     classes = {name: members for name, members in classes.items() if len(members)}
-    concepts = tcav.concepts_from_factors(result, images, top=tcav_config.top)
+    top = _tcav_top(tcav_config, len(images))
+    concepts = tcav.concepts_from_factors(result, images, top=top)
     scores = tcav.run(
         model, variables, list(layers), concepts, classes, class_names=class_names,
         random_runs=tcav_config.random_runs, pool=images, seed=tcav_config.seed,
         cav_method=tcav_config.cav_method, correction=tcav_config.correction,
         alpha=tcav_config.alpha, progress=progress,
     )
-    scores = dataclasses.replace(scores, config={**scores.config, "top": tcav_config.top})
+    scores = dataclasses.replace(scores, config={**scores.config, "top": top})
     save_tcav(out, scores)
     return scores
 

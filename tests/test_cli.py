@@ -46,12 +46,12 @@ def test_help_names_every_command_with_examples(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "train", "analyze", "report"):
+    for command in ("demo", "train", "analyze", "tcav", "report"):
         assert command in out
     assert "examples:" in out
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "analyze", "report"])
+@pytest.mark.parametrize("command", ["demo", "train", "analyze", "tcav", "report"])
 def test_each_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
@@ -133,11 +133,22 @@ def test_unknown_model(tmp_path, capsys):
         (["analyze", "--checkpoint", "c", "--out", "o", "--fidelity-ranks", "2,x"], "2,x"),
         (["analyze", "--out", "o"], "--checkpoint"),
         (["frobnicate"], "invalid choice"),
+        (["tcav", "r", "--random-runs", "1"], "--random-runs: expected an integer >= 2, got '1'"),
+        (["tcav", "r", "--alpha", "1.5"], "--alpha: expected a level in (0, 1), got '1.5'"),
+        (["tcav", "r", "--correction", "holm"], "invalid choice"),
+        (["tcav", "r", "--cav", "svm"], "invalid choice"),
+        (["tcav", "r", "--top", "0"], "positive integer"),
+        (["demo", "--tcav-runs", "5"], "--tcav-runs needs --tcav"),
     ],
 )
 def test_argument_errors_are_one_line(argv, expected, capsys):
     line = _error_line(capsys, argv)
     assert expected in line
+
+
+def test_tcav_of_a_missing_run_directory(tmp_path, capsys):
+    line = _error_line(capsys, ["tcav", str(tmp_path / "nowhere")])
+    assert "nowhere does not exist" in line
 
 
 def test_report_of_a_directory_that_is_not_a_run(tmp_path, capsys):
@@ -151,8 +162,8 @@ def test_demo_keeps_an_existing_run_and_writes_beside_it(tmp_path, monkeypatch, 
     (previous / "report.html").write_text("earlier run")
     seen = {}
 
-    def fake_run(config, out, *, force, progress):
-        seen.update(out=Path(out), force=force, quick=config.per_class)
+    def fake_run(config, out, *, force, progress, tcav):
+        seen.update(out=Path(out), force=force, quick=config.per_class, tcav=tcav)
         return Path(out) / "report.html"
 
     monkeypatch.setattr(pipeline, "run", fake_run)
@@ -163,7 +174,11 @@ def test_demo_keeps_an_existing_run_and_writes_beside_it(tmp_path, monkeypatch, 
     assert "--force" in capsys.readouterr().err
 
     assert cli.main(["demo", "--quick", "--force", "--out", str(previous)]) == 0
-    assert seen["out"] == previous and seen["force"] is True
+    assert seen["out"] == previous and seen["force"] is True and seen["tcav"] is None
+
+    assert cli.main(["demo", "--quick", "--force", "--tcav", "--tcav-runs", "7", "--seed", "3",
+                     "--out", str(previous)]) == 0
+    assert seen["tcav"] == pipeline.TcavConfig(random_runs=7, seed=3)
 
 
 def test_python_dash_m_runs_the_same_command():

@@ -13,7 +13,8 @@ def _previous_complete_run(out):
     (out / "report.html").write_text("<html>an earlier, finished report</html>")
     (out / "COMPLETE").write_text("earlier\n")
     (out / "run.json").write_text(json.dumps({"status": "complete"}))
-    for saved in (pipeline.FACTORIZATION, pipeline.PROBE, pipeline.ANALYSIS):
+    for saved in (pipeline.FACTORIZATION, pipeline.PROBE, pipeline.ANALYSIS, pipeline.TCAV,
+                  pipeline.TCAV_ARRAYS):
         (out / saved).write_bytes(b"earlier results")
 
 
@@ -32,6 +33,7 @@ def test_interrupted_run_leaves_no_complete_looking_report(tmp_path, monkeypatch
     assert not (out / "COMPLETE").exists()
     with pytest.raises(FileNotFoundError, match="stopped before"):
         pipeline.load_run(out)  # nothing of the earlier run passes for this one's results
+    assert not (out / pipeline.TCAV).exists() and not (out / pipeline.TCAV_ARRAYS).exists()
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "failed"
     assert record["error"].startswith("KeyboardInterrupt")
@@ -101,6 +103,36 @@ def test_bad_settings_fail_before_training(changes, message, tmp_path, monkeypat
     with pytest.raises(ValueError, match=message):
         pipeline.run(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "tcav, message",
+    [
+        (pipeline.TcavConfig(top=11), r"top: expected 1 <= top <= 10 \(a third of the 30"),
+        (pipeline.TcavConfig(top=5, layers=("conv9",)), "layer: unknown layer 'conv9'"),
+        (pipeline.TcavConfig(top=5, classes=("3", "x")), "classes: unknown class 'x'"),
+        (pipeline.TcavConfig(random_runs=1), "random_runs: expected an integer >= 2"),
+        (pipeline.TcavConfig(alpha=0.0), r"alpha: expected a level in \(0, 1\)"),
+    ],
+)
+def test_bad_tcav_settings_fail_before_training(tcav, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained"))
+    config = pipeline.RunConfig(per_class=3, rank=5)
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(config, tmp_path / "run", progress=False, tcav=tcav)
+    assert not (tmp_path / "run").exists()
+
+
+def test_default_tcav_layer_is_the_last_spatial_probed_layer():
+    from jaxcnmf import models
+
+    model = models.small_cnn(10, width=0.25)
+    default = pipeline.TcavConfig()
+    assert pipeline._tcav_layers(model, default, ("conv1", "conv2", "pool"), (32, 32, 1)) == (
+        "conv2",)
+    assert pipeline._tcav_layers(model, default, ("pool",), (32, 32, 1)) == ("pool",)
+    chosen = pipeline.TcavConfig(layers=("conv1", "pool"))
+    assert pipeline._tcav_layers(model, chosen, ("conv3",), (32, 32, 1)) == ("conv1", "pool")
 
 
 def test_out_dir_rules(tmp_path):

@@ -1,4 +1,5 @@
-"""``jaxcnmf demo`` end to end, the report's sections and files, and ``jaxcnmf report``."""
+"""``jaxcnmf demo`` end to end, the report's sections and files, ``jaxcnmf report`` and
+``jaxcnmf tcav``."""
 
 import json
 import re
@@ -13,10 +14,32 @@ from jaxcnmf import cli, pipeline, report
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """A complete quick demo run, made by the command line."""
+    """A complete quick demo run with its TCAV stage, made by the command line."""
     out = tmp_path_factory.mktemp("report") / "demo"
-    assert cli.main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
+    assert cli.main(["demo", "--quick", "--tcav", "--tcav-runs", "3", "--out", str(out),
+                     "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def tcav_dir(demo_dir, tmp_path_factory):
+    """A copy of the demo run re-tested by ``jaxcnmf tcav`` at two layers and three classes."""
+    copy = tmp_path_factory.mktemp("tcav") / "run"
+    shutil.copytree(demo_dir, copy)
+    assert cli.main(["tcav", str(copy), "--layer", "conv2,conv3", "--classes", "0,1,2",
+                     "--top", "5", "--random-runs", "2", "--cav", "mean_diff",
+                     "--correction", "bonferroni", "--quiet"]) == 0
+    return copy
+
+
+def _error_line(capsys, argv):
+    """Run ``main(argv)``, expect exit status 2, return the single stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxcnmf: error: "), lines
+    return lines[0]
 
 
 def _section_ids(page):
@@ -28,7 +51,7 @@ def test_demo_writes_a_complete_run(demo_dir, capsys):
     assert record["status"] == "complete"
     assert (demo_dir / "COMPLETE").is_file()
     assert set(record["seconds"]) == {"model", "data", "train", "probe", "factorize",
-                                      "analyze", "report"}
+                                      "analyze", "tcav", "report"}
     assert all(seconds >= 0 for seconds in record["seconds"].values())
     assert record["layers"] == ["conv2", "conv3", "pool"]
     assert list(record["views"]) == ["gray", "conv2", "conv3", "pool"]
@@ -51,12 +74,15 @@ def test_report_has_every_section_and_embeds_its_images(demo_dir):
     assert not re.search(r'(src|href)="(?!data:|#)', page)
     for heading in ("Views: relative reconstruction error", "Wall time per stage"):
         assert heading in page
+    tcav_section = page.split('<section id="tcav">')[1].split("</section>")[0]
+    assert tcav_section.count('src="data:image/png;base64,') == 1
+    assert "Significant cells" in tcav_section
 
 
 def test_tables_are_written_as_csv_and_json(demo_dir):
     tables = demo_dir / "tables"
     for name in ("settings", "summary", "concepts", "layers", "eigenvalues", "fidelity",
-                 "accuracy_vs_entropy", "relative_errors", "wall_times", "history"):
+                 "accuracy_vs_entropy", "relative_errors", "wall_times", "history", "tcav"):
         assert (tables / f"{name}.csv").is_file(), name
         assert isinstance(json.loads((tables / f"{name}.json").read_text()), list), name
     summary = json.loads((tables / "summary.json").read_text())
@@ -81,6 +107,7 @@ def test_report_command_redraws_from_the_saved_run(demo_dir, tmp_path):
     page = (copy / "report.html").read_text()
     assert _section_ids(page) == [section_id for section_id, _ in report.SECTIONS]
     assert (copy / "figures" / "concept_00.png").is_file()
+    assert (copy / "figures" / "tcav_conv3.png").is_file()  # re-drawn from tcav.npz
     assert not (copy / "figures" / "concept_99.png").exists()
     assert (copy / "tables" / "summary.json").read_text() == before
 
@@ -150,6 +177,7 @@ def test_report_without_pixels_shows_top_images_and_superclasses(tmp_path):
     assert _section_ids(page) == [section_id for section_id, _ in report.SECTIONS]
     assert page.count('<figure class="thumb">') == 4 * 3
     assert "no pixel views" in page
+    assert "no TCAV results" in page and "jaxcnmf tcav RUN_DIR" in page
     assert "Not measured for conv" in page
     assert "&lt;d&gt;" in page and "<d>" not in page
     summary = json.loads((run_dir / "tables" / "summary.json").read_text())
@@ -177,3 +205,74 @@ def test_summary_markdown_needs_a_complete_run_and_copies_figures(demo_dir, tmp_
     assert "| report |" in text  # the summary has the report stage's time too
     copied = sorted(p.name for p in path.parent.glob("*.png"))
     assert "similarity.png" in copied and not any(n.startswith("concept_") for n in copied)
+
+
+def test_demo_tcav_stage_tests_every_concept_against_every_class(demo_dir):
+    summary = json.loads((demo_dir / pipeline.TCAV).read_text())
+    # The demo probes conv2, conv3 and pool: the default is the last spatial layer.
+    assert summary["layers"] == ["conv3"]
+    assert summary["classes"] == [str(digit) for digit in range(10)]
+    # 100 probe images: the default of 50 images per concept falls to a third of them.
+    assert summary["config"]["top"] == 33 and summary["config"]["random_runs"] == 3
+    assert len(summary["cells"]) == 10 * 10
+    saved = pipeline.load_run(demo_dir)
+    assert saved.tcav.scores.shape == (1, 10, 10, 3)
+    assert saved.tcav.table() == summary["cells"]
+
+
+def test_tcav_command_saves_results_and_redraws_the_report(tcav_dir, demo_dir, capsys):
+    result = pipeline.load_tcav(tcav_dir)
+    assert result.layers == ("conv2", "conv3") and result.classes == ("0", "1", "2")
+    assert result.correction == "bonferroni" and result.config["cav_method"] == "mean_diff"
+    assert result.scores.shape == (2, 10, 3, 2)
+    assert not list(tcav_dir.glob(".*.tmp"))
+    with open(tcav_dir / "tables" / "tcav.csv") as handle:
+        assert len(handle.read().splitlines()) == 1 + 2 * 10 * 3
+    for layer in ("conv2", "conv3"):
+        assert (tcav_dir / "figures" / f"tcav_{layer}.png").is_file()
+    page = (tcav_dir / "report.html").read_text()
+    assert _section_ids(page) == [section_id for section_id, _ in report.SECTIONS]
+    section = page.split('<section id="tcav">')[1].split("</section>")[0]
+    assert section.count('src="data:image/png;base64,') == 2
+    significant = int(result.significant.sum())
+    assert section.count("<tr><td>conv") == significant
+    assert f"{significant} of 60 cells significant" in section
+    record = json.loads((tcav_dir / "run.json").read_text())
+    assert record["seconds"]["tcav"] >= 0 and record["status"] == "complete"
+    # The rest of the run is untouched.
+    assert (tcav_dir / "tables" / "summary.json").read_text() == (
+        demo_dir / "tables" / "summary.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--layer", "conv9"], "unknown layer 'conv9' for model SmallCNN; expected some of "
+                               "conv1, conv2, conv3, pool"),
+        (["--top", "101"], "top: expected 1 <= top <= 33 (a third of the 100 probe images"),
+        (["--classes", "0,ten"], "unknown class 'ten'; expected 'all' or some of 0, 1, 2"),
+    ],
+)
+def test_tcav_command_errors_on_a_run(options, expected, demo_dir, capsys):
+    before = (demo_dir / pipeline.TCAV).read_text()
+    line = _error_line(capsys, ["tcav", str(demo_dir), "--quiet", "--top", "5", *options])
+    assert expected in line
+    assert (demo_dir / pipeline.TCAV).read_text() == before
+
+
+def test_tcav_command_refuses_an_incomplete_run(demo_dir, tmp_path, capsys):
+    copy = tmp_path / "stopped"
+    shutil.copytree(demo_dir, copy)
+    (copy / pipeline.FACTORIZATION).unlink()
+    line = _error_line(capsys, ["tcav", str(copy), "--quiet"])
+    assert "no factorization.npz" in line and "stopped before" in line
+
+
+def test_tcav_command_needs_the_network(demo_dir, tmp_path, capsys):
+    copy = tmp_path / "moved"
+    shutil.copytree(demo_dir, copy, ignore=shutil.ignore_patterns(pipeline.CHECKPOINT_DIR))
+    record = json.loads((copy / "run.json").read_text())
+    record["model"]["checkpoint"] = str(tmp_path / "gone")
+    (copy / "run.json").write_text(json.dumps(record))
+    line = _error_line(capsys, ["tcav", str(copy), "--quiet"])
+    assert "TCAV needs the run's network" in line and "gone" in line
