@@ -98,9 +98,11 @@ the whole (layer, concept, class) grid.
 The network comes from RUN_DIR/ckpt or the checkpoint named in RUN_DIR/run.json. The layer
 defaults to the last probed layer with a spatial output (conv3 for the demo), the last
 probed layer if none has one; any probe-able layer of the network may be named. --top may be
-at most a third of the probe set (the random sets come from the rest). Writes RUN_DIR/tcav.json, RUN_DIR/tcav.npz,
-tables/tcav.csv and figures/tcav_<layer>.png, and re-draws report.html with a TCAV section:
-the concept x class heatmap, non-significant cells hatched, and the significant cells.
+at most a third of the probe set, since the random sets come from the rest of it.
+
+Writes RUN_DIR/tcav.json, RUN_DIR/tcav.npz, tables/tcav.csv and figures/tcav_<layer>.png,
+and re-draws report.html with a TCAV section: the concept x class heatmap of mean scores,
+non-significant cells hatched, and the table of significant cells.
 
 examples:
   jaxcnmf tcav runs/demo
@@ -407,8 +409,8 @@ def build_parser():
     )
     tcav.add_argument(
         "--cav", choices=("logistic", "mean_diff"), default="logistic",
-        help="how a CAV is found: L2-regularised logistic regression or the difference of "
-        "means (faster) (default: logistic)",
+        help="how a CAV is found: logistic (L2-regularised logistic regression, the "
+        "default) or mean_diff (the difference of the means, faster)",
     )
     tcav.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     tcav.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -434,11 +436,11 @@ def _demo(args):
         out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _note(f"{requested} already holds a run; writing to {out} (--force overwrites it)")
     config = pipeline.demo_config(quick=args.quick, method=args.method, seed=args.seed)
-    tcav = _tcav_step(args)
+    tcav = _tcav_settings(args)
     return pipeline.run(config, out, force=args.force, progress=not args.quiet, tcav=tcav)
 
 
-def _tcav_step(args):
+def _tcav_settings(args):
     """The TCAV settings of ``--tcav``, or None without it."""
     from jaxcnmf import pipeline
 
@@ -499,7 +501,7 @@ def _analyze(args):
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    tcav = _tcav_step(args)
+    tcav = _tcav_settings(args)
     return pipeline.run(config, args.out, force=args.force, progress=not args.quiet,
                         tcav=tcav)
 

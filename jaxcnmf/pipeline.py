@@ -133,11 +133,9 @@ class TcavConfig:
 
     Concept i is the ``top`` probe images with the largest weight in row i of F; the
     classes are the probe set's own images of each class; random sets are drawn from the
-    probe set minus the concept's images, so ``top`` may be at most a third of it.
-
-    Example:
-        >>> TcavConfig(layers=("conv3",), random_runs=20).top is None  # 50 or N // 3
-        True
+    probe set minus the concept's images, so ``top`` may be at most a third of it. The
+    settings as asked land in ``run.json`` under ``"tcav"``; what they resolved to (layers,
+    classes, top) in ``tcav.json``.
 
     Attributes:
         layers: layers to test; None takes the last probed layer with a spatial output
@@ -150,6 +148,10 @@ class TcavConfig:
         alpha: significance level after correction.
         cav_method: "logistic" or "mean_diff".
         seed: seeds the random sets and the held-out splits.
+
+    Example:
+        >>> TcavConfig(layers=("conv3",), random_runs=20).top is None  # 50 or N // 3
+        True
     """
 
     layers: tuple[str, ...] | None = None
@@ -581,6 +583,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         },
         "model": {"name": type(model).__name__, **meta},
         "layers": list(layers),
+        **({} if tcav is None else {"tcav": tcav.to_json()}),
         "seconds": stages.seconds,
         "environment": _environment(),
     }
@@ -824,6 +827,7 @@ def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(),
         _tcav_step(tcav_config, layers, checkpoint.model, checkpoint.variables, saved.result,
                    saved.images, saved.labels, class_names, saved.path, progress)
     record = saved.record
+    record["tcav"] = tcav_config.to_json()
     record.setdefault("seconds", {})["tcav"] = stages.seconds["tcav"]
     write_json_atomic(saved.path / RUN_JSON, record)
     with stages("report", "re-drawing report.html with the TCAV section"):

@@ -215,6 +215,8 @@ def test_demo_tcav_stage_tests_every_concept_against_every_class(demo_dir):
     # 100 probe images: the default of 50 images per concept falls to a third of them.
     assert summary["config"]["top"] == 33 and summary["config"]["random_runs"] == 3
     assert len(summary["cells"]) == 10 * 10
+    record = json.loads((demo_dir / "run.json").read_text())
+    assert record["tcav"] == pipeline.TcavConfig(random_runs=3).to_json()
     saved = pipeline.load_run(demo_dir)
     assert saved.tcav.scores.shape == (1, 10, 10, 3)
     assert saved.tcav.table() == summary["cells"]
@@ -239,6 +241,7 @@ def test_tcav_command_saves_results_and_redraws_the_report(tcav_dir, demo_dir, c
     assert f"{significant} of 60 cells significant" in section
     record = json.loads((tcav_dir / "run.json").read_text())
     assert record["seconds"]["tcav"] >= 0 and record["status"] == "complete"
+    assert record["tcav"]["layers"] == ["conv2", "conv3"] and record["tcav"]["top"] == 5
     # The rest of the run is untouched.
     assert (tcav_dir / "tables" / "summary.json").read_text() == (
         demo_dir / "tables" / "summary.json").read_text()
