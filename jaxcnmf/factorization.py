@@ -64,9 +64,22 @@ def _name_views(views):
                     f"got {type(views).__name__}")
 
 
+@jax.jit
+def _device_view_summary(X):
+    """Non-finite count, negative count and minimum of a device view, in one program."""
+    return (jnp.count_nonzero(~jnp.isfinite(X)), jnp.count_nonzero(X < 0), jnp.min(X))
+
+
 def _check_view(name, X, negative):
-    """One view as a float host array, after the checks of its shape and values."""
-    X = np.asarray(X)
+    """One view as a float array, after the checks of its shape and values.
+
+    A ``jax.Array`` stays on its device: its checks run there and only three summary
+    numbers come back, so views collected on an accelerator never visit the host.
+    """
+    on_device = isinstance(X, jax.Array)
+    xp = jnp if on_device else np
+    if not on_device:
+        X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"view {name!r}: expected a 2-D array (rows, N), got shape {X.shape}")
     if X.size == 0:
@@ -78,17 +91,20 @@ def _check_view(name, X, negative):
         X = X.astype(np.float32)
     elif not np.issubdtype(X.dtype, np.floating) and X.dtype.name != "bfloat16":
         raise TypeError(f"view {name!r}: expected real numbers, got dtype {X.dtype}")
-    bad = np.count_nonzero(~np.isfinite(X))
+    if on_device:
+        bad, n_negative, minimum = jax.device_get(_device_view_summary(X))
+    else:
+        bad, n_negative = np.count_nonzero(~np.isfinite(X)), np.count_nonzero(X < 0)
+        minimum = X.min() if n_negative else 0.0
     if bad:
         raise ValueError(f"view {name!r} contains {bad} NaN or Inf entries")
-    n_negative = np.count_nonzero(X < 0)
     if n_negative:
-        minimum = float(X.min())
+        minimum = float(minimum)
         if negative == "raise":
             raise ValueError(
                 f"view {name!r} has {n_negative} negative entries (minimum {minimum:.4g}); "
                 f"expected non-negative data, or pass negative='clip' or 'shift'")
-        X = np.maximum(X, 0) if negative == "clip" else X - X.min()
+        X = xp.maximum(X, 0) if negative == "clip" else X - X.min()
     return X
 
 
@@ -124,7 +140,12 @@ def _view_weights(weights, names, arrays):
     if isinstance(weights, str):
         _check_choice("weights", weights, ("balanced",))
         # A zero view has nothing to balance; weight 1 keeps its (zero) term finite.
-        norms = [float(np.sum(np.square(X, dtype=np.float64))) for X in arrays]
+        # Device views are summed on their device (float32 unless x64 is on) and come back
+        # as numbers, not arrays.
+        norms = jax.device_get([
+            jnp.sum(jnp.square(X), dtype=jnp.result_type(float)) if isinstance(X, jax.Array)
+            else np.sum(np.square(X, dtype=np.float64)) for X in arrays])
+        norms = [float(s) for s in norms]
         return tuple(1.0 / s if s > 0 else 1.0 for s in norms)
     if not isinstance(weights, dict):
         raise ValueError(f"weights: expected None, 'balanced' or a dict name -> weight, "

@@ -3,8 +3,12 @@
 A layer is the output of a direct child of the model's top module, named as in
 ``jaxcnmf.models`` (``"conv4_x"``, ``"avgpool"``, ...). ``collect`` runs the model in
 inference mode in batches with ``capture_intermediates`` filtered to the requested layers,
-pools inside the compiled function and writes each batch into preallocated
-``(rows, N)`` float32 matrices, so memory is the outputs plus one batch. ``intervene`` and
+pools inside the compiled function and writes each batch in place into preallocated
+``(rows, N)`` float32 matrices on the device, so device memory is the outputs plus one
+batch; they are either returned as jax arrays (``output="device"``, ready for
+``jaxcnmf.fit`` without a trip through the host) or copied to the host once at the end.
+Forward passes run at the backend's default matmul precision, as ``model.apply`` does:
+the views are the network's own activations, which is what NMF should explain. ``intervene`` and
 ``layer_forward`` replace a layer's output (``flax.linen.intercept_methods``) to read off
 the logits, for concept fidelity and TCAV.
 
@@ -42,6 +46,7 @@ from tqdm.auto import tqdm
 from jaxcnmf import models
 
 POOLINGS = ("flatten", "mean", "max")
+OUTPUTS = ("numpy", "device")
 PIXEL_NAMES = {1: ("gray",), 3: ("red", "green", "blue")}
 # Fewer batches than this finish too fast for a progress bar to help.
 _PROGRESS_MIN_BATCHES = 4
@@ -154,8 +159,8 @@ def _pool(act: jnp.ndarray, pooling: str) -> jnp.ndarray:
     return jnp.transpose(act, perm).reshape(-1, act.shape[0])
 
 
-@functools.partial(jax.jit, static_argnames=("model", "layers", "pooling"))
-def _probe_batch(model, variables, x, n_valid, layers, pooling):
+def _probe_views(model, variables, x, layers, pooling, n_valid):
+    """Views ``(rows, n_valid)`` of the first ``n_valid`` images of ``x`` and each layer's minimum."""
     _, state = model.apply(
         variables,
         x,
@@ -164,15 +169,37 @@ def _probe_batch(model, variables, x, n_valid, layers, pooling):
         mutable=["intermediates"],
     )
     inter = state["intermediates"]
-    valid = jnp.arange(x.shape[0]) < n_valid
-    views, minima = {}, {}
+    views, minima = {}, []
     for name in layers:
         act = inter[name]["__call__"][0]
-        views[name] = _pool(act, pooling)
+        views[name] = _pool(act, pooling)[:, :n_valid]
         # Over the raw activation, not the pooled view: a mean can hide negative entries.
-        mask = valid.reshape((-1,) + (1,) * (act.ndim - 1))
-        minima[name] = jnp.min(jnp.where(mask, act, jnp.inf))
-    return views, minima
+        minima.append(jnp.min(act[:n_valid]))
+    return views, jnp.stack(minima)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "layers", "pooling", "pixels", "n_valid"),
+    donate_argnames=("buffers", "minima"),
+)
+def _probe_into(model, variables, x, start, buffers, minima, layers, pooling, pixels, n_valid):
+    """Write one batch's views into columns ``start:start + n_valid`` of the donated buffers.
+
+    The buffers are updated in place on the device, so the only transfer per batch is
+    the images; the running minima stay there too, checked once after the last batch.
+    """
+    views, batch_minima = _probe_views(model, variables, x, layers, pooling, n_valid)
+    if pixels:
+        # x already holds the host's float pixels: these rows are exact copies of them.
+        flat = x[:n_valid].reshape(n_valid, -1, x.shape[-1])
+        for i, name in enumerate(PIXEL_NAMES[x.shape[-1]]):
+            views[name] = flat[:, :, i].T
+    buffers = {
+        name: jax.lax.dynamic_update_slice(buf, views[name], (0, start))
+        for name, buf in buffers.items()
+    }
+    return buffers, jnp.minimum(minima, batch_minima)
 
 
 def _check_images(images: Any, model: nn.Module) -> np.ndarray:
@@ -257,8 +284,18 @@ def _check_batch_size(batch_size: Any) -> int:
     return int(batch_size)
 
 
-def _batches(n: int, batch_size: int, progress: bool, desc: str):
-    starts = range(0, n, batch_size)
+def _batch_starts(n: int, batch_size: int) -> list[int]:
+    # Every batch is full: a last partial batch instead starts at n - batch_size and
+    # recomputes a few images, so one compiled shape writes whole columns blocks in place.
+    if n <= batch_size:
+        return [0]
+    starts = list(range(0, n - batch_size + 1, batch_size))
+    if starts[-1] + batch_size < n:
+        starts.append(n - batch_size)
+    return starts
+
+
+def _progress(starts: Sequence[int], progress: bool, desc: str):
     show = progress and len(starts) >= _PROGRESS_MIN_BATCHES
     return tqdm(starts, desc=desc, unit="batch", leave=False) if show else starts
 
@@ -304,12 +341,16 @@ def collect(
     batch_size: int = 256,
     progress: bool = True,
     allow_negative: bool = False,
-) -> dict[str, np.ndarray]:
+    output: str = "numpy",
+) -> dict[str, np.ndarray] | dict[str, jax.Array]:
     """Pixel and activation matrices of a probe set, ready for ``jaxcnmf.fit``.
 
     Runs ``model`` in inference mode (``train=False``: batch-norm running statistics) in
     batches of ``batch_size`` with only the requested layers captured; pooling happens
-    inside the compiled function and each batch is written straight into the outputs.
+    inside the compiled function and each batch is written in place into device buffers
+    of the outputs (when ``N`` is not a multiple of ``batch_size`` the last batch is the
+    last ``batch_size`` images, a few computed twice). Nothing is read back until every
+    batch has been dispatched; the negative-value check runs once, at the end.
 
     Args:
         model: a ``jaxcnmf.models`` network (or any linen Module whose layers are direct
@@ -325,16 +366,21 @@ def collect(
         progress: show a progress bar when there are several batches.
         allow_negative: accept layers with negative values (pre-ReLU or logits); the
             solver then needs ``negative="clip"`` or ``"shift"``.
+        output: ``"numpy"`` (host arrays, copied from the device once at the end) or
+            ``"device"`` (jax arrays left on the default device, for ``jaxcnmf.fit`` on an
+            accelerator); both hold the same numbers.
 
     Returns:
-        dict view name -> ``(rows, N)`` float32 numpy array: pixel views first (``"red"``,
+        dict view name -> ``(rows, N)`` float32 numpy array (``jax.Array`` with
+        ``output="device"``): pixel views first (``"red"``,
         ``"green"``, ``"blue"`` or ``"gray"``, ``(H*W, N)``), then each layer in the order
         asked (``(C*h*w, N)`` for ``"flatten"``, ``(C, N)`` otherwise). Row orders are in
         the module docstring.
 
     Raises:
         ValueError: bad ``images``, unknown layer, unknown ``pooling``, ``batch_size`` < 1,
-            or a layer with negative values while ``allow_negative`` is False.
+            unknown ``output``, or a layer with negative values while ``allow_negative``
+            is False.
 
     Example:
         >>> import jax
@@ -348,6 +394,8 @@ def collect(
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
     batch_size = _check_batch_size(batch_size)
     arr = _check_images(images, model)
     image_shape = arr.shape[1:]
@@ -358,37 +406,45 @@ def collect(
         _check_input_channels(model, variables, image_shape)
 
     n = arr.shape[0]
-    shapes = _layer_shapes(model, image_shape)
-    out = pixel_views(arr) if pixels else {}
-    for name in layers:
-        out[name] = np.empty((_view_rows(shapes[name], pooling), n), np.float32)
     if not layers:
-        return out
+        views = pixel_views(arr)
+        return views if output == "numpy" else {k: jnp.asarray(v) for k, v in views.items()}
 
-    def write(start, n_valid, result):
-        views, minima = result
-        for name in layers:
-            lowest = float(minima[name])
-            if lowest < 0 and not allow_negative:
-                raise ValueError(
-                    f"layer {name!r} has negative values (min {lowest:.4g}); is it a pre-ReLU "
-                    f"layer? NMF needs non-negative views. Pass allow_negative=True to collect "
-                    f"it anyway and factorize with jaxcnmf.fit(..., negative='clip') or "
-                    f"negative='shift'"
-                )
-            out[name][:, start : start + n_valid] = np.asarray(views[name])[:, :n_valid]
+    shapes = _layer_shapes(model, image_shape)
+    h, w, c = image_shape
+    rows = {name: h * w for name in PIXEL_NAMES[c]} if pixels else {}
+    rows.update({name: _view_rows(shapes[name], pooling) for name in layers})
+    buffers = {name: jnp.zeros((r, n), jnp.float32) for name, r in rows.items()}
+    minima = jnp.full((len(layers),), jnp.inf, jnp.float32)
+    n_valid = min(n, batch_size)
+    # Each call is dispatched asynchronously: the host converts the next batch while the
+    # device computes, and nothing comes back until the loop has finished.
+    for start in _progress(_batch_starts(n, batch_size), progress, "probe"):
+        block, _ = _padded(arr, start, batch_size)
+        buffers, minima = _probe_into(
+            model, variables, block, np.int32(start), buffers, minima,
+            layers=layers, pooling=pooling, pixels=pixels, n_valid=n_valid,
+        )
 
-    # Dispatch the next batch before copying the previous one back, so the host copy
-    # overlaps the device computation.
-    pending = None
-    for start in _batches(n, batch_size, progress, "probe"):
-        block, n_valid = _padded(arr, start, batch_size)
-        result = _probe_batch(model, variables, block, n_valid, layers, pooling)
-        if pending is not None:
-            write(*pending)
-        pending = (start, n_valid, result)
-    write(*pending)
-    return out
+    for name, lowest in zip(layers, jax.device_get(minima).tolist()):
+        if lowest < 0 and not allow_negative:
+            raise ValueError(
+                f"layer {name!r} has negative values (min {lowest:.4g}); is it a pre-ReLU "
+                f"layer? NMF needs non-negative views. Pass allow_negative=True to collect "
+                f"it anyway and factorize with jaxcnmf.fit(..., negative='clip') or "
+                f"negative='shift'"
+            )
+    # jax hands dicts back in sorted key order; restore the documented one.
+    buffers = {name: buffers[name] for name in rows}
+    if output == "device":
+        return buffers
+    # One transfer of every view at the end: per-batch copies into column blocks of host
+    # arrays cost far more than the forward passes on an accelerator.
+    host = jax.device_get(buffers)
+    # On the CPU backend device_get returns read-only views of the buffers; a copy keeps
+    # the numpy outputs writable, as they always were.
+    host = {name: host[name] for name in rows}
+    return {name: X if X.flags.writeable else np.array(X) for name, X in host.items()}
 
 
 def _replace_output(layer: str, activations: jnp.ndarray):

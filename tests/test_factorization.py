@@ -159,6 +159,37 @@ def test_list_views_integer_data_and_negative_options():
     np.testing.assert_allclose(res_shift.F, reference.F, rtol=1e-5)
 
 
+def test_device_views_fit_like_host_views_without_a_host_copy():
+    import jax
+    import jax.numpy as jnp
+    from jaxcnmf import factorization
+
+    views, _ = _planted(noise=0.05)
+    device = {k: jnp.asarray(v) for k, v in views.items()}
+    # Implicit device-to-host copies (np.asarray) are refused; the summary numbers come
+    # back through an explicit device_get.
+    with jax.transfer_guard_device_to_host("disallow"):
+        _, arrays = factorization._check_views(device, "raise")
+        factorization._view_weights("balanced", ("red", "conv"), arrays)
+    assert all(isinstance(X, jax.Array) for X in arrays)
+    for kwargs in ({}, {"weights": {"conv": 2.0}}):
+        a, b = _fit(views, max_iter=30, **kwargs), _fit(device, max_iter=30, **kwargs)
+        np.testing.assert_array_equal(a.F, b.F)
+        for name in views:
+            np.testing.assert_array_equal(a.loadings[name], b.loadings[name])
+    shifted = {"red": views["red"], "conv": views["conv"] - 1.0}
+    shifted_device = {k: jnp.asarray(v) for k, v in shifted.items()}
+    for mode in ("clip", "shift"):
+        a = _fit(shifted, negative=mode, max_iter=30)
+        b = _fit(shifted_device, negative=mode, max_iter=30)
+        np.testing.assert_array_equal(a.F, b.F)
+    with pytest.raises(ValueError, match=r"view 'conv' has \d+ negative entries \(minimum -"):
+        _fit(shifted_device)
+    bad = device["red"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match="view 'red' contains 1 NaN or Inf entries"):
+        _fit({"red": bad})
+
+
 def test_max_iter_warns_and_progress_prints_two_lines(capsys):
     views, _ = _planted(noise=0.05)
     with pytest.warns(ConvergenceWarning, match="stopped at max_iter=3"):

@@ -87,6 +87,38 @@ def test_last_partial_batch(small, images):
         np.testing.assert_array_equal(parts[name], whole[name], err_msg=name)
 
 
+@pytest.mark.parametrize("pooling", probe.POOLINGS)
+@pytest.mark.parametrize("batch_size", [3, 4, 16])
+def test_device_output_equals_numpy_output(small, images, pooling, batch_size):
+    model, variables = small
+    layers = ["conv3", "conv1", "pool"]
+    # 7 images: batches of 3 overlap in the last one, of 4 too, of 16 pad a single batch.
+    kwargs = dict(pooling=pooling, batch_size=batch_size, progress=False)
+    host = probe.collect(model, variables, images, layers, **kwargs)
+    device = probe.collect(model, variables, images, layers, output="device", **kwargs)
+    assert list(device) == list(host) == ["red", "green", "blue", *layers]
+    # Image by image; a spatial mean's summation order follows the batch shape, so only
+    # unpooled views of spatial layers can be compared across batch sizes bit for bit.
+    reference = probe.collect(model, variables, images, layers, batch_size=1, progress=False)
+    for name in host:
+        assert isinstance(device[name], jax.Array) and device[name].dtype == jnp.float32
+        assert isinstance(host[name], np.ndarray) and host[name].flags.writeable
+        np.testing.assert_array_equal(np.asarray(device[name]), host[name], err_msg=name)
+        if pooling == "flatten" and name != "pool":
+            np.testing.assert_array_equal(host[name], reference[name], err_msg=name)
+
+
+def test_device_output_pixels_only_and_without_pixels(small, images):
+    model, variables = small
+    pixels = probe.collect(model, variables, images, [], output="device", progress=False)
+    assert list(pixels) == ["red", "green", "blue"]
+    x = _float(images)
+    np.testing.assert_array_equal(np.asarray(pixels["green"]), x[..., 1].reshape(N, -1).T)
+    views = probe.collect(model, variables, images, ["conv2"], pixels=False, output="device",
+                          progress=False)
+    assert list(views) == ["conv2"] and views["conv2"].shape == (8 * 8 * 8, N)
+
+
 def test_flatten_row_order_by_index(small, images):
     model, variables = small
     view = probe.collect(model, variables, images, "conv2", pixels=False, progress=False)["conv2"]
@@ -226,6 +258,16 @@ def test_negative_layer_error_and_allow_negative(images):
         probe.collect(model, variables, images, ["linear"], progress=False)
     views = probe.collect(model, variables, images, ["linear"], allow_negative=True, progress=False)
     assert views["linear"].shape == (4, N) and views["linear"].min() < 0
+    # The minimum is tracked on the device across batches, so a single negative image in
+    # a middle batch is caught; the check names the layer and its minimum.
+    signed = images.copy()
+    signed[:] = 0
+    variables = jax.tree.map(jnp.zeros_like, variables)
+    bias = variables["params"]["linear"]["bias"].at[2].set(-0.5)
+    variables["params"]["linear"]["bias"] = bias
+    with pytest.raises(ValueError, match=r"layer 'linear' has negative values \(min -0.5\)"):
+        probe.collect(model, variables, signed, ["linear"], batch_size=3, output="device",
+                      progress=False)
 
 
 def test_errors(small, images):
@@ -237,6 +279,8 @@ def test_errors(small, images):
         collect(layers=["conv9"])
     with pytest.raises(ValueError, match=r"pooling: expected one of \('flatten', 'mean', 'max'\), got 'sum'"):
         collect(pooling="sum")
+    with pytest.raises(ValueError, match=r"output: expected one of \('numpy', 'device'\), got 'cuda'"):
+        collect(output="cuda")
     with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):
         collect(batch_size=0)
     with pytest.raises(ValueError, match=r"images: expected an array of shape \(N, H, W, C\), got 3 dimensions"):
