@@ -635,8 +635,9 @@ def write_summary(run_dir, path, *, title: str | None = None,
 
     For committing an experiment's numbers without its data: settings, purity and NMI
     against the k-means baseline, fidelity, relative errors per view, wall times per
-    stage, the concept table, and the figures named in ``figures`` (none shows probe
-    images, except the concept tiles, which are not copied by default).
+    stage, the concept table, the TCAV heatmaps and significant cells when the run has
+    them, and the figures named in ``figures`` (none shows probe images, except the
+    concept tiles, which are not copied by default).
 
     Args:
         run_dir: a complete run directory (it has ``COMPLETE`` and ``tables/``).
@@ -668,11 +669,18 @@ def write_summary(run_dir, path, *, title: str | None = None,
     heading = title or (f"{record['model'].get('name', 'network')} on {dataset['name']}")
     path.parent.mkdir(parents=True, exist_ok=True)
     copied = []
-    for name in figures:
+    tcav_figures = sorted(p.stem for p in (run_dir / "figures").glob("tcav_*.png"))
+    for name in dict.fromkeys((*figures, *tcav_figures)):
         source = run_dir / "figures" / f"{name}.png"
         if source.is_file():
             (path.parent / source.name).write_bytes(source.read_bytes())
             copied.append(source.name)
+    tcav_part = []
+    if (run_dir / "tables" / "tcav.json").is_file():
+        significant = [{key: row[key] for key in TCAV_COLUMNS}
+                       for row in table("tcav") if row["significant"]]
+        tcav_part = ["## TCAV: significant (concept, class) cells after correction\n",
+                     _markdown_table(significant)]
     parts = [
         f"# {heading}\n",
         f"Run finished {record.get('finished', '?')}; written by `jaxcnmf` from "
@@ -687,6 +695,7 @@ def write_summary(run_dir, path, *, title: str | None = None,
         f"Environment: {record.get('environment', {})}\n",
         "## Neurons per layer\n", _markdown_table(table("layers")),
         "## Concepts\n", _markdown_table(table("concepts")),
+        *tcav_part,
         "## Figures\n", *[f"![{name}]({name})\n" for name in copied],
     ]
     path.write_text("\n".join(parts))

@@ -205,6 +205,7 @@ def test_summary_markdown_needs_a_complete_run_and_copies_figures(demo_dir, tmp_
     assert "| report |" in text  # the summary has the report stage's time too
     copied = sorted(p.name for p in path.parent.glob("*.png"))
     assert "similarity.png" in copied and not any(n.startswith("concept_") for n in copied)
+    assert "tcav_conv3.png" in copied and "## TCAV: significant" in text
 
 
 def test_demo_tcav_stage_tests_every_concept_against_every_class(demo_dir):
