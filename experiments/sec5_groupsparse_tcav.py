@@ -41,12 +41,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 import jaxcnmf
 from jaxcnmf import analysis, data, figures, models, probe, tcav, train
 
 DEFAULT_SEEN = ("airplane", "automobile", "bird", "cat", "deer")
-DEFAULT_FRACTIONS = (0.0, 0.003, 0.01, 0.03, 0.1)
+DEFAULT_FRACTIONS = (0.0, 0.01, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1)
 
 
 def log(message):
@@ -86,7 +87,8 @@ def parse_args(argv):
                         help="use this fraction of lam_max instead of choosing from the sweep")
     parser.add_argument("--max-error-increase", type=float, default=0.05,
                         help="largest rise of the weighted relative error a chosen LAM may cause")
-    parser.add_argument("--tcav-layer", default="conv3")
+    parser.add_argument("--tcav-layers", nargs="+", default=["conv2", "conv3"],
+                        help="TCAV layers; the first is the headline heatmap")
     parser.add_argument("--top", type=int, default=50, help="images per TCAV concept")
     parser.add_argument("--random-runs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -295,8 +297,7 @@ def main(argv=None):
     order = analysis.concept_order(res.F, labels, n_groups)
     fig = figures.class_share_heatmap(
         shares, [f"{n}{'' if s else '*'}" for n, s in zip(probe_ds.class_names, seen)],
-        order=order, title=f"class shares of each concept (LAM {chosen:g} x lam_max; "
-                           "* unseen)")
+        order=order, title="class shares of each concept (* unseen)")
     figures.save_figure(fig, out / "class_shares.png")
 
     t0 = time.perf_counter()
@@ -309,18 +310,55 @@ def main(argv=None):
         else:
             classes[name] = eval_ds.images[eval_ds.labels == model_classes.index(name)][
                 : args.per_class]
-    result = tcav.run(model, variables, args.tcav_layer, concepts, classes,
+    result = tcav.run(model, variables, args.tcav_layers, concepts, classes,
                       class_names=model_classes, random_runs=args.random_runs,
                       pool=probe_ds.images, seed=args.seed, correction="bh")
     times["TCAV"] = time.perf_counter() - t0
-    result.to_csv(out / f"tcav_{args.tcav_layer}.csv")
-    tcav.figure(result, path=out / f"tcav_{args.tcav_layer}.png")
+    result.to_csv(out / "tcav.csv")
+    for layer in args.tcav_layers:
+        # tcav.figure sizes its own figure by the grid, too narrow for its title with five
+        # classes; a wider Axes keeps the title whole.
+        fig = Figure(figsize=(7.0, 1.5 + 0.45 * len(concepts)))
+        tcav.figure(result, layer=layer, ax=fig.subplots(), path=out / f"tcav_{layer}.png")
     times["total (this invocation)"] = time.perf_counter() - t_all
 
     write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, accuracy, views,
                  sweep_rows, chosen, scale, res, shares, zeros, dead, names, predicted,
                  model_classes, result, times)
     log(f"done in {times['total (this invocation)']:.0f} s; wrote {out}")
+
+
+def tcav_section(args, result):
+    """Per layer: counts, CAV accuracy, degeneracy, and a concept x class score matrix."""
+    parts = [
+        f"Mean TCAV score over {args.random_runs} CAVs per cell; **bold** = significant after "
+        "Benjamini-Hochberg (in brackets: mean score of the random-vs-random CAVs). The test "
+        "is two-sided: a significant score near 1 means the concept raises the class's logit, "
+        "near 0 that it lowers it. Full table with p-values: [tcav.csv](tcav.csv).",
+    ]
+    for li, layer in enumerate(result.layers):
+        means, significant = result.heatmap_matrix(layer)
+        random = result.random_scores[li].mean(-1)
+        binary = np.mean((result.scores[li] == 0) | (result.scores[li] == 1))
+        parts += [
+            "",
+            f"### `{layer}`",
+            "",
+            f"{int(significant.sum())} of {significant.size} cells significant "
+            f"({int((significant & (means > 0.5)).sum())} of them above 0.5); mean CAV "
+            f"held-out accuracy {float(result.cav_accuracies[li].mean()):.3f} (random-vs-"
+            f"random {float(result.random_cav_accuracies[li].mean()):.3f}); "
+            f"{binary:.0%} of the concept CAVs' per-class scores are exactly 0 or 1.",
+            "",
+            md_table(["concept"] + list(result.classes),
+                     [[concept] + [(f"**{means[ci, ki]:.2f}**" if significant[ci, ki]
+                                    else f"{means[ci, ki]:.2f}") + f" ({random[ci, ki]:.2f})"
+                                   for ki in range(len(result.classes))]
+                      for ci, concept in enumerate(result.concepts)]),
+            "",
+            f"![TCAV heatmap at {layer}](tcav_{layer}.png)",
+        ]
+    return "\n".join(parts)
 
 
 def write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, accuracy, views,
@@ -352,11 +390,16 @@ def write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, ac
         "the largest swept value with no dead concept and a weighted relative error at most "
         f"{args.max_error_increase} above LAM = 0." if args.lam is None else
         f"- LAM = {chosen:g} x lam_max = {chosen * scale:.4g} (given).",
-        f"- TCAV at `{args.tcav_layer}`: concept = top {args.top} probe images of each factor, "
+        f"- TCAV at {', '.join(f'`{n}`' for n in args.tcav_layers)}: concept = top {args.top} probe images of each factor, "
         f"classes = the {len(model_classes)} trained classes ({args.per_class} images each), "
         f"{args.random_runs} random runs (random sets from the whole probe set), logistic "
-        "CAVs, two-sided Welch t-test, Benjamini-Hochberg over the concept x class grid, "
-        f"alpha {result.alpha}.",
+        "CAVs, two-sided Welch t-test, Benjamini-Hochberg over the whole layer x concept x "
+        "class grid, "
+        f"alpha {result.alpha}. In the SmallCNN, conv3 -> pool -> fc is linear (a spatial "
+        "mean, then a dense layer), so a logit's gradient with respect to conv3 or pool is the "
+        "same for every input and each CAV scores all images of a class alike (scores 0 or "
+        "1); conv2 reaches the logits through conv3's convolutions, ReLUs and max-pool, so "
+        "its scores are graded.",
         "",
         "## LAM sweep",
         "",
@@ -393,24 +436,9 @@ def write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, ac
                   "network's predictions"],
                  unseen_rows(shares, res.F.sum(1), probe_ds, seen, predicted, model_classes)),
         "",
-        f"## TCAV at `{args.tcav_layer}`",
+        "## TCAV",
         "",
-    ]
-    table = result.table()
-    sig = [r for r in table if r["significant"]]
-    lines += [
-        f"{len(sig)} of {len(table)} (concept, class) cells are significant after "
-        "Benjamini-Hochberg. Mean CAV held-out accuracy: "
-        f"{float(result.cav_accuracies.mean()):.3f} (random-vs-random "
-        f"{float(result.random_cav_accuracies.mean()):.3f}). Full table: "
-        f"[tcav_{args.tcav_layer}.csv](tcav_{args.tcav_layer}.csv).",
-        "",
-        md_table(["concept", "class", "mean TCAV score", "random mean", "p adjusted"],
-                 [[r["concept"], r["class"], f"{r['mean_score']:.3f}",
-                   f"{r['random_mean']:.3f}", f"{r['p_adjusted']:.2g}"]
-                  for r in sorted(sig, key=lambda r: (r["concept"], r["class"]))]),
-        "",
-        f"![TCAV heatmap](tcav_{args.tcav_layer}.png)",
+        tcav_section(args, result),
         "",
         "## Wall times (seconds, shared 2-core CPU)",
         "",
@@ -424,7 +452,8 @@ def write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, ac
         "sweep": sweep_rows, "zero_groups": zeros, "dead_concepts": dead,
         "concepts": {names[k]: dict(zip(cls, shares[k].round(4).tolist()))
                      for k in range(len(names))},
-        "tcav_significant": [[r["concept"], r["class"], r["mean_score"]] for r in sig],
+        "tcav_significant": [[r["layer"], r["concept"], r["class"], r["mean_score"]]
+                             for r in result.table() if r["significant"]],
         "tcav_timings": result.timings, "times": times,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
