@@ -13,6 +13,13 @@ computed once per input (one backward pass per batch, all layers at once), and e
 sensitivities are then one matrix product ``grads (n, D) @ cavs.T (D, R)``. All CAVs of a
 concept (its R runs and R random-vs-random runs) are trained in one jitted, vmapped call.
 
+Precision: TCAV scores are signs of small numbers; we compute at full precision so
+results do not depend on the backend's default. Activations, gradients, CAV fits and
+sensitivities are traced under ``jax.default_matmul_precision("float32")``, so every
+float32 matmul and convolution runs in full float32 even where the backend would
+otherwise use TF32 or bfloat16 passes (NVIDIA GPUs, TPUs); the sign of a sensitivity
+near zero then no longer depends on the backend or on how the inputs were batched.
+
 Activations and CAVs live in the channel-major flattening of a layer's output,
 ``row = c*H*W + h*W + w`` (the same order as ``probe.collect(..., pooling="flatten")``);
 gradients are flattened the same way.
@@ -62,6 +69,21 @@ class Cavs(NamedTuple):
 
     vectors: np.ndarray
     accuracies: np.ndarray
+
+
+def _full_precision(fn):
+    """``fn`` traced (or run eagerly) with full-precision float32 matmuls and convolutions.
+
+    The precision is fixed inside the traced function, not by the caller, so a jitted
+    ``fn`` compiles to the same program whatever context it is called from.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("float32"):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 # --------------------------------------------------------------------------- CAV core
@@ -170,6 +192,7 @@ def _fit_one(
 
 
 @functools.partial(jax.jit, static_argnames=("method", "max_steps", "chunk"))
+@_full_precision
 def _fit_cavs(acts, pos_idx, neg_idx, train, *, method, l2, max_steps, tol, chunk):
     """All CAVs in one call: ``lax.map`` over runs, vmapped ``chunk`` at a time."""
     fit = functools.partial(
@@ -324,16 +347,21 @@ def sensitivities(grads: np.ndarray, cavs: np.ndarray) -> np.ndarray:
         cavs: (R, D) CAVs.
 
     Returns:
-        (n, R) float32 ``grads @ cavs.T``.
+        (n, R) float32 ``grads @ cavs.T``, at full float32 precision on every backend.
 
     Example:
         >>> sensitivities(np.eye(2), np.array([[1., 0.]])).ravel().tolist()
         [1.0, 0.0]
     """
-    return np.asarray(jnp.asarray(grads, jnp.float32) @ jnp.asarray(cavs, jnp.float32).T)
+    sens = jnp.matmul(
+        jnp.asarray(grads, jnp.float32), jnp.asarray(cavs, jnp.float32).T,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return np.asarray(sens)
 
 
 @jax.jit
+@_full_precision
 def _class_scores(grads, cavs, onehot):
     """TCAV scores and magnitude scores of every CAV for every class at once."""
     sens = grads @ cavs.T
@@ -517,11 +545,13 @@ def layer_shapes(model: nn.Module, variables: Any, image_shape: Sequence[int]) -
     return _shapes(model, variables, image_shape)[0]
 
 
+@_full_precision
 def _activations(model, variables, x, *, layers):
     _, captured = _forward(model, variables, x, layers)
     return tuple(_flatten(captured[name]) for name in layers)
 
 
+@_full_precision
 def _gradients(model, variables, x, labels, *, layers):
     """Gradient of each input's own class logit w.r.t. every layer: one backward pass.
 
@@ -586,7 +616,8 @@ def layer_activations(
         batch_size: images per forward pass.
 
     Returns:
-        dict layer -> (N, D) float32, row order ``c*H*W + h*W + w``.
+        dict layer -> (N, D) float32, row order ``c*H*W + h*W + w``; computed at full
+        float32 precision on every backend (see the module docstring).
 
     Example:
         >>> acts = layer_activations(model, variables, images, ["conv3", "pool"])
@@ -613,7 +644,8 @@ def layer_gradients(
         batch_size: images per forward/backward pass.
 
     Returns:
-        dict layer -> (N, D) float32, flattened like ``layer_activations``.
+        dict layer -> (N, D) float32, flattened like ``layer_activations``; computed at
+        full float32 precision on every backend (see the module docstring).
 
     Example:
         >>> g = layer_gradients(model, variables, images, labels, ["conv3"])
@@ -833,6 +865,9 @@ def run(
     a real, small effect that many runs can declare significant (a property of Kim et
     al.'s test, not of this implementation): read significance together with the mean
     score's distance from the random mean (``table()`` reports both).
+
+    Every matmul and convolution runs at full float32 precision, whatever the backend's
+    default (see the module docstring): scores are signs of small numbers.
 
     Args:
         model: flax linen module; ``model.apply(variables, x, train=False)`` -> logits.

@@ -4,6 +4,7 @@ import csv
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -353,3 +354,44 @@ def test_several_layers_in_one_call_match_single_layer_calls(toy):
     np.testing.assert_array_equal(both.scores[0], single.scores[0])
     np.testing.assert_array_equal(both.random_scores[0], single.random_scores[0])
     assert len(both.table()) == 2 * 3 * 3
+
+
+def _precisions(jaxpr):
+    """``precision`` of every matmul and convolution in a jaxpr and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            found.append(eqn.params["precision"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found.extend(_precisions(sub))
+    return found
+
+
+def test_every_matmul_and_convolution_runs_at_full_precision():
+    # The CPU always computes float32 products in full, so the traced programs are what
+    # can be checked here: each product must carry HIGHEST rather than the backend's
+    # default, which is TF32 on NVIDIA GPUs.
+    model = models.small_cnn(10, width=0.125)
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    layers = ("conv2", "pool")
+    programs = [
+        jax.make_jaxpr(tcav._compiled(tcav._activations, model, layers))(variables, x),
+        jax.make_jaxpr(tcav._compiled(tcav._gradients, model, layers))(
+            variables, x, jnp.zeros(2, jnp.int32)
+        ),
+        jax.make_jaxpr(tcav._class_scores)(jnp.ones((4, 6)), jnp.ones((3, 6)), jnp.ones((4, 2))),
+    ]
+    acts = jnp.ones((12, 6))
+    pos, neg = jnp.arange(4)[None].repeat(2, 0), 4 + jnp.arange(8).reshape(2, 4)
+    train = jnp.ones((2, 8), bool)
+    for method in tcav.CAV_METHODS:
+        programs.append(jax.make_jaxpr(
+            lambda a, p, n, t, method=method: tcav._fit_cavs(
+                a, p, n, t, method=method, l2=0.01, max_steps=5, tol=1e-5, chunk=2
+            )
+        )(acts, pos, neg, train))
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for program in programs:
+        found = _precisions(program.jaxpr)
+        assert found and all(p == highest for p in found), found
