@@ -87,7 +87,9 @@ def test_tables_are_written_as_csv_and_json(demo_dir):
         assert isinstance(json.loads((tables / f"{name}.json").read_text()), list), name
     summary = json.loads((tables / "summary.json").read_text())
     assert [row["method"].split(" ")[0] for row in summary] == ["coupled", "k-means"]
-    assert all(0.0 <= row["NMI"] <= 1.0 and 0.0 <= row["purity"] <= 1.0 for row in summary)
+    assert all(0.0 <= row["NMI"] <= 1.0 and 0.0 <= row["cluster purity"] <= 1.0
+               for row in summary)
+    assert 0.0 <= summary[0]["concept purity"] <= 1.0
     fidelity = json.loads((tables / "fidelity.json").read_text())
     assert {(row["layer"], row["rank"]) for row in fidelity} == {
         ("conv2", 10), ("conv3", 10), ("pool", 10)}
