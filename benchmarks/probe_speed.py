@@ -2,9 +2,12 @@
 
 Both passes read the same uint8 images in the same batches, convert each batch on the
 host, keep the next batch in flight while the previous result is copied back, and pad the
-last batch; the plain pass returns the logits, ``collect`` the probe matrices. The first
-run of each compiles and is reported separately; the timed figure is the median of
-``--repeats`` runs. Writes ``benchmarks/results/probe_speed.json`` next to a printed table.
+last batch; the plain pass returns the logits, ``collect`` the probe matrices, once as
+numpy arrays (``output="numpy"``, on the host) and once as device arrays
+(``output="device"``, blocked on until ready). The two outputs are checked to be equal.
+The first run of each compiles and is reported separately; the timed figure is the median
+of ``--repeats`` runs. Writes ``benchmarks/results/probe_speed.json`` next to a printed
+table.
 
 Usage:
     python benchmarks/probe_speed.py                 # width 1, 1024 images, batch 256
@@ -73,11 +76,19 @@ def bench(name, width, n, batch_size, pooling, repeats):
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
     first_plain, plain = timed(lambda: plain_inference(apply, variables, images, batch_size), repeats)
-    first_collect, collect = timed(
-        lambda: probe.collect(
-            model, variables, images, layers, pooling=pooling, batch_size=batch_size, progress=False
-        ),
-        repeats,
+    def collect(output):
+        views = probe.collect(
+            model, variables, images, layers, pooling=pooling, batch_size=batch_size,
+            progress=False, output=output,
+        )
+        return jax.block_until_ready(views)
+
+    first_collect, collect_numpy = timed(lambda: collect("numpy"), repeats)
+    # Both outputs run the same compiled program, so only the first compiles.
+    _, collect_device = timed(lambda: collect("device"), repeats)
+    host, device = collect("numpy"), collect("device")
+    equal = list(host) == list(device) and all(
+        np.array_equal(host[k], np.asarray(device[k])) for k in host
     )
     return {
         "model": name,
@@ -86,11 +97,15 @@ def bench(name, width, n, batch_size, pooling, repeats):
         "pooling": pooling,
         "n_images": n,
         "batch_size": batch_size,
+        "view_megabytes": sum(v.nbytes for v in host.values()) / 2**20,
         "plain_images_per_s": n / plain,
-        "collect_images_per_s": n / collect,
-        "ratio": plain / collect,
+        "collect_images_per_s": n / collect_numpy,
+        "collect_device_images_per_s": n / collect_device,
+        "ratio": plain / collect_numpy,
+        "ratio_device": plain / collect_device,
+        "device_equals_numpy": bool(equal),
         "plain_compile_s": first_plain - plain,
-        "collect_compile_s": first_collect - collect,
+        "collect_compile_s": first_collect - collect_numpy,
     }
 
 
@@ -110,13 +125,21 @@ def main(argv=None):
 
     rows = [bench(m, args.width, args.n, args.batch_size, args.pooling, args.repeats) for m in args.models]
 
-    print(f"{'model':<10}{'width':>7}{'N':>7}{'batch':>7}{'plain img/s':>13}{'collect img/s':>15}{'ratio':>7}{'compile s (plain/collect)':>28}")
+    print(
+        f"{'model':<10}{'width':>7}{'N':>7}{'batch':>7}{'MB':>8}{'plain img/s':>13}"
+        f"{'numpy img/s':>13}{'ratio':>7}{'device img/s':>14}{'ratio':>7}{'equal':>7}"
+    )
     for r in rows:
         print(
             f"{r['model']:<10}{r['width']:>7.3g}{r['n_images']:>7}{r['batch_size']:>7}"
-            f"{r['plain_images_per_s']:>13.1f}{r['collect_images_per_s']:>15.1f}{r['ratio']:>7.2f}"
-            f"{r['plain_compile_s']:>14.2f} / {r['collect_compile_s']:.2f}"
+            f"{r['view_megabytes']:>8.1f}{r['plain_images_per_s']:>13.1f}"
+            f"{r['collect_images_per_s']:>13.1f}{r['ratio']:>7.2f}"
+            f"{r['collect_device_images_per_s']:>14.1f}{r['ratio_device']:>7.2f}"
+            f"{str(r['device_equals_numpy']):>7}"
         )
+    print("compile s (plain / collect): " + "; ".join(
+        f"{r['model']} {r['plain_compile_s']:.2f} / {r['collect_compile_s']:.2f}" for r in rows
+    ))
     result = {
         "benchmark": "probe_speed",
         "device": jax.devices()[0].device_kind,
