@@ -438,13 +438,14 @@ def collect(
     buffers = {name: buffers[name] for name in rows}
     if output == "device":
         return buffers
-    # One transfer of every view at the end: per-batch copies into column blocks of host
-    # arrays cost far more than the forward passes on an accelerator.
-    host = jax.device_get(buffers)
-    # On the CPU backend device_get returns read-only views of the buffers; a copy keeps
-    # the numpy outputs writable, as they always were.
-    host = {name: host[name] for name in rows}
-    return {name: X if X.flags.writeable else np.array(X) for name, X in host.items()}
+    # Every view crosses to the host once, at the end: per-batch copies into column blocks
+    # of host arrays cost far more than the forward passes on an accelerator. All
+    # transfers start together; then each view is copied into a writable array (fetched
+    # jax arrays are read-only) and its device buffer freed, so the peak is the outputs
+    # plus one view.
+    for buf in buffers.values():
+        buf.copy_to_host_async()
+    return {name: np.array(buffers.pop(name)) for name in rows}
 
 
 def _replace_output(layer: str, activations: jnp.ndarray):
@@ -494,7 +495,8 @@ def intervene(
         batch_size: images per forward pass.
 
     Returns:
-        ``(N, num_classes)`` float32 numpy logits.
+        ``(N, num_classes)`` float32 numpy logits, from forward passes at the backend's
+        default matmul precision, as ``model.apply`` computes them.
 
     Example:
         >>> import jax
@@ -540,7 +542,9 @@ def layer_forward(
         is scaled inside, where XLA's ``* (1/255)`` may differ from ``collect`` by an
         ulp), ``activations`` ``(B, *layer_shape)`` float32 -> logits
         ``(B, num_classes)`` float32. A wrong activation shape raises ``ValueError``
-        when ``f`` is traced.
+        when ``f`` is traced. ``f`` runs at the backend's default matmul precision
+        (TF32 on NVIDIA GPUs); where the sign of a small gradient matters, call it under
+        ``jax.default_matmul_precision("float32")``, as ``jaxcnmf.tcav`` does.
 
     Example:
         >>> import jax, jax.numpy as jnp
