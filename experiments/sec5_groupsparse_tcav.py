@@ -16,8 +16,8 @@ Two ways to get X and Y:
   classes of ``--train``'s training split and probed with ``--per-class`` test images of
   every class, so the other classes are unseen.
 
-The LAM sweep is expressed as fractions of ``lam_max``, the smallest group weight that
-zeroes every (concept, class) group at F = 0 given the unregularised fit's loadings
+The LAM sweep is expressed as fractions of ``lam_max``, the smallest group weight for which
+F = 0 is optimal given the unregularised fit's loadings
 (``max_kg ||2 sum_v w_v W_vk^T X_vg||``); the chosen LAM is the largest swept value that
 leaves no concept dead and raises the weighted relative error by at most
 ``--max-error-increase`` (or ``--lam`` given as a fraction).
@@ -66,7 +66,8 @@ def parse_args(argv):
                         help="train on --seen classes of --train, probe with all its classes")
     parser.add_argument("--seen", nargs="+", default=list(DEFAULT_SEEN),
                         help="classes trained on in --split-classes mode")
-    parser.add_argument("--source", help="folder holding the datasets (see data.load)")
+    parser.add_argument("--source", help="folder holding the named datasets (see data.load); "
+                        "--train/--probe may also be a dataset path")
     parser.add_argument("--checkpoint", help="a trained checkpoint; skips training")
     parser.add_argument("--work", default="/work/runs/sec5",
                         help="folder for the checkpoint and the fit results")
@@ -93,6 +94,9 @@ def parse_args(argv):
     parser.add_argument("--random-runs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if min(args.fractions) < 0 or (args.lam is not None and args.lam < 0):
+        parser.error(f"--fractions/--lam: expected fractions >= 0, got {args.fractions} "
+                     f"and {args.lam}")
     if args.split_classes == (args.probe is not None):
         parser.error("expected either --split-classes or --probe DATASET, got "
                      + ("both" if args.split_classes else "neither"))
@@ -102,15 +106,20 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------- data
 
 
+def load(name, source):
+    """A named dataset from ``source``, or a path (folder, .npz) on its own."""
+    return data.load(name, source=source if name in data.KNOWN_DATASETS else None)
+
+
 def datasets(args):
     """(training set, eval set of the trained classes, probe set, seen flags per probe class)."""
-    x = data.load(args.train, source=args.source)
+    x = load(args.train, args.source)
     if args.split_classes:
         train_ds = data.select_classes(x.train, args.seen)
         eval_ds = data.select_classes(x.test, args.seen)
         probe_ds = data.balanced_subset(x.test, args.per_class, seed=args.seed)
     else:
-        y = data.load(args.probe, source=args.source)
+        y = load(args.probe, args.source)
         train_ds, eval_ds = x.train, x.test
         probe_ds = data.balanced_subset(y.test, args.per_class, seed=args.seed)
     if args.train_per_class:
@@ -138,7 +147,7 @@ def trained_model(args, train_ds, eval_ds):
 
 
 def lam_max(views, res, groups, n_groups):
-    """Smallest group weight zeroing every (concept, group) at F = 0 given res's loadings."""
+    """Smallest group weight for which F = 0 is optimal given res's loadings (KKT at 0)."""
     weights = res.config["weights"]
     grad = sum(2 * weights[name] * res.loadings[name].T @ X for name, X in views.items())
     norms = np.zeros((grad.shape[0], n_groups))
@@ -147,10 +156,10 @@ def lam_max(views, res, groups, n_groups):
 
 
 def group_stats(F, groups, n_groups):
-    """Zero (concept, group) blocks and dead concepts of F."""
+    """Numbers of zero (concept, group) blocks and of dead (all-zero) concepts of F."""
     mass = np.zeros((F.shape[0], n_groups))
     np.add.at(mass.T, groups, np.abs(F).T)
-    return int((mass == 0).sum()), int((mass.sum(1) == 0).sum()), mass
+    return int((mass == 0).sum()), int((mass.sum(1) == 0).sum())
 
 
 def weighted_error(res, views):
@@ -163,21 +172,25 @@ def weighted_error(res, views):
 
 
 def sweep(args, views, labels, n_groups):
-    fit = lambda lam, init="nndsvda": jaxcnmf.fit(  # noqa: E731
-        views, args.rank, method=args.method, max_iter=args.max_iter, seed=args.seed,
-        init=init, weights="balanced", unit_columns=True, groups=labels, group_lam=lam,
-        progress=False)
+    """Fit every swept LAM; returns (rows, chosen fit, chosen fraction, lam_max)."""
+
+    def fit(lam):
+        return jaxcnmf.fit(
+            views, args.rank, method=args.method, max_iter=args.max_iter, seed=args.seed,
+            weights="balanced", unit_columns=True, groups=labels, group_lam=lam,
+            progress=False)
+
     t0 = time.perf_counter()
     base = fit(0.0)
     base_seconds = time.perf_counter() - t0
     scale = lam_max(views, base, labels, n_groups)
     log(f"lam_max = {scale:.4g}")
     rows, fits = [], {}
-    fractions = sorted(set(args.fractions) | ({args.lam} if args.lam is not None else set()))
+    fractions = sorted({0.0, *args.fractions, *([args.lam] if args.lam is not None else [])})
     for frac in fractions:
         t0 = time.perf_counter()
         res = base if frac == 0 else fit(frac * scale)
-        zeros, dead, _ = group_stats(res.F, labels, n_groups)
+        zeros, dead = group_stats(res.F, labels, n_groups)
         row = {"fraction": frac, "lam": frac * scale, "zero_groups": zeros,
                "total_groups": res.F.shape[0] * n_groups, "dead_concepts": dead,
                "weighted_rel_error": weighted_error(res, views),
@@ -291,7 +304,7 @@ def main(argv=None):
     times["LAM sweep (all fits)"] = time.perf_counter() - t0
     res.save(Path(args.work) / "fit.npz")
     shares = analysis.class_shares(res.F, labels, n_groups)
-    zeros, dead, mass = group_stats(res.F, labels, n_groups)
+    zeros, dead = group_stats(res.F, labels, n_groups)
     names = concept_names(shares, probe_ds.class_names)
 
     order = analysis.concept_order(res.F, labels, n_groups)
@@ -366,6 +379,8 @@ def write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, ac
                  model_classes, result, times):
     cls = probe_ds.class_names
     unseen = [n for n, s in zip(cls, seen) if not s]
+    coarse = (None if probe_ds.coarse_labels is None else analysis.class_shares(
+        res.F, probe_ds.coarse_labels, len(probe_ds.superclass_names)))
     pair = (f"{args.train} ({', '.join(train_ds.class_names)}) -> {args.train} test, all "
             f"{len(cls)} classes" if args.split_classes else f"{args.train} -> {args.probe}")
     view_text = ", ".join(f"{n} {X.shape[0]} rows" for n, X in views.items())
@@ -386,7 +401,8 @@ def write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, ac
         f"{args.method}, max_iter {args.max_iter}, balanced view weights, unit columns, "
         f"group lasso over the {len(cls)} probe classes.",
         f"- LAM = {chosen:g} x lam_max = {chosen * scale:.4g} (lam_max = {scale:.4g}: the "
-        "weight that zeroes every group at F = 0 given the unregularised loadings); chosen as "
+        "smallest weight for which F = 0 is optimal given the unregularised loadings); chosen "
+        "as "
         "the largest swept value with no dead concept and a weighted relative error at most "
         f"{args.max_error_increase} above LAM = 0." if args.lam is None else
         f"- LAM = {chosen:g} x lam_max = {chosen * scale:.4g} (given).",
@@ -419,9 +435,12 @@ def write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, ac
         f"{zeros} of {res.F.shape[0] * len(cls)} (concept, class) groups are exactly zero; "
         f"{dead} dead concepts. Shares: each concept's mass per class (rows sum to 1).",
         "",
-        md_table(["concept", "mass", "top classes (share)", "classes with non-zero group"],
+        md_table(["concept", "mass", "top classes (share)", "classes with non-zero group"]
+                 + (["top superclasses (share)"] if coarse is not None else []),
                  [[names[k], f"{res.F[k].sum() / res.F.sum():.3f}",
                    share_text(shares[k], cls, 3, seen), int((shares[k] > 0).sum())]
+                  + ([share_text(coarse[k], probe_ds.superclass_names)]
+                     if coarse is not None else [])
                   for k in range(res.F.shape[0])]),
         "",
         "![concept x class shares](class_shares.png)",
@@ -429,10 +448,13 @@ def write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, ac
         "## Where the unseen classes land",
         "",
         "For each unseen class: the two concepts holding most of its mass (fraction of the "
-        "class's mass), the trained class with the largest share in each of those concepts, "
+        "class's mass), the trained class (or, when no probe class was trained on, the other "
+        "probe class) with the largest share in each of those concepts, "
         "and how the network (which can only answer a trained class) labels its images.",
         "",
-        md_table(["unseen class", "main concepts", "seen class sharing each concept",
+        md_table(["unseen class", "main concepts",
+                  "seen class sharing each concept" if seen.any()
+                  else "other probe class sharing each concept",
                   "network's predictions"],
                  unseen_rows(shares, res.F.sum(1), probe_ds, seen, predicted, model_classes)),
         "",
