@@ -8,8 +8,8 @@ pools inside the compiled function and writes each batch in place into prealloca
 batch; they are either returned as jax arrays (``output="device"``, ready for
 ``jaxcnmf.fit`` without a trip through the host) or copied to the host once at the end.
 Forward passes run at the backend's default matmul precision, as ``model.apply`` does:
-the views are the network's own activations, which is what NMF should explain. ``intervene`` and
-``layer_forward`` replace a layer's output (``flax.linen.intercept_methods``) to read off
+the views are the network's own activations, which is what NMF should explain.
+``intervene`` and ``layer_forward`` replace a layer's output (``flax.linen.intercept_methods``) to read off
 the logits, for concept fidelity and TCAV.
 
 Row orders (``N`` images of ``H x W`` pixels):
@@ -160,7 +160,7 @@ def _pool(act: jnp.ndarray, pooling: str) -> jnp.ndarray:
 
 
 def _probe_views(model, variables, x, layers, pooling, n_valid):
-    """Views ``(rows, n_valid)`` of the first ``n_valid`` images of ``x`` and each layer's minimum."""
+    """Views ``(rows, n_valid)`` of the first ``n_valid`` images of ``x``, layer minima."""
     _, state = model.apply(
         variables,
         x,
@@ -286,7 +286,7 @@ def _check_batch_size(batch_size: Any) -> int:
 
 def _batch_starts(n: int, batch_size: int) -> list[int]:
     # Every batch is full: a last partial batch instead starts at n - batch_size and
-    # recomputes a few images, so one compiled shape writes whole columns blocks in place.
+    # recomputes a few images, so one compiled shape writes whole column blocks in place.
     if n <= batch_size:
         return [0]
     starts = list(range(0, n - batch_size + 1, batch_size))
