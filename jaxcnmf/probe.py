@@ -9,8 +9,8 @@ batch; they are either returned as jax arrays (``output="device"``, ready for
 ``jaxcnmf.fit`` without a trip through the host) or copied to the host once at the end.
 Forward passes run at the backend's default matmul precision, as ``model.apply`` does:
 the views are the network's own activations, which is what NMF should explain.
-``intervene`` and ``layer_forward`` replace a layer's output (``flax.linen.intercept_methods``) to read off
-the logits, for concept fidelity and TCAV.
+``intervene`` and ``layer_forward`` replace a layer's output
+(``flax.linen.intercept_methods``) to read off the logits, for concept fidelity and TCAV.
 
 Row orders (``N`` images of ``H x W`` pixels):
 
