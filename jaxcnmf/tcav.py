@@ -58,6 +58,15 @@ CORRECTIONS = ("bh", "bonferroni")
 # for wide layers while keeping chunks large enough for batched BLAS.
 _CHUNK_BYTES = 64 * 2**20
 
+# A class's logit gradients count as identical when every entry varies across the class's
+# inputs by at most this fraction of the largest entry: float32 round-off of a linear head
+# stays far below it, while a ReLU or max-pool after the layer zeroes whole entries.
+_CONSTANT_RTOL = 1e-5
+
+
+class TcavWarning(UserWarning):
+    """TCAV scores that carry no per-input information (see :func:`run`)."""
+
 
 class Cavs(NamedTuple):
     """CAVs of one concept (or random set) against R random sets.
@@ -738,6 +747,9 @@ class TcavResult:
         significant: (L, C, K) bool, ``adjusted <= alpha``.
         correction: "bh" or "bonferroni"; alpha: the level.
         timings: seconds per stage; config: settings used (JSON-serialisable).
+        constant_gradient: (L, K) bool, the class's logit gradient at the layer is the
+            same for all its inputs, so its scores are 0 or 1 (see ``run``); None for
+            results saved before the flag existed.
     """
 
     layers: tuple[str, ...]
@@ -756,14 +768,18 @@ class TcavResult:
     alpha: float
     timings: dict
     config: dict
+    constant_gradient: np.ndarray | None = None
 
     def table(self) -> list[dict]:
         """One row per (layer, concept, class): scores, p-values, significance.
 
         Returns:
             list of dicts with keys layer, concept, class, mean_score, std_score,
-            random_mean, magnitude, cav_accuracy, p_value, p_adjusted, significant.
+            random_mean, magnitude, cav_accuracy, p_value, p_adjusted, significant,
+            constant_gradient (False when the result has no flags).
         """
+        constant = (np.zeros(self.significant.shape[::2], bool)
+                    if self.constant_gradient is None else self.constant_gradient)
         rows = []
         for li, layer in enumerate(self.layers):
             for ci, concept in enumerate(self.concepts):
@@ -781,6 +797,7 @@ class TcavResult:
                             "p_value": float(self.p_values[li, ci, ki]),
                             "p_adjusted": float(self.adjusted[li, ci, ki]),
                             "significant": bool(self.significant[li, ci, ki]),
+                            "constant_gradient": bool(constant[li, ki]),
                         }
                     )
         return rows
@@ -807,6 +824,59 @@ class TcavResult:
 
 
 # ---------------------------------------------------------------------------- run
+
+
+def constant_gradients(
+    grads: np.ndarray, labels: np.ndarray, num_classes: int, rtol: float = _CONSTANT_RTOL
+) -> np.ndarray:
+    """Which classes have the same logit gradient for all of their inputs.
+
+    A class counts when it has at least two inputs and every gradient entry varies across
+    them by at most ``rtol`` times the largest absolute entry of the class (all-zero
+    gradients count too). It happens when the network is linear from the layer to the
+    logits (a global average pool then a dense layer, or a vector layer before the
+    classifier): every sensitivity of the class along a CAV then has the same sign, so
+    its TCAV scores are exactly 0 or 1.
+
+    Args:
+        grads: (n, D) gradient of each input's own class logit w.r.t. the layer.
+        labels: (n,) int class position of each input in [0, num_classes).
+        num_classes: number of classes.
+        rtol: relative tolerance.
+
+    Returns:
+        (num_classes,) bool.
+
+    Example:
+        >>> constant_gradients(np.array([[1., 2.], [1., 2.], [0., 1.], [1., 1.]]),
+        ...                    np.array([0, 0, 1, 1]), 2).tolist()
+        [True, False]
+    """
+    grads = np.asarray(grads)
+    labels = np.asarray(labels)
+    flags = np.zeros(num_classes, bool)
+    for k in range(num_classes):
+        members = grads[labels == k]
+        if members.shape[0] < 2:
+            continue
+        spread = float(np.max(members.max(0) - members.min(0), initial=0.0))
+        flags[k] = spread <= rtol * float(np.max(np.abs(members), initial=0.0))
+    return flags
+
+
+def _warn_constant(layer: str, classes: Sequence[str], flags: np.ndarray) -> None:
+    which = "every class" if flags.all() else "classes " + ", ".join(
+        name for name, flag in zip(classes, flags) if flag)
+    warnings.warn(
+        f"TCAV at layer {layer!r}: the class-logit gradient is the same for every input of "
+        f"{which}, so the network is linear from this layer to those logits (e.g. a global "
+        "average pool then a dense layer). Every input of such a class has the same sign "
+        "of sensitivity along a CAV and its TCAV scores are exactly 0 or 1, however the "
+        "concept relates to the images; pick an earlier layer, with a non-linearity "
+        "between it and the logits.",
+        TcavWarning,
+        stacklevel=3,
+    )
 
 
 def _log(progress: bool, message: str) -> None:
@@ -869,6 +939,17 @@ def run(
     Every matmul and convolution runs at full float32 precision, whatever the backend's
     default (see the module docstring): scores are signs of small numbers.
 
+    Layers that feed a linear head give 0/1 scores. When the network is linear from a
+    layer to the logits (SmallCNN's ``conv3`` or ``pool``, ResNet-18's ``conv5_x`` or
+    ``avgpool``: a global average pool, then the dense classifier), a class logit's
+    gradient with respect to that layer is the same for every input, so every input of
+    the class has the same sign of sensitivity along a CAV and each score is exactly 0
+    or 1: it says on which side of the class's one gradient the CAV lies, not how many
+    images the concept moves. ``run`` detects this per (layer, class) (see
+    ``constant_gradients``), issues a ``TcavWarning`` naming the layer, and records it
+    in ``constant_gradient`` and in ``table()``'s rows. Test such networks at an earlier
+    layer, with a non-linearity (ReLU, max-pool) between it and the logits.
+
     Args:
         model: flax linen module; ``model.apply(variables, x, train=False)`` -> logits.
         variables: its variables.
@@ -890,7 +971,12 @@ def run(
         progress: log each stage with its time to stderr.
 
     Returns:
-        TcavResult with scores (L, C, K, R), p-values and significance (L, C, K).
+        TcavResult with scores (L, C, K, R), p-values and significance (L, C, K), and
+        constant_gradient (L, K).
+
+    Warns:
+        TcavWarning: a layer where some class's logit gradients are identical across
+            its inputs, so that class's scores are all 0 or 1.
 
     Example:
         >>> result = run(model, variables, ["conv2", "conv3"], {"stripes": striped},
@@ -993,6 +1079,12 @@ def run(
     _log(progress, f"gradients of {inputs.shape[0]} class inputs ({len(class_ids)} classes)")
     grads = layer_gradients(model, variables, inputs, logit_ids, layers, batch_size)
     timings["gradients"] = time.perf_counter() - t0
+    constant = np.stack(
+        [constant_gradients(grads[name], labels, len(class_ids)) for name in layers]
+    )
+    for name, flags in zip(layers, constant):
+        if flags.any():
+            _warn_constant(name, class_keys, flags)
 
     n_l, n_c, n_k, runs = len(layers), len(concept_names), len(class_ids), int(random_runs)
     out = {key: np.zeros((n_l, n_c, n_k, runs), np.float32)
@@ -1047,7 +1139,7 @@ def run(
         layers=layers, concepts=concept_names, classes=tuple(class_keys),
         cav_accuracies=acc, random_cav_accuracies=random_acc, p_values=p_values,
         adjusted=adjusted, significant=adjusted <= alpha, correction=correction,
-        alpha=alpha, timings=timings, config=config, **out,
+        alpha=alpha, timings=timings, config=config, constant_gradient=constant, **out,
     )
 
 
@@ -1074,9 +1166,17 @@ def figure(result: TcavResult, layer: str | None = None, path=None, ax=None):
 
     means, significant = result.heatmap_matrix(layer)
     n_c, n_k = means.shape
+    layer = layer or result.layers[0]
+    title = f"TCAV scores at {layer}\n(hatched: not significant)"
     if ax is None:
+        # Wide enough for the concept names, the grid and the colour bar, and for the
+        # title's longer line (about 0.08 inch per tick-label character, 0.1 per title
+        # character at matplotlib's default sizes).
+        names = max(len(str(name)) for name in result.concepts)
+        chars = max(len(line) for line in title.splitlines())
+        width = max(1.6 + 0.08 * names + 0.6 * n_k, 1.0 + 0.1 * chars)
         # A bare Figure (no pyplot) draws with Agg and leaves the user's backend alone.
-        fig = Figure(figsize=(1.5 + 0.6 * n_k, 1.0 + 0.45 * n_c))
+        fig = Figure(figsize=(width, 1.4 + 0.45 * n_c))
         ax = fig.subplots()
     else:
         fig = ax.figure
@@ -1093,7 +1193,7 @@ def figure(result: TcavResult, layer: str | None = None, path=None, ax=None):
     ax.set_yticks(range(n_c), result.concepts)
     ax.set_xlabel("class")
     ax.set_ylabel("concept")
-    ax.set_title(f"TCAV scores at {layer or result.layers[0]} (hatched: not significant)")
+    ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     if path is not None:

@@ -1,6 +1,7 @@
 """Tests of jaxcnmf.tcav on a toy network whose class logits depend on known directions."""
 
 import csv
+import warnings
 
 import flax.linen as nn
 import jax
@@ -347,7 +348,10 @@ def test_activations_match_probe_collect_flattening():
 def test_several_layers_in_one_call_match_single_layer_calls(toy):
     args = dict(concepts=toy["concepts"], classes=toy["classes"], random_runs=3,
                 pool=toy["pool"], cav_method="mean_diff", progress=False, seed=3)
-    both = tcav.run(toy["model"], toy["variables"], ["feat", "fc"], **args)
+    # The logits' gradient with respect to themselves is constant: "fc" warns.
+    with pytest.warns(tcav.TcavWarning, match="layer 'fc'"):
+        both = tcav.run(toy["model"], toy["variables"], ["feat", "fc"], **args)
+    assert both.constant_gradient.tolist() == [[False] * 3, [True] * 3]
     single = tcav.run(toy["model"], toy["variables"], "feat", **args)
     assert both.layers == ("feat", "fc")
     assert both.scores.shape == (2, 3, 3, 3) and both.p_values.shape == (2, 3, 3)
@@ -395,3 +399,72 @@ def test_every_matmul_and_convolution_runs_at_full_precision():
     for program in programs:
         found = _precisions(program.jaxpr)
         assert found and all(p == highest for p in found), found
+
+
+class ConvFeatures(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Conv(6, (3, 3))(x))
+
+
+class LinearHead(nn.Module):
+    """conv -> global average pool -> dense: linear from "conv" to the logits."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        feat = ConvFeatures(name="conv")(x)
+        return nn.Dense(3, name="fc")(feat.mean(axis=(1, 2)))
+
+
+class NonLinearHead(nn.Module):
+    """conv -> dense -> ReLU -> dense: the ReLU makes the gradient depend on the input."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        feat = ConvFeatures(name="conv")(x)
+        hidden = nn.relu(nn.Dense(16, name="hidden")(feat.reshape(feat.shape[0], -1)))
+        return nn.Dense(3, name="fc")(hidden)
+
+
+def _run_head(model):
+    rng = np.random.default_rng(4)
+    images = rng.uniform(size=(120, 6, 6, 1)).astype(np.float32)
+    variables = model.init(jax.random.key(1), images[:1])
+    return tcav.run(
+        model, variables, "conv", {"a": images[:10], "b": images[10:20]},
+        {k: images[20 + 20 * k: 40 + 20 * k] for k in range(3)}, random_runs=4,
+        pool=images, cav_method="mean_diff", progress=False,
+    )
+
+
+def test_linear_head_warns_and_flags_zero_one_scores():
+    with pytest.warns(tcav.TcavWarning, match=r"layer 'conv'.*every class.*exactly 0 or 1"
+                      r".*earlier layer"):
+        result = _run_head(LinearHead())
+    assert result.constant_gradient.shape == (1, 3) and result.constant_gradient.all()
+    assert np.isin(result.scores, [0.0, 1.0]).all()
+    assert np.isin(result.random_scores, [0.0, 1.0]).all()
+    assert all(row["constant_gradient"] for row in result.table())
+
+
+def test_non_linear_head_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tcav.TcavWarning)
+        result = _run_head(NonLinearHead())
+    assert not result.constant_gradient.any()
+    assert not any(row["constant_gradient"] for row in result.table())
+    # Gradients differ between inputs, so some CAV splits a class's inputs.
+    assert not np.isin(result.random_scores, [0.0, 1.0]).all()
+
+
+def test_constant_gradients_tolerance_and_single_input_classes():
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(1, 20))
+    rounding = base + 1e-7 * rng.normal(size=(6, 20))
+    varying = base + 1e-3 * rng.normal(size=(6, 20))
+    grads = np.concatenate([rounding, varying, np.zeros((4, 20)), base])
+    labels = np.repeat([0, 1, 2, 3], [6, 6, 4, 1])
+    # Round-off counts as constant, a real spread does not, all-zero gradients are
+    # constant, and one input alone says nothing about the layer.
+    assert tcav.constant_gradients(grads, labels, 5).tolist() == [True, False, True, False,
+                                                                  False]
