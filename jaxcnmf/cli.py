@@ -96,8 +96,13 @@ CAV. Scores are tested against random-vs-random CAVs (two-sided Welch t-test), c
 the whole (layer, concept, class) grid.
 
 The network comes from RUN_DIR/ckpt or the checkpoint named in RUN_DIR/run.json. The layer
-defaults to the last probed layer with a spatial output (conv3 for the demo), the last
-probed layer if none has one; any probe-able layer of the network may be named. --top may be
+defaults to the second-to-last probed layer with a spatial output when two or more were
+probed (conv2 for the demo, conv4_x for ResNet-18 probed at conv4_x,conv5_x,avgpool), to
+the only spatial one when one was, and to the last probed layer when none was; any
+probe-able layer of the network may be named.
+The last spatial layer is skipped because it reaches the logits through an average pool and
+a dense layer only: a linear map, whose gradient is the same for every image of a class, so
+every TCAV score there is 0 or 1 (jaxcnmf warns when a chosen layer does this). --top may be
 at most a third of the probe set, since the random sets come from the rest of it.
 
 Writes RUN_DIR/tcav.json, RUN_DIR/tcav.npz, tables/tcav.csv and figures/tcav_<layer>.png,
@@ -384,7 +389,8 @@ def build_parser():
     tcav.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by analyze/demo")
     tcav.add_argument(
         "--layer", metavar="LIST", type=_comma_list, default=None,
-        help="layer(s) to test, comma-separated (default: the last spatial probed layer)",
+        help="layer(s) to test, comma-separated (default: the second-to-last spatial "
+        "probed layer, or the only one; the last feeds a linear head, see below)",
     )
     tcav.add_argument(
         "--top", metavar="N", type=_positive_int, default=None,

@@ -138,8 +138,13 @@ class TcavConfig:
     classes, top) in ``tcav.json``.
 
     Attributes:
-        layers: layers to test; None takes the last probed layer with a spatial output
-            (the last probed layer when none has one), the layer of the paper's Fig. 6.
+        layers: layers to test; None takes the second-to-last probed layer with a
+            spatial output when two or more were probed, else the last one (the last
+            probed layer when none has one). The last spatial layer of our networks
+            (SmallCNN's conv3, ResNet-18's conv5_x) reaches the logits through a global
+            average pool and a dense layer only, a linear map whose gradient is the same
+            for every input, so its TCAV scores are all 0 or 1 (see
+            :func:`jaxcnmf.tcav.run`).
         top: images per concept; None takes 50, or a third of the probe set when that is
             smaller.
         random_runs: R >= 2 random runs per concept.
@@ -364,12 +369,19 @@ def _tcav_top(tcav_config: TcavConfig, n_images: int) -> int:
 
 
 def _tcav_layers(model, tcav_config: TcavConfig, probed, image_shape) -> tuple[str, ...]:
-    """The layers to test: the requested ones (any probe-able layer) or the default."""
+    """The layers to test: the requested ones (any probe-able layer) or the default.
+
+    The default skips the last probed spatial layer when an earlier one was probed: in
+    our networks it feeds a linear head (average pool, dense), where every TCAV score is
+    0 or 1.
+    """
     from jaxcnmf import models, probe
 
     if tcav_config.layers is None:
         shapes = probe.available_layers(model, input_shape=tuple(image_shape))
         spatial = [layer for layer in probed if len(shapes[layer]) == 3]
+        if len(spatial) >= 2:
+            return (spatial[-2],)
         return ((spatial or list(probed))[-1],)
     available = models.probe_layers(model)
     unknown = [layer for layer in tcav_config.layers if layer not in available]
@@ -730,7 +742,10 @@ def save_tcav(run_dir: str | os.PathLike, result) -> None:
     """
     run_dir = Path(run_dir)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{name: getattr(result, name) for name in _TCAV_FIELDS})
+    arrays = {name: getattr(result, name) for name in _TCAV_FIELDS}
+    if result.constant_gradient is not None:
+        arrays["constant_gradient"] = result.constant_gradient
+    np.savez_compressed(buffer, **arrays)
     write_bytes_atomic(run_dir / TCAV_ARRAYS, buffer.getvalue())
     write_json_atomic(run_dir / TCAV, {
         "layers": list(result.layers), "concepts": list(result.concepts),
@@ -755,6 +770,8 @@ def load_tcav(run_dir: str | os.PathLike):
     summary = json.loads((run_dir / TCAV).read_text())
     with np.load(run_dir / TCAV_ARRAYS) as arrays:
         fields = {name: arrays[name] for name in _TCAV_FIELDS}
+        # Results saved before the flag existed have none.
+        fields["constant_gradient"] = arrays.get("constant_gradient")
     return tcav.TcavResult(
         layers=tuple(summary["layers"]), concepts=tuple(summary["concepts"]),
         classes=tuple(summary["classes"]), correction=summary["correction"],

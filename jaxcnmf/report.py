@@ -503,6 +503,27 @@ TCAV_COLUMNS = ("layer", "concept", "class", "mean_score", "std_score", "random_
                 "magnitude", "cav_accuracy", "p_adjusted")
 
 
+def _constant_gradient_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One warning per layer whose rows carry ``constant_gradient`` (see ``tcav.run``)."""
+    flagged: dict[str, dict[str, None]] = {}
+    every: dict[str, dict[str, None]] = {}
+    for row in rows:
+        every.setdefault(row["layer"], {})[row["class"]] = None
+        if row.get("constant_gradient"):
+            flagged.setdefault(row["layer"], {})[row["class"]] = None
+    notes = []
+    for layer, classes in flagged.items():
+        which = ("every class" if len(classes) == len(every[layer])
+                 else "classes " + ", ".join(classes))
+        notes.append(
+            f"Warning: at {layer} the class-logit gradient is the same for every image of "
+            f"{which}: the network is linear from {layer} to those logits (an average pool "
+            "and a dense layer), so their TCAV scores are all 0 or 1 and say only on which "
+            "side of that one gradient each CAV lies. Test an earlier layer "
+            "('jaxcnmf tcav RUN_DIR --layer ...').")
+    return notes
+
+
 def _tcav_section(page: _Page, run_dir: Path) -> list[str]:
     from jaxcnmf import tcav
 
@@ -531,6 +552,7 @@ def _tcav_section(page: _Page, run_dir: Path) -> list[str]:
         paragraph(f"{len(significant)} of {len(rows)} cells significant; TCAV took "
                   f"{result.timings.get('total', 0.0):.1f} s.", note=True),
     ]
+    blocks.extend(paragraph(text) for text in _constant_gradient_notes(rows))
     for layer in result.layers:
         blocks.append(figure_block(
             run_dir, f"tcav_{layer}", tcav.figure(result, layer),
@@ -683,9 +705,11 @@ def write_summary(run_dir, path, *, title: str | None = None,
             copied.append(source.name)
     tcav_part = []
     if (run_dir / "tables" / "tcav.json").is_file():
+        cells = table("tcav")
         significant = [{key: row[key] for key in TCAV_COLUMNS}
-                       for row in table("tcav") if row["significant"]]
+                       for row in cells if row["significant"]]
         tcav_part = ["## TCAV: significant (concept, class) cells after correction\n",
+                     *[f"{note}\n" for note in _constant_gradient_notes(cells)],
                      _markdown_table(significant)]
     parts = [
         f"# {heading}\n",

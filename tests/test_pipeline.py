@@ -123,14 +123,20 @@ def test_bad_tcav_settings_fail_before_training(tcav, message, tmp_path, monkeyp
     assert not (tmp_path / "run").exists()
 
 
-def test_default_tcav_layer_is_the_last_spatial_probed_layer():
+def test_default_tcav_layer_skips_the_last_spatial_layer_when_it_can():
     from jaxcnmf import models
 
     model = models.small_cnn(10, width=0.25)
     default = pipeline.TcavConfig()
-    assert pipeline._tcav_layers(model, default, ("conv1", "conv2", "pool"), (32, 32, 1)) == (
-        "conv2",)
-    assert pipeline._tcav_layers(model, default, ("pool",), (32, 32, 1)) == ("pool",)
+
+    def layers(probed):
+        return pipeline._tcav_layers(model, default, probed, (32, 32, 1))
+
+    # conv3 feeds a linear head (average pool, dense): the layer before it is the default.
+    assert layers(("conv2", "conv3", "pool")) == ("conv2",)
+    assert layers(("conv1", "conv2", "pool")) == ("conv1",)
+    assert layers(("conv3", "pool")) == ("conv3",)
+    assert layers(("pool",)) == ("pool",)
     chosen = pipeline.TcavConfig(layers=("conv1", "pool"))
     assert pipeline._tcav_layers(model, chosen, ("conv3",), (32, 32, 1)) == ("conv1", "pool")
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from jaxcnmf import cli, pipeline, report
+from jaxcnmf import cli, pipeline, report, tcav
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,10 @@ def tcav_dir(demo_dir, tmp_path_factory):
     """A copy of the demo run re-tested by ``jaxcnmf tcav`` at two layers and three classes."""
     copy = tmp_path_factory.mktemp("tcav") / "run"
     shutil.copytree(demo_dir, copy)
-    assert cli.main(["tcav", str(copy), "--layer", "conv2,conv3", "--classes", "0,1,2",
-                     "--top", "5", "--random-runs", "2", "--cav", "mean_diff",
-                     "--correction", "bonferroni", "--quiet"]) == 0
+    with pytest.warns(tcav.TcavWarning, match="layer 'conv3'"):
+        assert cli.main(["tcav", str(copy), "--layer", "conv2,conv3", "--classes", "0,1,2",
+                         "--top", "5", "--random-runs", "2", "--cav", "mean_diff",
+                         "--correction", "bonferroni", "--quiet"]) == 0
     return copy
 
 
@@ -109,7 +110,7 @@ def test_report_command_redraws_from_the_saved_run(demo_dir, tmp_path):
     page = (copy / "report.html").read_text()
     assert _section_ids(page) == [section_id for section_id, _ in report.SECTIONS]
     assert (copy / "figures" / "concept_00.png").is_file()
-    assert (copy / "figures" / "tcav_conv3.png").is_file()  # re-drawn from tcav.npz
+    assert (copy / "figures" / "tcav_conv2.png").is_file()  # re-drawn from tcav.npz
     assert not (copy / "figures" / "concept_99.png").exists()
     assert (copy / "tables" / "summary.json").read_text() == before
 
@@ -207,13 +208,15 @@ def test_summary_markdown_needs_a_complete_run_and_copies_figures(demo_dir, tmp_
     assert "| report |" in text  # the summary has the report stage's time too
     copied = sorted(p.name for p in path.parent.glob("*.png"))
     assert "similarity.png" in copied and not any(n.startswith("concept_") for n in copied)
-    assert "tcav_conv3.png" in copied and "## TCAV: significant" in text
+    assert "tcav_conv2.png" in copied and "## TCAV: significant" in text
 
 
 def test_demo_tcav_stage_tests_every_concept_against_every_class(demo_dir):
     summary = json.loads((demo_dir / pipeline.TCAV).read_text())
-    # The demo probes conv2, conv3 and pool: the default is the last spatial layer.
-    assert summary["layers"] == ["conv3"]
+    # The demo probes conv2, conv3 and pool; conv3 feeds a linear head (average pool,
+    # dense), so the default is conv2, whose scores are graded.
+    assert summary["layers"] == ["conv2"]
+    assert not any(cell["constant_gradient"] for cell in summary["cells"])
     assert summary["classes"] == [str(digit) for digit in range(10)]
     # 100 probe images: the default of 50 images per concept falls to a third of them.
     assert summary["config"]["top"] == 33 and summary["config"]["random_runs"] == 3
@@ -230,6 +233,9 @@ def test_tcav_command_saves_results_and_redraws_the_report(tcav_dir, demo_dir, c
     assert result.layers == ("conv2", "conv3") and result.classes == ("0", "1", "2")
     assert result.correction == "bonferroni" and result.config["cav_method"] == "mean_diff"
     assert result.scores.shape == (2, 10, 3, 2)
+    # conv3 reaches the logits through an average pool and a dense layer only.
+    assert result.constant_gradient.tolist() == [[False] * 3, [True] * 3]
+    assert np.isin(result.scores[1], [0.0, 1.0]).all()
     assert not list(tcav_dir.glob(".*.tmp"))
     with open(tcav_dir / "tables" / "tcav.csv") as handle:
         assert len(handle.read().splitlines()) == 1 + 2 * 10 * 3
@@ -242,6 +248,10 @@ def test_tcav_command_saves_results_and_redraws_the_report(tcav_dir, demo_dir, c
     significant = int(result.significant.sum())
     assert section.count("<tr><td>conv") == significant
     assert f"{significant} of 60 cells significant" in section
+    assert section.count("Warning: at ") == 1
+    assert "Warning: at conv3 the class-logit gradient is the same for every image" in section
+    summary = report.write_summary(tcav_dir, tcav_dir / "summary" / "README.md").read_text()
+    assert summary.count("Warning: at conv3 the class-logit gradient") == 1
     record = json.loads((tcav_dir / "run.json").read_text())
     assert record["seconds"]["tcav"] >= 0 and record["status"] == "complete"
     assert record["tcav"]["layers"] == ["conv2", "conv3"] and record["tcav"]["top"] == 5
