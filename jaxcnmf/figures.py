@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import pathlib
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -242,7 +243,7 @@ def class_share_heatmap(
         shares: float (rank, C) shares in [0, 1].
         class_names: C names.
         order: optional (rank,) concept order for the rows.
-        title: figure title.
+        title: figure title; the figure widens for it, and a long one wraps.
 
     Returns:
         Figure with 2 axes (heatmap, colorbar).
@@ -252,7 +253,13 @@ def class_share_heatmap(
         raise ValueError(f"shares: expected (rank, {len(class_names)}), got {shares.shape}")
     order = np.arange(shares.shape[0]) if order is None else np.asarray(order)
     rank, num_classes = shares.shape
-    fig = _figure(min(3.0 + 0.22 * num_classes, 24.0), 1.8 + 0.25 * rank)
+    # The title is about 0.1 inch per character, centred over the heatmap whose colour
+    # bar takes the right margin: widen the figure for it (up to 8 inches, beyond which
+    # it wraps) so that it is never cut off.
+    width = max(min(3.0 + 0.22 * num_classes, 24.0), min(0.8 + 0.1 * len(title), 8.0))
+    title = textwrap.fill(title, width=int((width - 0.8) / 0.1))
+    lines = title.count("\n")
+    fig = _figure(width, 1.8 + 0.25 * rank + 0.2 * lines)
     ax = fig.add_subplot()
     image = ax.imshow(
         shares[order], aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest"

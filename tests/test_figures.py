@@ -82,6 +82,21 @@ def test_class_share_heatmap(case, tmp_path):
     check_png(figures.class_share_heatmap(shares, CLASS_NAMES, order), tmp_path / "shares.png", 2)
 
 
+@pytest.mark.parametrize("num_classes, title", [
+    (10, "class shares of each concept (* unseen), LAM = 0.07 x lam_max"),
+    (3, "class shares of each concept at LAM = 0.07 x lam_max, group lasso over the "
+        "probe classes (* unseen)"),
+])
+def test_class_share_heatmap_title_fits_the_figure(num_classes, title):
+    shares = np.full((5, num_classes), 1.0 / num_classes)
+    fig = figures.class_share_heatmap(shares, [f"class{k}" for k in range(num_classes)],
+                                      title=title)
+    fig.canvas.draw()
+    box = fig.axes[0].title.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+    assert fig.axes[0].get_title().replace("\n", " ") == title
+
+
 def test_similarity_heatmaps_and_layer_summary(case, tmp_path):
     summary = analysis.layer_summary(case["loadings"], order=analysis.concept_order(case["F"]))
     check_png(figures.similarity_heatmaps(summary), tmp_path / "similarity.png", 3 + 1)

@@ -147,6 +147,19 @@ def test_table_csv_and_heatmap(result, tmp_path):
     fig.clf()
 
 
+def test_heatmap_title_and_labels_fit_the_figure(result):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = tcav.figure(result)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    ax = fig.axes[0]
+    for artist in (ax.title, ax.yaxis.label, *ax.get_yticklabels()):
+        box = artist.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+    assert ax.get_title() == "TCAV scores at feat\n(hatched: not significant)"
+
+
 def _separable(seed, runs=5, n=30):
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=DIM)
