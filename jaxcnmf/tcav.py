@@ -20,6 +20,11 @@ float32 matmul and convolution runs in full float32 even where the backend would
 otherwise use TF32 or bfloat16 passes (NVIDIA GPUs, TPUs); the sign of a sensitivity
 near zero then no longer depends on the backend or on how the inputs were batched.
 
+Layer choice: at a layer from which the network is linear to the logits (a global
+average pool then a dense layer: SmallCNN's ``conv3``/``pool``, ResNet-18's
+``conv5_x``/``avgpool``) a class logit's gradient is the same for every input, so every
+score is 0 or 1; ``run`` warns (``TcavWarning``) and flags it in ``constant_gradient``.
+
 Activations and CAVs live in the channel-major flattening of a layer's output,
 ``row = c*H*W + h*W + w`` (the same order as ``probe.collect(..., pooling="flatten")``);
 gradients are flattened the same way.
@@ -27,7 +32,7 @@ gradients are flattened the same way.
 Example:
     >>> from jaxcnmf import tcav
     >>> concepts = tcav.concepts_from_factors(res, probe_images, top=50)
-    >>> result = tcav.run(model, variables, "conv3", concepts,
+    >>> result = tcav.run(model, variables, "conv2", concepts,
     ...                   classes={"cat": cat_images, "dog": dog_images},
     ...                   class_names=dataset.class_names, random_runs=50)
     >>> result.table()[0]["significant"]
@@ -979,9 +984,9 @@ def run(
             its inputs, so that class's scores are all 0 or 1.
 
     Example:
-        >>> result = run(model, variables, ["conv2", "conv3"], {"stripes": striped},
+        >>> result = run(model, variables, ["conv1", "conv2"], {"stripes": striped},
         ...              {0: airplanes, 1: cars}, random_runs=20, pool=probe_images)
-        >>> result.heatmap_matrix("conv3")[0].shape
+        >>> result.heatmap_matrix("conv2")[0].shape
         (1, 2)
     """
     t_start = time.perf_counter()
@@ -1159,7 +1164,7 @@ def figure(result: TcavResult, layer: str | None = None, path=None, ax=None):
         the matplotlib Figure.
 
     Example:
-        >>> figure(result, layer="conv3", path="tcav_conv3.png")
+        >>> figure(result, layer="conv2", path="tcav_conv2.png")
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
