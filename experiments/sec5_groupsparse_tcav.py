@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 import jaxcnmf
 from jaxcnmf import analysis, data, figures, models, probe, tcav, train
@@ -329,10 +328,7 @@ def main(argv=None):
     times["TCAV"] = time.perf_counter() - t0
     result.to_csv(out / "tcav.csv")
     for layer in args.tcav_layers:
-        # tcav.figure sizes its own figure by the grid, too narrow for its title with five
-        # classes; a wider Axes keeps the title whole.
-        fig = Figure(figsize=(7.0, 1.5 + 0.45 * len(concepts)))
-        tcav.figure(result, layer=layer, ax=fig.subplots(), path=out / f"tcav_{layer}.png")
+        tcav.figure(result, layer=layer, path=out / f"tcav_{layer}.png")
     times["total (this invocation)"] = time.perf_counter() - t_all
 
     write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, accuracy, views,
