@@ -169,6 +169,7 @@ class _Page:
         self.channels = [v for v in saved.result.view_names if v in PIXEL_VIEWS]
         labels, coarse = saved.labels, saved.coarse_labels
         num_classes = len(self.class_names)
+        self.shares = analysis.class_shares(self.F, labels, num_classes)
         self.records = analysis.concept_table(
             self.F, labels, self.class_names,
             coarse_labels=coarse if self.superclass_names else None,
@@ -348,13 +349,12 @@ def _image_strip(images, indices, captions) -> str:
 
 
 def _concepts_section(page: _Page, run_dir: Path) -> list[str]:
-    from jaxcnmf import analysis, figures
+    from jaxcnmf import figures
 
     rows = _concept_rows(page)
     write_table(run_dir, "concepts", rows)
     json_rows = [record.to_dict() for record in page.records]
     (Path(run_dir) / "tables" / "concepts_full.json").write_text(json.dumps(json_rows, indent=2))
-    shares = analysis.class_shares(page.F, page.saved.labels, len(page.class_names))
     blocks = [
         paragraph(
             "Each concept is a row of F. Its top images are the probe images with the largest "
@@ -366,7 +366,7 @@ def _concepts_section(page: _Page, run_dir: Path) -> list[str]:
         ),
         table_html(rows),
         figure_block(run_dir, "class_shares",
-                     figures.class_share_heatmap(shares, page.class_names, order=page.order),
+                     figures.class_share_heatmap(page.shares, page.class_names, order=page.order),
                      "Class shares of each concept (rows in display order)."),
     ]
     n_images = int(page.config["top_images"])
