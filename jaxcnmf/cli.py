@@ -82,7 +82,7 @@ examples:
   jaxcnmf analyze --checkpoint runs/r18/ckpt --dataset cifar100 --source DIR \\
                   --layers conv4_x,conv5_x,avgpool --per-class 30 --rank 20 --max-iter 50 \\
                   --group-sparse 0.1 --groups superclass --out runs/r18/concepts
-  jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \
+  jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
                   --layers conv2,conv3 --rank 20 --tcav --tcav-runs 50 --out runs/c10/tcav
 """
 
