@@ -296,7 +296,9 @@ def _environment() -> dict[str, str]:
     }
 
 
-def _check_layers(model, layers) -> tuple[str, ...]:
+def _check_layers(model, layers, name: str = "layers") -> tuple[str, ...]:
+    """``layers`` as a tuple of distinct probe-able layers of ``model`` (None: all of them);
+    errors name the parameter ``name``."""
     from jaxcnmf import models
 
     available = models.probe_layers(model)
@@ -306,11 +308,11 @@ def _check_layers(model, layers) -> tuple[str, ...]:
     unknown = [layer for layer in layers if layer not in available]
     if unknown:
         raise ValueError(
-            f"layers: unknown layer {unknown[0]!r} for model {type(model).__name__}; "
+            f"{name}: unknown layer {unknown[0]!r} for model {type(model).__name__}; "
             f"expected some of {', '.join(available)}"
         )
     if len(set(layers)) != len(layers):
-        raise ValueError(f"layers: expected distinct names, got {', '.join(layers)}")
+        raise ValueError(f"{name}: expected distinct names, got {', '.join(layers)}")
     return layers
 
 
@@ -375,7 +377,7 @@ def _tcav_layers(model, tcav_config: TcavConfig, probed, image_shape) -> tuple[s
     our networks it feeds a linear head (average pool, dense), where every TCAV score is
     0 or 1.
     """
-    from jaxcnmf import models, probe
+    from jaxcnmf import probe
 
     if tcav_config.layers is None:
         shapes = probe.available_layers(model, input_shape=tuple(image_shape))
@@ -383,16 +385,7 @@ def _tcav_layers(model, tcav_config: TcavConfig, probed, image_shape) -> tuple[s
         if len(spatial) >= 2:
             return (spatial[-2],)
         return ((spatial or list(probed))[-1],)
-    available = models.probe_layers(model)
-    unknown = [layer for layer in tcav_config.layers if layer not in available]
-    if unknown:
-        raise ValueError(
-            f"layer: unknown layer {unknown[0]!r} for model {type(model).__name__}; "
-            f"expected some of {', '.join(available)}"
-        )
-    if len(set(tcav_config.layers)) != len(tcav_config.layers):
-        raise ValueError(f"layer: expected distinct names, got {', '.join(tcav_config.layers)}")
-    return tuple(tcav_config.layers)
+    return _check_layers(model, tcav_config.layers, name="layer")
 
 
 def _check_probe_set(config: RunConfig, probe_set) -> None:
