@@ -43,11 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcnmf import models
+from jaxcnmf import data, models
 
 POOLINGS = ("flatten", "mean", "max")
 OUTPUTS = ("numpy", "device")
-PIXEL_NAMES = {1: ("gray",), 3: ("red", "green", "blue")}
+PIXEL_NAMES = {c: data.channel_names(c) for c in (1, 3)}
 # Fewer batches than this finish too fast for a progress bar to help.
 _PROGRESS_MIN_BATCHES = 4
 
@@ -68,10 +68,10 @@ def _all_children(mdl: nn.Module, method_name: str) -> bool:
 
 
 def _to_float(x: np.ndarray) -> np.ndarray:
-    # On the host, as data.to_float does: under jit XLA turns "/ 255" into "* (1 / 255)",
+    # On the host, with data.to_float: under jit XLA turns "/ 255" into "* (1 / 255)",
     # which moves half the pixel values by one ulp.
     if x.dtype == np.uint8:
-        return x.astype(np.float32) / np.float32(255)
+        return data.to_float(x)
     return x.astype(np.float32, copy=False)
 
 
