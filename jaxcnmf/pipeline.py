@@ -62,6 +62,13 @@ DEFAULT_TCAV_TOP = 50
 LOGITS = "fc"
 
 
+def _settings_json(settings) -> dict[str, Any]:
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in dataclasses.asdict(settings).items()
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Settings of one run; every field is JSON-serialisable and lands in ``run.json``.
@@ -121,10 +128,7 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (tuples become lists)."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(self).items()
-        }
+        return _settings_json(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +174,7 @@ class TcavConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (tuples become lists)."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(self).items()
-        }
+        return _settings_json(self)
 
 
 def demo_config(*, quick: bool = False, method: str = "mu", seed: int = 0) -> RunConfig:
