@@ -350,12 +350,12 @@ def _check_tcav_config(tcav_config: TcavConfig) -> None:
 
 def _check_tcav_probe(tcav_config: TcavConfig, n_images: int, class_names) -> None:
     """TCAV checks against the probe set: concept size, class names."""
-    limit = n_images // 3
-    if _tcav_top(tcav_config, n_images) > limit or limit < 1:
+    limit, top = n_images // 3, _tcav_top(tcav_config, n_images)
+    if top > limit or limit < 1:
         raise ValueError(
             f"top: expected 1 <= top <= {limit} (a third of the {n_images} probe images: "
             f"each random run draws two sets of top images from outside the concept), "
-            f"got {_tcav_top(tcav_config, n_images)}"
+            f"got {top}"
         )
     if tcav_config.classes is not None:
         unknown = [name for name in tcav_config.classes if name not in class_names]
