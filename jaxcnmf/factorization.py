@@ -104,7 +104,9 @@ def _check_view(name, X, negative):
             raise ValueError(
                 f"view {name!r} has {n_negative} negative entries (minimum {minimum:.4g}); "
                 f"expected non-negative data, or pass negative='clip' or 'shift'")
-        X = xp.maximum(X, 0) if negative == "clip" else X - X.min()
+        # A Python float keeps X's dtype (weak typing), as X - X.min() would, without a
+        # second pass over the view.
+        X = xp.maximum(X, 0) if negative == "clip" else X - minimum
     return X
 
 
