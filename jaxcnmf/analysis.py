@@ -776,10 +776,10 @@ def masked_images(images, mask, background: float = 0.15) -> np.ndarray:
 def _distances(F: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
     """(len(queries), N) distances in F-space between images ``queries`` and all images."""
     X = F.T
-    Q = X[queries]
     if metric == "cosine":
         unit = _safe_divide(X, np.linalg.norm(X, axis=1, keepdims=True))
         return 1.0 - unit[queries] @ unit.T
+    Q = X[queries]
     squared = (Q**2).sum(1)[:, None] + (X**2).sum(1)[None, :] - 2.0 * Q @ X.T
     return np.sqrt(np.maximum(squared, 0.0))
 
