@@ -377,6 +377,8 @@ def load_result(path):
 
 
 def _result(state, names, config_dict):
+    # One transfer for the whole state, not one blocking read per field.
+    state = jax.device_get(state)
     n_iter = int(state.iteration)
     objective = np.asarray(state.objective_history, np.float64)[:n_iter]
     rel = np.asarray(state.rel_error_history, np.float64)[:, :n_iter]
