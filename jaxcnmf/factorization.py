@@ -268,7 +268,9 @@ class FitResult:
                                  f"fitted views in order, got {len(views)}")
             views = dict(zip(self.view_names, views))
         if not isinstance(views, dict) or not views:
-            raise ValueError("views: expected a non-empty dict name -> (rows, N) array")
+            got = "an empty dict" if isinstance(views, dict) else type(views).__name__
+            raise ValueError(f"views: expected a non-empty dict name -> (rows, N) array, "
+                             f"got {got}")
         unknown = [name for name in views if name not in self.view_names]
         if unknown:
             raise ValueError(f"views: unknown view(s) {unknown}, expected names among "
@@ -279,9 +281,9 @@ class FitResult:
             if X.shape[0] != rows:
                 raise ValueError(f"view {name!r}: expected {rows} rows as when fitted, "
                                  f"got {X.shape[0]}")
-        tol = self.config["tol"] if tol is None else tol
+        tol = self.config["tol"] if tol is None else _check_number("tol", tol)
         max_iter = _check_number("max_iter", max_iter, 1, integer=True)
-        config = self._solver_config(names, max_iter, float(tol))
+        config = self._solver_config(names, max_iter, tol)
         dtype = self.config["dtype"]
         jviews = tuple(jnp.asarray(X, dtype) for X in arrays)
         loadings = tuple(jnp.asarray(self.loadings[name], dtype) for name in names)

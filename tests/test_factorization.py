@@ -108,6 +108,10 @@ def test_transform_of_training_views_reproduces_F(hals_fit):
         assert np.all(cos > 0.99)
     with pytest.raises(ValueError, match=r"unknown view\(s\) \['blue'\]"):
         res.transform({"blue": views["conv"]})
+    with pytest.raises(ValueError, match=r"tol: expected a finite number >= 0.0, got -1"):
+        res.transform({"conv": views["conv"]}, tol=-1)
+    with pytest.raises(ValueError, match="views: expected a non-empty dict .* got an empty dict"):
+        res.transform({})
 
 
 def test_save_load_round_trip(hals_fit, tmp_path):
