@@ -370,30 +370,22 @@ def _concepts_section(page: _Page, run_dir: Path) -> list[str]:
                      "Class shares of each concept (rows in display order)."),
     ]
     n_images = int(page.config["top_images"])
-    if page.latent is None:
-        for k in page.order:
-            record = page.records[int(k)]
-            blocks.append(
-                f'<div class="concept" id="concept-{record.concept}">'
-                f"<h3>Concept {record.concept}: {html.escape(_lead(record))}</h3>"
-                + _image_strip(page.saved.images, record.top_images[:n_images],
-                               [page.class_names[page.saved.labels[i]]
-                                for i in record.top_images[:n_images]])
-                + "</div>"
-            )
-        return blocks
     for k in page.order:
         record = page.records[int(k)]
-        tile = figures.concept_tile(page.saved.images, record, page.latent[k], page.masks[k],
-                                    n_images=n_images, labels=page.saved.labels,
-                                    class_names=page.class_names)
+        if page.latent is None:
+            top = record.top_images[:n_images]
+            body = _image_strip(page.saved.images, top,
+                                [page.class_names[page.saved.labels[i]] for i in top])
+        else:
+            tile = figures.concept_tile(page.saved.images, record, page.latent[k],
+                                        page.masks[k], n_images=n_images,
+                                        labels=page.saved.labels, class_names=page.class_names)
+            body = figure_block(run_dir, f"concept_{record.concept:02d}", tile,
+                                f"Concept {record.concept}: top images, masked overlays, "
+                                "latent image, median mask and top classes.")
         blocks.append(
             f'<div class="concept" id="concept-{record.concept}">'
-            f"<h3>Concept {record.concept}: {html.escape(_lead(record))}</h3>"
-            + figure_block(run_dir, f"concept_{record.concept:02d}", tile,
-                           f"Concept {record.concept}: top images, masked overlays, latent "
-                           "image, median mask and top classes.")
-            + "</div>"
+            f"<h3>Concept {record.concept}: {html.escape(_lead(record))}</h3>{body}</div>"
         )
     return blocks
 
