@@ -273,6 +273,23 @@ def _fit_and_cross(views, F, loadings, config):
     return crosses, quads
 
 
+def _prepared(views, F, loadings, groups, config):
+    """Views as a tuple, factors in the compute dtype, int32 group ids and ``||X_v||^2``."""
+    views = _as_tuple(views)
+    dtype = jnp.dtype(config.dtype)
+    F = jnp.asarray(F, dtype)
+    loadings = tuple(jnp.asarray(W, dtype) for W in _as_tuple(loadings))
+    groups = (jnp.zeros(F.shape[1], jnp.int32) if groups is None
+              else jnp.asarray(groups, jnp.int32))
+    sq_norms = jnp.stack([jnp.sum(jnp.square(X.astype(dtype))) for X in views])
+    return views, F, loadings, groups, sq_norms
+
+
+def _objective(views, F, loadings, groups, sq_norms, config):
+    crosses, quads = _fit_and_cross(views, F, loadings, config)
+    return _objective_from_terms(F, loadings, groups, sq_norms, crosses, quads, config)
+
+
 def objective(views, F, loadings, config, groups=None):
     """Objective value and per-view relative errors of given factors.
 
@@ -289,14 +306,7 @@ def objective(views, F, loadings, config, groups=None):
     Example:
         >>> value, rel = objective(views, state.F, state.loadings, config)  # doctest: +SKIP
     """
-    views = _as_tuple(views)
-    dtype = jnp.dtype(config.dtype)
-    F = jnp.asarray(F, dtype)
-    loadings = tuple(jnp.asarray(W, dtype) for W in _as_tuple(loadings))
-    groups = jnp.zeros(F.shape[1], jnp.int32) if groups is None else jnp.asarray(groups)
-    sq_norms = jnp.stack([jnp.sum(jnp.square(X.astype(dtype))) for X in views])
-    crosses, quads = _fit_and_cross(views, F, loadings, config)
-    return _objective_from_terms(F, loadings, groups, sq_norms, crosses, quads, config)
+    return _objective(*_prepared(views, F, loadings, groups, config), config)
 
 
 def init_state(views, F0, loadings0, config, groups=None):
@@ -316,15 +326,9 @@ def init_state(views, F0, loadings0, config, groups=None):
     Example:
         >>> state = init_state(views, F0, loadings0, config)  # doctest: +SKIP
     """
-    views = _as_tuple(views)
+    views, F, loadings, groups, sq_norms = _prepared(views, F0, loadings0, groups, config)
+    value, _ = _objective(views, F, loadings, groups, sq_norms, config)
     dtype = jnp.dtype(config.dtype)
-    F = jnp.asarray(F0, dtype)
-    loadings = tuple(jnp.asarray(W, dtype) for W in _as_tuple(loadings0))
-    n = F.shape[1]
-    groups = jnp.zeros(n, jnp.int32) if groups is None else jnp.asarray(groups, jnp.int32)
-    sq_norms = jnp.stack([jnp.sum(jnp.square(X.astype(dtype))) for X in views])
-    crosses, quads = _fit_and_cross(views, F, loadings, config)
-    value, _ = _objective_from_terms(F, loadings, groups, sq_norms, crosses, quads, config)
     return SolverState(
         F=F,
         loadings=loadings,
