@@ -662,7 +662,7 @@ def write_summary(run_dir, path, *, title: str | None = None,
     Args:
         run_dir: a complete run directory (it has ``COMPLETE`` and ``tables/``).
         path: the Markdown file to write, e.g. ``experiments/results/cifar10/README.md``.
-        title: first heading; defaults to the report's subtitle.
+        title: first heading; defaults to "<model> on <dataset>" from ``run.json``.
         figures: names of ``run_dir/figures/<name>.png`` to copy next to ``path``.
 
     Returns:
