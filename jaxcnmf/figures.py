@@ -426,7 +426,7 @@ def fidelity_plot(tables: Sequence[FidelityTable]) -> Figure:
     ax.set_xticks(ranks)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("rank (number of concepts)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("accuracy on the probe images")
     ax.set_title(r"Fidelity: accuracy with a layer replaced by $O_j F$")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
