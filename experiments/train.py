@@ -2,9 +2,9 @@
 
 Examples:
     python experiments/train.py --data digits --model small --width 0.5 --epochs 5 --out runs/digits
-    python experiments/train.py --data cifar10 --source /work/cifar --model small \
+    python experiments/train.py --data cifar10 --source /work/cifar --model small \\
         --epochs 8 --lr 0.1 --schedule onecycle --out /work/runs/c10_small
-    python experiments/train.py --data cifar10 --source /work/cifar --model resnet18 \
+    python experiments/train.py --data cifar10 --source /work/cifar --model resnet18 \\
         --epochs 1 --max-train 512 --out /tmp/r18_speed        # speed only
 
 Writes ``OUT/ckpt/`` (``jaxcnmf.train.load_checkpoint`` rebuilds the model from it) and
