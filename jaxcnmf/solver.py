@@ -203,6 +203,12 @@ def _prox_group(V, step_size, groups, config):
     return Z * scale[:, groups]
 
 
+def _subproblem(Z, B, G, groups, config):
+    """Objective of the ``F`` sub-problem with the loadings fixed, less the constant."""
+    smooth = jnp.sum(Z * _mm(G, Z)) - 2.0 * jnp.sum(B * Z)
+    return smooth + _penalty_F(Z, groups, config)
+
+
 def _fista_F(F, B, G, groups, config):
     """Monotone FISTA (Beck & Teboulle's MFISTA) on the F sub-problem with W fixed.
 
@@ -214,8 +220,7 @@ def _fista_F(F, B, G, groups, config):
     step_size = 1.0 / lipschitz
 
     def subproblem(Z):
-        smooth = jnp.sum(Z * _mm(G, Z)) - 2.0 * jnp.sum(B * Z)
-        return smooth + _penalty_F(Z, groups, config)
+        return _subproblem(Z, B, G, groups, config)
 
     def body(_, carry):
         X, Y, t, fx = carry
@@ -450,8 +455,7 @@ def solve_F(views, loadings, config, F0=None):
     plain = config._replace(group_lam=0.0)
 
     def value(F):
-        return (jnp.sum(F * _mm(G, F)) - 2.0 * jnp.sum(B * F)
-                + config.l1_F * jnp.sum(F) + config.l2_F * jnp.sum(F * F))
+        return _subproblem(F, B, G, None, plain)
 
     def body(carry):
         F, i, previous, _ = carry
