@@ -441,18 +441,25 @@ def _model_record(meta: dict, checkpoint: str) -> dict[str, Any]:
 
 def _train(config: RunConfig, model, splits, checkpoint_dir: Path, progress: bool):
     """Train ``model`` on the train split; returns its variables and the model record."""
-    from jaxcnmf import train
-
-    result = train.fit(
-        model, splits.train, epochs=config.epochs, batch_size=config.train_batch_size,
-        augment=config.augment, flip=_flips(splits), eval_ds=splits.test,
-        checkpoint_dir=checkpoint_dir, resume=False, seed=config.seed, progress=progress,
-        **({} if config.lr is None else {"lr": config.lr}),
-    )
+    result = _fit_network(model, splits, checkpoint_dir, epochs=config.epochs,
+                          batch_size=config.train_batch_size, lr=config.lr,
+                          augment=config.augment, seed=config.seed, progress=progress)
     return result.variables, {
         "model_name": config.model, "width": config.width, "checkpoint": str(checkpoint_dir),
         "num_classes": splits.num_classes, "accuracy": result.accuracy, "epochs": result.epochs,
     }
+
+
+def _fit_network(network, splits, checkpoint_dir: Path, *, epochs: int, batch_size: int,
+                 lr: float | None, augment: bool, seed: int, progress: bool):
+    """``train.fit`` on the train split, scored on the test split, from scratch."""
+    from jaxcnmf import train
+
+    return train.fit(
+        network, splits.train, epochs=epochs, batch_size=batch_size, augment=augment,
+        flip=_flips(splits), eval_ds=splits.test, checkpoint_dir=checkpoint_dir,
+        resume=False, seed=seed, progress=progress, **({} if lr is None else {"lr": lr}),
+    )
 
 
 def _flips(splits) -> bool:
@@ -483,7 +490,7 @@ def train_model(*, model: str = "small", dataset: str = "digits", source=None, o
         >>> train_model(out="/tmp/digits", epochs=1)  # doctest: +SKIP
         PosixPath('/tmp/digits/ckpt')
     """
-    from jaxcnmf import data, models, train
+    from jaxcnmf import data, models
 
     out = check_out_dir(out, force)
     network = models.build(model, 1, width)  # fails on a bad name before any data is read
@@ -493,12 +500,9 @@ def train_model(*, model: str = "small", dataset: str = "digits", source=None, o
     network = network.clone(num_classes=splits.num_classes)
     out.mkdir(parents=True, exist_ok=True)
     with stages("train", f"{model} on {dataset}, {epochs} epochs"):
-        result = train.fit(
-            network, splits.train, epochs=epochs, batch_size=batch_size, augment=augment,
-            flip=_flips(splits), eval_ds=splits.test, checkpoint_dir=out / CHECKPOINT_DIR,
-            resume=False, seed=seed, progress=progress,
-            **({} if lr is None else {"lr": lr}),
-        )
+        result = _fit_network(network, splits, out / CHECKPOINT_DIR, epochs=epochs,
+                              batch_size=batch_size, lr=lr, augment=augment, seed=seed,
+                              progress=progress)
     write_json_atomic(out / "train.json", {
         "model": model, "dataset": dataset, "width": width, "epochs": result.epochs,
         "accuracy": result.accuracy, "history": result.history, "seconds": stages.seconds,
