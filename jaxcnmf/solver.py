@@ -436,7 +436,8 @@ def solve_F(views, loadings, config, F0=None):
         F0: optional ``(rank, N)`` start; default is a clipped ridge least-squares solution.
 
     Returns:
-        ``(F, n_iter, converged)``.
+        ``(F, n_iter, converged)``: ``(rank, N)`` in ``config.dtype``, an int32 scalar
+        (updates run) and a bool scalar (the relative-change test passed).
 
     Example:
         >>> F, n_iter, ok = solve_F(views, loadings, config)  # doctest: +SKIP
