@@ -1087,11 +1087,14 @@ def _check_layer(A, O, shape):
             f"activations: expected {math.prod(shape)} rows for layer shape {shape}, "
             f"got {A.shape[0]}"
         )
-    if O.shape[0] != A.shape[0]:
-        raise ValueError(
-            f"loadings: expected {A.shape[0]} rows to match activations, got {O.shape[0]}"
-        )
-    return A, O, shape
+    return A, _check_loadings(O, A.shape[0]), shape
+
+
+def _check_loadings(O, rows: int) -> np.ndarray:
+    O = _matrix(O, "loadings", dtype=np.float32)
+    if O.shape[0] != rows:
+        raise ValueError(f"loadings: expected {rows} rows to match activations, got {O.shape[0]}")
+    return O
 
 
 def _layer_accuracy(logits_fn, A: np.ndarray, labels: np.ndarray, shape) -> float:
@@ -1205,7 +1208,7 @@ def fidelity(
     labels = _labels(labels, A.shape[1])
     scores = []
     for res in results:
-        O = _check_layer(A, res.loadings[layer], shape)[1]
+        O = _check_loadings(res.loadings[layer], A.shape[0])
 
         def transform_fn(X, res=res):
             return res.transform({layer: X})
