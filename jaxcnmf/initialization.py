@@ -180,6 +180,11 @@ def user(init, view_names, shapes, rank, dtype="float32"):
     n = shapes[0][1]
     loadings = init["loadings"]
     if not isinstance(loadings, dict):
+        loadings = list(loadings)
+        # zip would drop extra entries silently.
+        if len(loadings) != len(view_names):
+            raise ValueError(f"init['loadings']: expected {len(view_names)} arrays, one per "
+                             f"view in order {list(view_names)}, got {len(loadings)}")
         loadings = dict(zip(view_names, loadings))
     missing = [name for name in view_names if name not in loadings]
     if missing:

@@ -83,3 +83,6 @@ def test_user_factors_are_checked_by_name_and_shape():
         initialization.user(bad, ("a", "b"), shapes, 3)
     with pytest.raises(ValueError, match="expected a dict with keys 'F' and 'loadings'"):
         initialization.user({"F": F0}, ("a", "b"), shapes, 3)
+    extra = {"F": F0, "loadings": [np.ones((25, 3)), np.ones((10, 3)), np.ones((5, 3))]}
+    with pytest.raises(ValueError, match=r"init\['loadings'\]: expected 2 arrays, .* got 3"):
+        initialization.user(extra, ("a", "b"), shapes, 3)
