@@ -440,7 +440,7 @@ def adjust_pvalues(p_values: np.ndarray, method: str = "bh") -> np.ndarray:
         [0.03, 0.04, 0.04]
     """
     if method not in CORRECTIONS:
-        raise ValueError(f"correction: expected one of {CORRECTIONS}, got {method!r}")
+        raise ValueError(f"method: expected a correction in {CORRECTIONS}, got {method!r}")
     p = np.nan_to_num(np.asarray(p_values, np.float64), nan=1.0)
     flat = p.ravel()
     m = flat.size
