@@ -270,7 +270,8 @@ def _objective_from_terms(F, loadings, groups, sq_norms, crosses, quads, config)
     return value, _rel_errors(sq_norms, fits)
 
 
-def _fit_and_cross(views, F, loadings, config):
+def _cross_and_quad(views, F, loadings, config):
+    """Per view ``tr(W^T X F^T)`` and ``tr(W^T W F F^T)``, the inputs of :func:`_fit_terms`."""
     dtype = jnp.dtype(config.dtype)
     C = _mm(F, F.T)
     crosses = tuple(jnp.sum(W * _dot_nt(X, F, dtype)) for X, W in zip(views, loadings))
@@ -291,7 +292,7 @@ def _prepared(views, F, loadings, groups, config):
 
 
 def _objective(views, F, loadings, groups, sq_norms, config):
-    crosses, quads = _fit_and_cross(views, F, loadings, config)
+    crosses, quads = _cross_and_quad(views, F, loadings, config)
     return _objective_from_terms(F, loadings, groups, sq_norms, crosses, quads, config)
 
 
