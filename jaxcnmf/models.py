@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 MODEL_NAMES = ("small", "resnet18", "vgg11")
 
@@ -242,6 +243,11 @@ def _check_name(name: str) -> type[nn.Module]:
     return _CLASSES[name]
 
 
+def _is_number(value: Any) -> bool:
+    # Strings and None would fail int() or ">" with a message that names no parameter.
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
 def build(name: str, num_classes: int = 10, width: float = 1.0, **kwargs: Any) -> nn.Module:
     """Build a model by name.
 
@@ -261,9 +267,9 @@ def build(name: str, num_classes: int = 10, width: float = 1.0, **kwargs: Any) -
         0.5
     """
     cls = _check_name(name)
-    if int(num_classes) != num_classes or num_classes < 1:
+    if not _is_number(num_classes) or int(num_classes) != num_classes or num_classes < 1:
         raise ValueError(f"num_classes: expected an integer >= 1, got {num_classes!r}")
-    if not width > 0:
+    if not _is_number(width) or not width > 0:
         raise ValueError(f"width: expected a number > 0, got {width!r}")
     allowed = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes", "width"}
     unknown = set(kwargs) - allowed

@@ -117,6 +117,10 @@ def test_errors():
         models.build("small", 0)
     with pytest.raises(ValueError, match="width: expected a number > 0, got -1"):
         models.build("vgg11", 10, -1)
+    with pytest.raises(ValueError, match="num_classes: expected an integer >= 1, got 'ten'"):
+        models.build("small", "ten")
+    with pytest.raises(ValueError, match="width: expected a number > 0, got None"):
+        models.build("small", 10, None)
     with pytest.raises(ValueError, match=r"unknown options \['depth'\]"):
         models.build("resnet18", 10, depth=34)
     with pytest.raises(ValueError, match="expected a 'name' key"):
