@@ -67,6 +67,12 @@ def random(key, views, rank, dtype="float32"):
     return F, loadings
 
 
+def _row_spans(blocks):
+    """``(start, stop)`` of every block's rows in the row-stacked matrix."""
+    offsets = np.cumsum([0] + [X.shape[0] for X in blocks])
+    return list(zip(offsets[:-1], offsets[1:]))
+
+
 def _randomized_svd(blocks, rank, key):
     """Top ``rank`` singular triplets of the row-stacked ``blocks`` without stacking them."""
     n = blocks[0].shape[1]
@@ -76,9 +82,10 @@ def _randomized_svd(blocks, rank, key):
     def left(Y):
         return jnp.concatenate([_mm(X, Y) for X in blocks], axis=0)
 
+    spans = _row_spans(blocks)
+
     def right(Q):
-        offsets = np.cumsum([0] + [X.shape[0] for X in blocks])
-        return sum(_mm(X.T, Q[a:b]) for X, a, b in zip(blocks, offsets[:-1], offsets[1:]))
+        return sum(_mm(X.T, Q[a:b]) for X, (a, b) in zip(blocks, spans))
 
     omega = jax.random.normal(key, (n, width), blocks[0].dtype)
     Q, _ = jnp.linalg.qr(left(omega))
@@ -149,8 +156,7 @@ def _nndsvd(views, key, rank, weights, variant, dtype):
         mean = sum(jnp.sum(b) for b in blocks) / (W.shape[0] * F.shape[1])
         W = jnp.where(W > 0, W, mean)
         F = jnp.where(F > 0, F, mean)
-    offsets = np.cumsum([0] + [X.shape[0] for X in blocks])
-    loadings = tuple(W[a:b] / s for s, a, b in zip(scales, offsets[:-1], offsets[1:]))
+    loadings = tuple(W[a:b] / scale for scale, (a, b) in zip(scales, _row_spans(blocks)))
     return F.astype(dtype), loadings
 
 
