@@ -602,17 +602,25 @@ def _compiled(fn, model, layers):
 
 
 def _batched(fn, images: np.ndarray, batch_size: int, extra: np.ndarray | None = None):
-    """Run ``fn`` over fixed-size padded batches (one compilation) and concatenate."""
+    """Run ``fn`` over fixed-size padded batches (one compilation) and concatenate.
+
+    A batch's outputs are copied to the host only after the next batch is dispatched, so
+    the device computes while the host prepares and copies.
+    """
     n = images.shape[0]
     size = min(batch_size, n)
-    outs = []
+    outs, pending = [], None
     for start in range(0, n, size):
         chunk = _to_float(images[start : start + size])
         pad = size - chunk.shape[0]
         args = [np.pad(chunk, [(0, pad)] + [(0, 0)] * (chunk.ndim - 1))]
         if extra is not None:
             args.append(np.pad(extra[start : start + size], (0, pad)))
-        outs.append([np.asarray(o)[: size - pad] for o in fn(*args)])
+        result = fn(*args)
+        if pending is not None:
+            outs.append([np.asarray(o)[: pending[1]] for o in pending[0]])
+        pending = (result, size - pad)
+    outs.append([np.asarray(o)[: pending[1]] for o in pending[0]])
     return [np.concatenate(parts) for parts in zip(*outs)]
 
 
