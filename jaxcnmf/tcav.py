@@ -1105,6 +1105,8 @@ def run(
     acc = np.zeros((n_l, n_c, runs), np.float32)
     random_acc = np.zeros((n_l, n_c, runs), np.float32)
     onehot = jax.nn.one_hot(jnp.asarray(labels), n_k, dtype=jnp.float32)
+    # On the device once per layer, not once per concept.
+    device_grads = {lname: jnp.asarray(grads[lname]) for lname in layers}
     timings["cavs"] = 0.0
     timings["scores"] = 0.0
     offset = used.size
@@ -1125,7 +1127,7 @@ def run(
             timings["cavs"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             scores, magnitudes = _class_scores(
-                jnp.asarray(grads[lname]), jnp.asarray(cavs.vectors), onehot
+                device_grads[lname], jnp.asarray(cavs.vectors), onehot
             )
             scores, magnitudes = np.asarray(scores), np.asarray(magnitudes)
             out["scores"][li, ci] = scores[:, :runs]
