@@ -734,6 +734,14 @@ def _check_resumable(meta: dict, expected: dict, path: Path) -> None:
         )
 
 
+def _as_number(name: str, value: Any) -> float:
+    # float() alone would fail with a message that names no parameter.
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+
+
 def _empty_history() -> dict[str, list]:
     keys = ("epoch", "train_loss", "train_acc", "eval_acc", "lr", "seconds", "eval_seconds")
     return {k: [] for k in keys}
@@ -796,13 +804,13 @@ def fit(
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
-        lr=float(lr),
-        momentum=float(momentum),
+        lr=_as_number("lr", lr),
+        momentum=_as_number("momentum", momentum),
         nesterov=bool(nesterov),
-        weight_decay=float(weight_decay),
+        weight_decay=_as_number("weight_decay", weight_decay),
         schedule=schedule,
-        warmup=float(warmup),
-        label_smoothing=float(label_smoothing),
+        warmup=_as_number("warmup", warmup),
+        label_smoothing=_as_number("label_smoothing", label_smoothing),
         augment=bool(augment),
         flip=bool(flip),
         seed=seed,

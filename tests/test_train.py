@@ -237,6 +237,8 @@ def test_experiment_script_writes_checkpoint_and_summary(tmp_path, monkeypatch):
         (dict(epochs=1, schedule="linear"), "schedule: expected one of"),
         (dict(epochs=1, warmup=1.0), "warmup: expected a fraction"),
         (dict(epochs=1, momentum=1.0), "momentum: expected a number in"),
+        (dict(epochs=1, lr="fast"), "lr: expected a number, got 'fast'"),
+        (dict(epochs=1, weight_decay=None), "weight_decay: expected a number, got None"),
         (dict(epochs=1, batch_size=500), "batch_size: expected at most the 192 training images"),
     ],
 )
