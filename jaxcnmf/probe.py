@@ -279,7 +279,12 @@ def _check_layers(model: nn.Module, layers: Any, image_shape: tuple) -> tuple[st
 
 
 def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+    try:
+        ok = (not isinstance(batch_size, bool) and int(batch_size) == batch_size
+              and batch_size >= 1)
+    except (TypeError, ValueError, OverflowError):  # None, "abc", NaN, inf
+        ok = False
+    if not ok:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     return int(batch_size)
 

@@ -283,6 +283,8 @@ def test_errors(small, images):
         collect(output="cuda")
     with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):
         collect(batch_size=0)
+    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got None"):
+        collect(batch_size=None)
     with pytest.raises(ValueError, match=r"images: expected an array of shape \(N, H, W, C\), got 3 dimensions"):
         collect(images[0])
     with pytest.raises(ValueError, match=r"images: expected 1 \(gray\) or 3 \(RGB\) channels"):
