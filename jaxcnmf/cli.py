@@ -436,13 +436,15 @@ def build_parser():
 def _demo(args):
     from jaxcnmf import pipeline
 
+    # Settings are checked before the run directory is chosen, so a bad argument ends
+    # with its error line alone.
+    tcav = _tcav_settings(args)
     out = Path(args.out)
     if not args.force and pipeline.holds_files(out):
         requested = out
         out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _note(f"{requested} already holds a run; writing to {out} (--force overwrites it)")
     config = pipeline.demo_config(quick=args.quick, method=args.method, seed=args.seed)
-    tcav = _tcav_settings(args)
     return pipeline.run(config, out, force=args.force, progress=not args.quiet, tcav=tcav)
 
 

@@ -141,9 +141,21 @@ def test_unknown_model(tmp_path, capsys):
         (["demo", "--tcav-runs", "5"], "--tcav-runs needs --tcav"),
     ],
 )
-def test_argument_errors_are_one_line(argv, expected, capsys):
+def test_argument_errors_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
+    # Relative default paths (runs/demo) must not depend on where the suite runs.
+    monkeypatch.chdir(tmp_path)
     line = _error_line(capsys, argv)
     assert expected in line
+
+
+def test_bad_demo_argument_is_one_line_even_beside_an_earlier_demo(capsys, tmp_path,
+                                                                   monkeypatch):
+    # After `./run.sh demo`, runs/demo holds a run; the error must still come alone.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "report.html").write_text("<html></html>")
+    line = _error_line(capsys, ["demo", "--tcav-runs", "5"])
+    assert "--tcav-runs needs --tcav" in line
 
 
 def test_tcav_of_a_missing_run_directory(tmp_path, capsys):
