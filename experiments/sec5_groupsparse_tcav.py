@@ -289,10 +289,12 @@ def main(argv=None):
     log(f"accuracy on {len(eval_ds)} test images of the trained classes: {accuracy:.4f}")
 
     t0 = time.perf_counter()
-    views = probe.collect(model, variables, probe_ds.images, args.layers, pixels=False,
-                          pooling="flatten", progress=False)
-    logits = train.predict(model, variables, probe_ds.images)
-    predicted = logits.argmax(1)
+    # The logits come from the same forward pass as the activations ("fc" is collected
+    # with them, as the pipeline does); they are the one view that may be negative.
+    views = probe.collect(model, variables, probe_ds.images, tuple(args.layers) + ("fc",),
+                          pixels=False, pooling="flatten", progress=False,
+                          allow_negative=True)
+    predicted = views.pop("fc").argmax(axis=0)
     times["probe"] = time.perf_counter() - t0
     log("views: " + ", ".join(f"{n} {X.shape}" for n, X in views.items()))
 
