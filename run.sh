@@ -1,29 +1,53 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates (or reuses) .venv, installs the package
-# into it when pyproject.toml changed, then runs the main job or the tests.
+# into it (pinned by constraints.txt) when pyproject.toml or constraints.txt changed, then
+# runs the main job or the tests.
 #   ./run.sh demo [jaxcnmf demo options]   concept analysis of the bundled digits, offline
 #   ./run.sh test [pytest options]         the test suite
 #   ./run.sh jaxcnmf ...                   any jaxcnmf command in the environment
+#   ./run.sh lock                          refresh constraints.txt: newest versions in a
+#                                          fresh environment, written only if the suite passes
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV=${JAXCNMF_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "[run.sh] creating $VENV" >&2
-    "$PY" -m venv "$VENV"
-fi
-stamp="$VENV/.jaxcnmf-installed"
-if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
-    echo "[run.sh] installing jaxcnmf and its dependencies into $VENV" >&2
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
-    cp pyproject.toml "$stamp"
-fi
+
+install() {  # install VENV [constraints file]
+    local venv=$1
+    shift
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "[run.sh] creating $venv" >&2
+        "$PY" -m venv "$venv"
+    fi
+    echo "[run.sh] installing jaxcnmf and its dependencies into $venv (first time: a few minutes)" >&2
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet -e ".[test]" "$@"
+}
+
 cmd=${1:-demo}
 shift || true
+if [ "$cmd" = lock ]; then
+    fresh=$(mktemp -d)/venv
+    install "$fresh"
+    "$fresh/bin/python" -m pytest -q -x "$@"
+    {
+        sed -n '1,/^# the suite must pass/p' constraints.txt
+        "$fresh/bin/python" -m pip freeze --exclude-editable | grep -v '^jaxcnmf'
+    } > constraints.txt.new
+    mv constraints.txt.new constraints.txt
+    rm -rf "$(dirname "$fresh")"
+    echo "[run.sh] constraints.txt refreshed; commit it" >&2
+    exit 0
+fi
+
+stamp="$VENV/.jaxcnmf-installed"
+if [ ! -f "$stamp" ] || ! cat pyproject.toml constraints.txt | cmp -s - "$stamp"; then
+    install "$VENV" -c constraints.txt
+    cat pyproject.toml constraints.txt > "$stamp"
+fi
 case "$cmd" in
     demo) exec "$VENV/bin/jaxcnmf" demo "$@" ;;
     test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
     jaxcnmf) exec "$VENV/bin/jaxcnmf" "$@" ;;
-    *) echo "usage: ./run.sh demo|test|jaxcnmf [args...]" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh demo|test|jaxcnmf|lock [args...]" >&2; exit 2 ;;
 esac

@@ -38,7 +38,8 @@ def test_logits_and_probe_points(name):
     assert set(models.probe_layers(model)) | {"fc"} == set(outs)
     for layer in models.probe_layers(model):
         assert float(outs[layer].min()) >= 0.0, layer
-    np.testing.assert_array_equal(outs["fc"], logits)
+    # Captured in a second, separately compiled call: equal to rounding.
+    np.testing.assert_allclose(outs["fc"], logits, rtol=1e-5, atol=1e-6)
 
 
 def test_shapes_at_full_width():

@@ -44,13 +44,20 @@ def _float(images):
     return images.astype(np.float32) / np.float32(255)
 
 
+# Two different compiled programs (batch shapes, fused vs op-by-op, uint8 vs float input)
+# agree only to rounding: XLA chooses convolution algorithms and reduction orders per
+# program and per machine, and 1-2 ulp differences were seen between machines of one kind.
+# Results of one program run twice are compared exactly elsewhere (determinism).
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _assert_close(actual, expected, name=""):
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
 def _assert_matches(view, expected, layer_ndim, name):
-    if layer_ndim == 4:
-        np.testing.assert_array_equal(view, expected, err_msg=name)
-    else:
-        # A vector layer is the model's own spatial mean, and XLA picks that reduction's
-        # summation order per compiled program: compiled and op-by-op agree to a few ulp.
-        np.testing.assert_allclose(view, expected, rtol=1e-6, atol=0, err_msg=name)
+    del layer_ndim  # spatial and pooled layers alike: a different program than the reference
+    _assert_close(view, expected, name)
 
 
 @pytest.mark.parametrize("pooling", probe.POOLINGS)
@@ -84,7 +91,7 @@ def test_last_partial_batch(small, images):
     parts = probe.collect(model, variables, images, layers, batch_size=3, progress=True)
     for name in whole:
         assert parts[name].shape == whole[name].shape
-        np.testing.assert_array_equal(parts[name], whole[name], err_msg=name)
+        _assert_close(parts[name], whole[name], name)
 
 
 @pytest.mark.parametrize("pooling", probe.POOLINGS)
@@ -97,15 +104,15 @@ def test_device_output_equals_numpy_output(small, images, pooling, batch_size):
     host = probe.collect(model, variables, images, layers, **kwargs)
     device = probe.collect(model, variables, images, layers, output="device", **kwargs)
     assert list(device) == list(host) == ["red", "green", "blue", *layers]
-    # Image by image; a spatial mean's summation order follows the batch shape, so only
-    # unpooled views of spatial layers can be compared across batch sizes bit for bit.
+    # Image by image; a spatial mean's summation order follows the batch shape, so pooled
+    # views are compared across batch sizes only through the (looser) test above.
     reference = probe.collect(model, variables, images, layers, batch_size=1, progress=False)
     for name in host:
         assert isinstance(device[name], jax.Array) and device[name].dtype == jnp.float32
         assert isinstance(host[name], np.ndarray) and host[name].flags.writeable
-        np.testing.assert_array_equal(np.asarray(device[name]), host[name], err_msg=name)
+        _assert_close(np.asarray(device[name]), host[name], name)
         if pooling == "flatten" and name != "pool":
-            np.testing.assert_array_equal(host[name], reference[name], err_msg=name)
+            _assert_close(host[name], reference[name], name)
 
 
 def test_device_output_pixels_only_and_without_pixels(small, images):
@@ -125,7 +132,7 @@ def test_flatten_row_order_by_index(small, images):
     act = _reference(model, variables, _float(images))["conv2"]
     h, w, c = act.shape[1:]
     n, ci, i, j = 5, c - 1, 2, 3
-    assert view[ci * h * w + i * w + j, n] == act[n, i, j, ci]
+    assert view[ci * h * w + i * w + j, n] == pytest.approx(act[n, i, j, ci], rel=RTOL, abs=ATOL)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vgg11"])
@@ -160,7 +167,7 @@ def test_float_images_give_the_same_views(small, images):
     a = probe.collect(model, variables, images, ["conv3"], batch_size=4, progress=False)
     b = probe.collect(model, variables, _float(images), ["conv3"], batch_size=4, progress=False)
     for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        _assert_close(a[name], b[name], name)
 
 
 def test_only_requested_layers_are_captured(small, images, monkeypatch):

@@ -145,7 +145,8 @@ def test_group_lambda_zero_equals_plain_solver():
     grouped = plain._replace(group_lam=0.0, n_groups=4)
     a = _solve(views, plain)
     b = _solve(views, grouped, groups)
-    np.testing.assert_array_equal(np.asarray(a.F), np.asarray(b.F))
+    # Two programs (the grouped one has the FISTA branch compiled in): equal to rounding.
+    np.testing.assert_allclose(np.asarray(a.F), np.asarray(b.F), rtol=1e-5, atol=1e-6)
 
 
 def test_group_prox_is_nonnegative_group_soft_threshold():

@@ -368,8 +368,10 @@ def test_several_layers_in_one_call_match_single_layer_calls(toy):
     single = tcav.run(toy["model"], toy["variables"], "feat", **args)
     assert both.layers == ("feat", "fc")
     assert both.scores.shape == (2, 3, 3, 3) and both.p_values.shape == (2, 3, 3)
-    np.testing.assert_array_equal(both.scores[0], single.scores[0])
-    np.testing.assert_array_equal(both.random_scores[0], single.random_scores[0])
+    # Scores are fractions of positive directional derivatives: computed by two programs,
+    # one can move only where a derivative lies within rounding of zero.
+    np.testing.assert_allclose(both.scores[0], single.scores[0], atol=0.02)
+    np.testing.assert_allclose(both.random_scores[0], single.random_scores[0], atol=0.02)
     assert len(both.table()) == 2 * 3 * 3
 
 

@@ -203,7 +203,7 @@ def test_predict_pads_the_last_batch(straight, digits):
     assert batched.shape == (23, 10) and batched.dtype == np.float32
     np.testing.assert_allclose(batched, whole, rtol=1e-5, atol=1e-5)
     floats = train.predict(result.model, result.variables, data.to_float(images), batch_size=23)
-    np.testing.assert_array_equal(floats, whole)
+    np.testing.assert_allclose(floats, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_experiment_script_writes_checkpoint_and_summary(tmp_path, monkeypatch):
