@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnmf import models, probe
+from jaxcnmf.nets import models, probe
 
 DEFAULT_LAYERS = {
     "small": ("conv2", "conv3", "pool"),

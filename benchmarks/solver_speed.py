@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnmf import initialization, solver
+from jaxcnmf.solver import core as solver, initialization
 
 FULL = {"n": 3000, "rank": 20, "rows": {"red": 1024, "green": 1024, "blue": 1024,
                                          "layer_a": 16384, "layer_b": 8192, "layer_c": 512}}

@@ -44,7 +44,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcnmf import data, models, tcav
+from jaxcnmf.nets import data, models
+from jaxcnmf.concepts import tcav
 
 
 def straightforward(model, variables, layer, concept, classes, pool, runs, per_set, seed):
@@ -104,7 +105,7 @@ def main():
     concept = test.images[test.labels == 3][: args.per_set]
     pool = np.concatenate(classes)
     if args.checkpoint:
-        from jaxcnmf import train as training
+        from jaxcnmf.nets import train as training
 
         checkpoint = training.load_checkpoint(args.checkpoint)
         model, variables = checkpoint.model, checkpoint.variables

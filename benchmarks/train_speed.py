@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcnmf import models, train
+from jaxcnmf.nets import models, train
 
 CIFAR_EPOCH = 50_000
 

@@ -22,7 +22,7 @@ Examples:
 import argparse
 import dataclasses
 
-from jaxcnmf import pipeline, report
+from jaxcnmf.runs import pipeline, report
 
 CIFAR10_SMALL = pipeline.RunConfig(
     command="cifar10_small",

@@ -21,7 +21,7 @@ Examples:
 import argparse
 import dataclasses
 
-from jaxcnmf import pipeline, report
+from jaxcnmf.runs import pipeline, report
 
 PAPER = pipeline.RunConfig(
     command="paper_resnet18_cifar100",

@@ -43,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 import jaxcnmf
-from jaxcnmf import analysis, data, figures, models, probe, tcav, train
+from jaxcnmf.concepts import labels, tcav
+from jaxcnmf.nets import data, models, probe, train
+from jaxcnmf.runs import figures
 
 DEFAULT_SEEN = ("airplane", "automobile", "bird", "cat", "deer")
 DEFAULT_FRACTIONS = (0.0, 0.01, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1)
@@ -304,11 +306,11 @@ def main(argv=None):
     sweep_rows, res, chosen, scale = sweep(args, views, labels, n_groups)
     times["LAM sweep (all fits)"] = time.perf_counter() - t0
     res.save(Path(args.work) / "fit.npz")
-    shares = analysis.class_shares(res.F, labels, n_groups)
+    shares = labels.class_shares(res.F, labels, n_groups)
     zeros, dead = group_stats(res.F, labels, n_groups)
     names = concept_names(shares, probe_ds.class_names)
 
-    order = analysis.concept_order(res.F, labels, n_groups)
+    order = labels.concept_order(res.F, labels, n_groups)
     fig = figures.class_share_heatmap(
         shares, [f"{n}{'' if s else '*'}" for n, s in zip(probe_ds.class_names, seen)],
         order=order, title="class shares of each concept (* unseen)")
@@ -377,7 +379,7 @@ def write_readme(args, out, model, train_ds, eval_ds, probe_ds, seen, epochs, ac
                  model_classes, result, times):
     cls = probe_ds.class_names
     unseen = [n for n, s in zip(cls, seen) if not s]
-    coarse = (None if probe_ds.coarse_labels is None else analysis.class_shares(
+    coarse = (None if probe_ds.coarse_labels is None else labels.class_shares(
         res.F, probe_ds.coarse_labels, len(probe_ds.superclass_names)))
     pair = (f"{args.train} ({', '.join(train_ds.class_names)}) -> {args.train} test, all "
             f"{len(cls)} classes" if args.split_classes else f"{args.train} -> {args.probe}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcnmf import data, models, train
+from jaxcnmf.nets import data, models, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -434,7 +434,7 @@ def build_parser():
 
 
 def _demo(args):
-    from jaxcnmf import pipeline
+    from jaxcnmf.runs import pipeline
 
     # Settings are checked before the run directory is chosen, so a bad argument ends
     # with its error line alone.
@@ -450,7 +450,7 @@ def _demo(args):
 
 def _tcav_settings(args):
     """The TCAV settings of ``--tcav``, or None without it."""
-    from jaxcnmf import pipeline
+    from jaxcnmf.runs import pipeline
 
     given = [flag for flag, value in (("--tcav-runs", args.tcav_runs),
                                       ("--tcav-top", getattr(args, "tcav_top", None)))
@@ -466,7 +466,7 @@ def _tcav_settings(args):
 
 
 def _train(args):
-    from jaxcnmf import pipeline
+    from jaxcnmf.runs import pipeline
 
     return pipeline.train_model(
         model=args.model,
@@ -485,7 +485,7 @@ def _train(args):
 
 
 def _analyze(args):
-    from jaxcnmf import pipeline
+    from jaxcnmf.runs import pipeline
 
     config = pipeline.RunConfig(
         command="analyze",
@@ -515,7 +515,7 @@ def _analyze(args):
 
 
 def _tcav(args):
-    from jaxcnmf import pipeline
+    from jaxcnmf.runs import pipeline
 
     config = pipeline.TcavConfig(
         layers=args.layer, top=args.top, random_runs=args.random_runs, classes=args.classes,
@@ -525,7 +525,7 @@ def _tcav(args):
 
 
 def _report(args):
-    from jaxcnmf import report
+    from jaxcnmf.runs import report
 
     return report.write_report(args.run_dir, progress=not args.quiet)
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnmf import initialization, solver
+from jaxcnmf.solver import core, initialization
 
 
 class ConvergenceWarning(UserWarning):
@@ -37,13 +37,13 @@ _STORAGE_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def _run_one(views, F0, loadings0, groups, config):
-    return solver.run(solver.init_state(views, F0, loadings0, config, groups), views, config)
+    return core.run(core.init_state(views, F0, loadings0, config, groups), views, config)
 
 
 _solve = jax.jit(_run_one, static_argnames="config")
 _solve_restarts = jax.jit(jax.vmap(_run_one, in_axes=(None, 0, 0, None, None)),
                           static_argnums=4)
-_solve_F = jax.jit(solver.solve_F, static_argnames="config")
+_solve_F = jax.jit(core.solve_F, static_argnames="config")
 _random_restarts = jax.jit(jax.vmap(initialization.random, in_axes=(0, None, None, None)),
                            static_argnums=(2, 3))
 
@@ -241,7 +241,7 @@ class FitResult:
 
     def _solver_config(self, names, max_iter, tol):
         weights = tuple(self.config["weights"][name] for name in names)
-        return solver.SolverConfig(
+        return core.SolverConfig(
             method=self.config["method"], rank=self.config["rank"], weights=weights,
             l1_F=self.config["l1_F"], l2_F=self.config["l2_F"], max_iter=max_iter,
             tol=tol, eps=self.config["eps"], dtype=self.config["dtype"])
@@ -503,7 +503,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     if rank > min(n, total_rows):
         raise ValueError(f"rank: expected at most min(N, total rows) = "
                          f"{min(n, total_rows)}, got {rank}")
-    _check_choice("method", method, solver.METHODS)
+    _check_choice("method", method, core.METHODS)
     if not isinstance(init, dict):
         _check_choice("init", init, initialization.INIT_NAMES)
     max_iter = _check_number("max_iter", max_iter, 1, integer=True)
@@ -517,7 +517,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     groups, n_groups = _check_groups(groups, n, group_lam)
     storage = _check_dtypes(dtype, storage_dtype)
 
-    config = solver.SolverConfig(
+    config = core.SolverConfig(
         method=method, rank=rank, weights=view_weights, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
         unit_columns=bool(unit_columns), group_lam=group_lam, n_groups=n_groups,
         max_iter=max_iter, tol=tol, dtype=dtype)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnmf import models, tcav
+from jaxcnmf.nets import models
+from jaxcnmf.concepts import tcav
 
 DIM = 64  # the toy layer: 4x4 spatial, 4 channels
 RUNS = 10
@@ -346,7 +347,7 @@ def test_run_validates_at_the_front_door(toy, kwargs, message):
 
 
 def test_activations_match_probe_collect_flattening():
-    from jaxcnmf import probe
+    from jaxcnmf.nets import probe
 
     model = models.small_cnn(4, width=0.25)
     images = np.random.default_rng(9).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnmf import models, probe
+from jaxcnmf.nets import models, probe
 
 TINY = 0.125
 N = 7  # with batch_size=3: two full batches and a partial one

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxcnmf import data
-from jaxcnmf.data import Dataset, DatasetSplits
+from jaxcnmf.nets import data
+from jaxcnmf.nets.data import Dataset, DatasetSplits
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -62,7 +62,7 @@ figcaption { color: #555; font-size: 0.9rem; }
 
 def figure_block(run_dir: Path, name: str, figure, caption: str) -> str:
     """Save ``figure`` to ``run_dir/figures/<name>.png`` and return it as an HTML block."""
-    from jaxcnmf import figures
+    from jaxcnmf.runs import figures
 
     path = figures.save_figure(figure, Path(run_dir) / "figures" / f"{name}.png")
     return figure_html(path.read_bytes(), caption)
@@ -156,7 +156,16 @@ class _Page:
     """The analyses of one saved run, computed once and shared by the sections."""
 
     def __init__(self, saved):
-        from jaxcnmf import analysis
+        from jaxcnmf.concepts import images, neighbours, neurons
+        from jaxcnmf.concepts.labels import (
+            class_shares,
+            cluster_purity,
+            concept_order,
+            concept_table,
+            nmi,
+            purity,
+            strongest_concept,
+        )
 
         self.saved = saved
         self.record = saved.record
@@ -169,53 +178,53 @@ class _Page:
         self.channels = [v for v in saved.result.view_names if v in PIXEL_VIEWS]
         labels, coarse = saved.labels, saved.coarse_labels
         num_classes = len(self.class_names)
-        self.shares = analysis.class_shares(self.F, labels, num_classes)
-        self.records = analysis.concept_table(
+        self.shares = class_shares(self.F, labels, num_classes)
+        self.records = concept_table(
             self.F, labels, self.class_names,
             coarse_labels=coarse if self.superclass_names else None,
             superclass_names=self.superclass_names or None,
             top=3, n_images=self.config["top_images"],
         )
-        strongest = analysis.strongest_concept(self.F)
+        strongest = strongest_concept(self.F)
         self.scores = {
-            "purity": analysis.purity(self.F, labels, num_classes),
-            "cluster_purity": analysis.cluster_purity(strongest, labels),
-            "nmi": analysis.nmi(strongest, labels),
+            "purity": purity(self.F, labels, num_classes),
+            "cluster_purity": cluster_purity(strongest, labels),
+            "nmi": nmi(strongest, labels),
         }
         if self.superclass_names and coarse is not None:
-            self.scores["superclass_purity"] = analysis.purity(
+            self.scores["superclass_purity"] = purity(
                 self.F, coarse, len(self.superclass_names))
-            self.scores["superclass_cluster_purity"] = analysis.cluster_purity(strongest, coarse)
-            self.scores["superclass_nmi"] = analysis.nmi(strongest, coarse)
-        self.order = analysis.concept_order(self.F, labels, num_classes)
+            self.scores["superclass_cluster_purity"] = cluster_purity(strongest, coarse)
+            self.scores["superclass_nmi"] = nmi(strongest, coarse)
+        self.order = concept_order(self.F, labels, num_classes)
         self.layer_summary = (
-            analysis.layer_summary({l: saved.result.loadings[l] for l in self.layers},
+            neurons.layer_summary({l: saved.result.loadings[l] for l in self.layers},
                                    top_k=3, order=self.order)
             if self.layers else None
         )
         self.latent = self.masks = None
         if self.channels:
-            self.latent = analysis.latent_images(
+            self.latent = images.latent_images(
                 {c: saved.result.loadings[c] for c in self.channels}, saved.images.shape[1:])
-            self.masks = analysis.median_mask(self.latent)
+            self.masks = images.median_mask(self.latent)
         n = self.F.shape[1]
         self.k = max(1, min(int(self.config["neighbours"]), n - 1))
         self.correct = saved.predictions == labels
-        self.entropy = analysis.neighbour_entropy_all(self.F, self.k) if n > 1 else np.zeros(n)
-        self.accuracy_table = analysis.accuracy_vs_entropy(self.entropy, self.correct, bins=5)
+        self.entropy = neighbours.neighbour_entropy_all(self.F, self.k) if n > 1 else np.zeros(n)
+        self.accuracy_table = neighbours.accuracy_vs_entropy(self.entropy, self.correct, bins=5)
         self.examples = self._neighbour_examples()
 
     def _neighbour_examples(self, count: int = 3):
         """Queries for the neighbour section: the lowest-, middle- and highest-entropy images."""
-        from jaxcnmf import analysis
+        from jaxcnmf.concepts import neighbours
 
         if self.F.shape[1] < 2:
             return []
         by_entropy = np.argsort(self.entropy, kind="stable")
         picks = by_entropy[np.linspace(0, len(by_entropy) - 1, count).round().astype(int)]
         return [
-            {metric: analysis.neighbour_concepts(self.F, int(i), self.k, metric)
-             for metric in analysis.METRICS}
+            {metric: neighbours.neighbour_concepts(self.F, int(i), self.k, metric)
+             for metric in neighbours.METRICS}
             for i in dict.fromkeys(picks.tolist())
         ]
 
@@ -349,7 +358,7 @@ def _image_strip(images, indices, captions) -> str:
 
 
 def _concepts_section(page: _Page, run_dir: Path) -> list[str]:
-    from jaxcnmf import figures
+    from jaxcnmf.runs import figures
 
     rows = _concept_rows(page)
     write_table(run_dir, "concepts", rows)
@@ -391,7 +400,7 @@ def _concepts_section(page: _Page, run_dir: Path) -> list[str]:
 
 
 def _layers_section(page: _Page, run_dir: Path) -> list[str]:
-    from jaxcnmf import figures
+    from jaxcnmf.runs import figures
 
     summary = page.layer_summary
     if summary is None:
@@ -423,7 +432,7 @@ def _layers_section(page: _Page, run_dir: Path) -> list[str]:
 
 
 def _neighbours_section(page: _Page, run_dir: Path) -> list[str]:
-    from jaxcnmf import figures
+    from jaxcnmf.runs import figures
 
     table = page.accuracy_table
     rows = table.to_rows()
@@ -458,7 +467,8 @@ def _neighbours_section(page: _Page, run_dir: Path) -> list[str]:
 
 
 def _fidelity_section(page: _Page, run_dir: Path) -> list[str]:
-    from jaxcnmf import analysis, figures
+    from jaxcnmf.concepts import fidelity
+    from jaxcnmf.runs import figures
 
     rows = page.saved.network["fidelity"]
     write_table(run_dir, "fidelity", rows)
@@ -478,7 +488,7 @@ def _fidelity_section(page: _Page, run_dir: Path) -> list[str]:
     tables = []
     for layer in dict.fromkeys(row["layer"] for row in rows):
         mine = [row for row in rows if row["layer"] == layer]
-        tables.append(analysis.FidelityTable(
+        tables.append(fidelity.FidelityTable(
             layer=layer, original_accuracy=mine[0]["original_accuracy"],
             ranks=np.array([row["rank"] for row in mine]),
             accuracy=np.array([row["accuracy"] for row in mine]),
@@ -517,7 +527,7 @@ def _constant_gradient_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _tcav_section(page: _Page, run_dir: Path) -> list[str]:
-    from jaxcnmf import tcav
+    from jaxcnmf.concepts import tcav
 
     result = page.saved.tcav
     if result is None:
@@ -557,7 +567,7 @@ def _tcav_section(page: _Page, run_dir: Path) -> list[str]:
 
 
 def _objective_section(page: _Page, run_dir: Path) -> list[str]:
-    from jaxcnmf import figures
+    from jaxcnmf.runs import figures
 
     history = page.result.history
     objective = np.asarray(history["objective"], dtype=np.float64)
@@ -606,7 +616,7 @@ def write_report(run_dir, *, progress: bool = True) -> Path:
         >>> write_report("runs/demo").name  # doctest: +SKIP
         'report.html'
     """
-    from jaxcnmf import pipeline
+    from jaxcnmf.runs import pipeline
 
     saved = pipeline.load_run(run_dir)
     run_dir = saved.path
@@ -674,7 +684,7 @@ def write_summary(run_dir, path, *, title: str | None = None,
     Example:
         >>> write_summary("runs/c10", "experiments/results/cifar10/README.md")  # doctest: +SKIP
     """
-    from jaxcnmf import pipeline
+    from jaxcnmf.runs import pipeline
 
     run_dir, path = Path(run_dir), Path(path)
     if not (run_dir / pipeline.COMPLETE).is_file():

@@ -9,7 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from jaxcnmf import cli, pipeline, report, tcav
+from jaxcnmf.runs import cli, pipeline, report
+from jaxcnmf.concepts import tcav
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcnmf import data, models
+from jaxcnmf.nets import data, models
 
 POOLINGS = ("flatten", "mean", "max")
 OUTPUTS = ("numpy", "device")

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcnmf import initialization
+from jaxcnmf.solver import initialization
 
 N = 40
 

@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 import jaxcnmf
-from jaxcnmf.factorization import ConvergenceWarning
+from jaxcnmf.solver.fit import ConvergenceWarning
 
 RANK = 3
 N = 80
@@ -166,7 +166,7 @@ def test_list_views_integer_data_and_negative_options():
 def test_device_views_fit_like_host_views_without_a_host_copy():
     import jax
     import jax.numpy as jnp
-    from jaxcnmf import factorization
+    from jaxcnmf.solver import fit as factorization
 
     views, _ = _planted(noise=0.05)
     device = {k: jnp.asarray(v) for k, v in views.items()}

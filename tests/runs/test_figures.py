@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxcnmf import analysis, figures
+from jaxcnmf.concepts import fidelity, images, labels, neighbours, neurons
+from jaxcnmf.runs import figures
 
 CLASS_NAMES = ["zero", "one", "two", "three"]
 
@@ -42,9 +43,9 @@ def check_png(fig, path, n_axes):
 
 def concept_inputs(case, kind):
     images = case[kind]
-    latent = analysis.latent_images(case[f"pixels_{kind}"], images.shape[1:])
-    records = analysis.concept_table(case["F"], case["labels"], CLASS_NAMES, n_images=5)
-    return images, records, latent, analysis.median_mask(latent)
+    latent = images.latent_images(case[f"pixels_{kind}"], images.shape[1:])
+    records = labels.concept_table(case["F"], case["labels"], CLASS_NAMES, n_images=5)
+    return images, records, latent, images.median_mask(latent)
 
 
 @pytest.mark.parametrize("kind", ["gray", "rgb"])
@@ -58,7 +59,7 @@ def test_concept_tile(case, tmp_path, kind):
 
 def test_concept_gallery_writes_one_tile_per_concept_in_order(case, tmp_path):
     images, records, latent, masks = concept_inputs(case, "gray")
-    order = analysis.concept_order(case["F"])
+    order = labels.concept_order(case["F"])
     paths = figures.concept_gallery(
         images, records, latent, masks, tmp_path / "gallery", n_images=3, order=order
     )
@@ -67,7 +68,7 @@ def test_concept_gallery_writes_one_tile_per_concept_in_order(case, tmp_path):
 
 
 def test_concept_tile_rejects_latent_of_wrong_shape(case):
-    records = analysis.concept_table(case["F"], case["labels"], CLASS_NAMES)
+    records = labels.concept_table(case["F"], case["labels"], CLASS_NAMES)
     with pytest.raises(ValueError, match=r"latent: expected shape \(8, 8, 1\)"):
         figures.concept_tile(case["gray"], records[0], np.zeros((8, 8, 3)), np.zeros((8, 8), bool))
     with pytest.raises(ValueError, match="images: expected uint8"):
@@ -77,8 +78,8 @@ def test_concept_tile_rejects_latent_of_wrong_shape(case):
 
 
 def test_class_share_heatmap(case, tmp_path):
-    shares = analysis.class_shares(case["F"], case["labels"], 4)
-    order = analysis.concept_order(case["F"], case["labels"])
+    shares = labels.class_shares(case["F"], case["labels"], 4)
+    order = labels.concept_order(case["F"], case["labels"])
     check_png(figures.class_share_heatmap(shares, CLASS_NAMES, order), tmp_path / "shares.png", 2)
 
 
@@ -98,24 +99,24 @@ def test_class_share_heatmap_title_fits_the_figure(num_classes, title):
 
 
 def test_similarity_heatmaps_and_layer_summary(case, tmp_path):
-    summary = analysis.layer_summary(case["loadings"], order=analysis.concept_order(case["F"]))
+    summary = neurons.layer_summary(case["loadings"], order=labels.concept_order(case["F"]))
     check_png(figures.similarity_heatmaps(summary), tmp_path / "similarity.png", 3 + 1)
     check_png(figures.layer_summary_plot(summary), tmp_path / "summary.png", 1)
 
 
 def test_neighbour_figure_and_accuracy_plot(case, tmp_path):
-    result = analysis.neighbour_concepts(case["F"], 3, k=5, metric="euclidean")
+    result = neighbours.neighbour_concepts(case["F"], 3, k=5, metric="euclidean")
     fig = figures.neighbour_figure(case["rgb"], result, case["labels"], CLASS_NAMES)
     check_png(fig, tmp_path / "neighbours.png", 5 + 2)
-    entropy = analysis.neighbour_entropy_all(case["F"], 5)
+    entropy = neighbours.neighbour_entropy_all(case["F"], 5)
     correct = np.random.default_rng(1).random(entropy.size) < 0.8
-    table = analysis.accuracy_vs_entropy(entropy, correct, bins=[0.0, 0.5, 1.0, 1.5, 2.0])
+    table = neighbours.accuracy_vs_entropy(entropy, correct, bins=[0.0, 0.5, 1.0, 1.5, 2.0])
     check_png(figures.accuracy_entropy_plot(table), tmp_path / "entropy.png", 1)
 
 
 def test_fidelity_plot(tmp_path):
     tables = [
-        analysis.FidelityTable(
+        fidelity.FidelityTable(
             layer, 0.9, np.array([2, 5, 10]), np.array([0.3, 0.6, 0.85]) + shift,
             np.array([0.5, 0.3, 0.1]),
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxcnmf import cli, pipeline
+from jaxcnmf.runs import cli, pipeline
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnmf import solver
+from jaxcnmf.solver import core as solver
 
 RANK = 3
 N = 48

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnmf import models
+from jaxcnmf.nets import models
 
 TINY = 0.125
 

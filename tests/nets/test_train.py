@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnmf import data, models, train
+from jaxcnmf.nets import data, models, train
 
 EPOCHS = 3
 SETTINGS = dict(batch_size=32, lr=0.05, flip=False, seed=3, progress=False)

@@ -45,7 +45,7 @@ from flax import serialization
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from jaxcnmf import data, models
+from jaxcnmf.nets import data, models
 
 logger = logging.getLogger(__name__)
 

@@ -300,7 +300,7 @@ def _environment() -> dict[str, str]:
 def _check_layers(model, layers, name: str = "layers") -> tuple[str, ...]:
     """``layers`` as a tuple of distinct probe-able layers of ``model`` (None: all of them);
     errors name the parameter ``name``."""
-    from jaxcnmf import models
+    from jaxcnmf.nets import models
 
     available = models.probe_layers(model)
     if layers is None:
@@ -332,7 +332,7 @@ def _check_config(config: RunConfig) -> None:
 
 def _check_tcav_config(tcav_config: TcavConfig) -> None:
     """TCAV checks that need no data."""
-    from jaxcnmf import tcav
+    from jaxcnmf.concepts import tcav
 
     if tcav_config.random_runs < 2:
         raise ValueError(f"random_runs: expected an integer >= 2, got {tcav_config.random_runs}")
@@ -378,7 +378,7 @@ def _tcav_layers(model, tcav_config: TcavConfig, probed, image_shape) -> tuple[s
     our networks it feeds a linear head (average pool, dense), where every TCAV score is
     0 or 1.
     """
-    from jaxcnmf import probe
+    from jaxcnmf.nets import probe
 
     if tcav_config.layers is None:
         shapes = probe.available_layers(model, input_shape=tuple(image_shape))
@@ -412,7 +412,7 @@ def _load_network(config: RunConfig):
     A network to be trained is built with one class, so that its layers can be checked
     before the data are read; ``_fit_classes`` gives it the dataset's classes.
     """
-    from jaxcnmf import models, train
+    from jaxcnmf.nets import models, train
 
     if config.checkpoint is None:
         return models.build(config.model, 1, config.width), None, {
@@ -453,7 +453,7 @@ def _train(config: RunConfig, model, splits, checkpoint_dir: Path, progress: boo
 def _fit_network(network, splits, checkpoint_dir: Path, *, epochs: int, batch_size: int,
                  lr: float | None, augment: bool, seed: int, progress: bool):
     """``train.fit`` on the train split, scored on the test split, from scratch."""
-    from jaxcnmf import train
+    from jaxcnmf.nets import train
 
     return train.fit(
         network, splits.train, epochs=epochs, batch_size=batch_size, augment=augment,
@@ -490,7 +490,7 @@ def train_model(*, model: str = "small", dataset: str = "digits", source=None, o
         >>> train_model(out="/tmp/digits", epochs=1)  # doctest: +SKIP
         PosixPath('/tmp/digits/ckpt')
     """
-    from jaxcnmf import data, models
+    from jaxcnmf.nets import data, models
 
     out = check_out_dir(out, force)
     network = models.build(model, 1, width)  # fails on a bad name before any data is read
@@ -555,7 +555,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         'report.html'
     """
     import jaxcnmf
-    from jaxcnmf import data, probe, report, train
+    from jaxcnmf.nets import data, probe, train
+    from jaxcnmf.runs import report
 
     _check_config(config)
     if tcav is not None:
@@ -676,11 +677,12 @@ def _fit_settings(config: RunConfig, probe_set) -> dict[str, Any]:
 def _network_analyses(config, model, variables, views, result, probe_set, layers, progress):
     """The analyses the saved run cannot redo: they need the activations or the network."""
     import jaxcnmf
-    from jaxcnmf import analysis, probe
+    from jaxcnmf.concepts.fidelity import fidelity
+    from jaxcnmf.concepts.labels import kmeans_baseline
+    from jaxcnmf.nets import probe
 
     layer_views = {layer: views[layer] for layer in layers}
-    baseline = analysis.kmeans_baseline(layer_views, probe_set.labels, k=config.rank,
-                                        seed=config.seed)
+    baseline = kmeans_baseline(layer_views, probe_set.labels, k=config.rank, seed=config.seed)
     shapes = probe.available_layers(model, input_shape=tuple(probe_set.images.shape[1:]))
     # A pooled conv layer cannot be put back into the network, so it has no fidelity.
     replaceable = [l for l in layers if config.pooling == "flatten" or len(shapes[l]) == 1]
@@ -692,8 +694,8 @@ def _network_analyses(config, model, variables, views, result, probe_set, layers
             fits.append(jaxcnmf.fit(views, rank, progress=False, **settings))
     rows = []
     for layer in progress_bar(replaceable, progress, "fidelity"):
-        table = analysis.fidelity(model, variables, probe_set.images, probe_set.labels, fits,
-                                  layer, activations=views[layer], shape=shapes[layer])
+        table = fidelity(model, variables, probe_set.images, probe_set.labels, fits,
+                         layer, activations=views[layer], shape=shapes[layer])
         rows.extend(table.to_rows())
     return {
         "kmeans": {"k": config.rank, "nmi": baseline.nmi, "purity": baseline.purity,
@@ -710,7 +712,7 @@ _TCAV_FIELDS = ("scores", "random_scores", "magnitudes", "random_magnitudes", "c
 def _tcav_step(tcav_config: TcavConfig, layers, model, variables, result, images, labels,
                class_names, out: Path, progress: bool):
     """Concepts from F's top images, classes from the probe set; TCAV; save the result."""
-    from jaxcnmf import tcav
+    from jaxcnmf.concepts import tcav
 
     class_names = tuple(class_names)
     classes = {name: images[labels == class_names.index(name)]
@@ -760,7 +762,7 @@ def load_tcav(run_dir: str | os.PathLike):
         >>> load_tcav("runs/demo").heatmap_matrix()[0].shape  # doctest: +SKIP
         (10, 10)
     """
-    from jaxcnmf import tcav
+    from jaxcnmf.concepts import tcav
 
     run_dir = Path(run_dir)
     if not (run_dir / TCAV).is_file():
@@ -820,7 +822,8 @@ def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(),
         >>> run_tcav("runs/demo", TcavConfig(top=30, random_runs=20))  # doctest: +SKIP
         PosixPath('runs/demo/report.html')
     """
-    from jaxcnmf import report, train
+    from jaxcnmf.runs import report
+    from jaxcnmf.nets import train
 
     _check_tcav_config(tcav_config)
     saved = load_run(run_dir)

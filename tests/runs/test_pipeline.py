@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from jaxcnmf import cli, pipeline, train
+from jaxcnmf.runs import cli, pipeline
+from jaxcnmf.nets import train
 
 
 def _previous_complete_run(out):
@@ -124,7 +125,7 @@ def test_bad_tcav_settings_fail_before_training(tcav, message, tmp_path, monkeyp
 
 
 def test_default_tcav_layer_skips_the_last_spatial_layer_when_it_can():
-    from jaxcnmf import models
+    from jaxcnmf.nets import models
 
     model = models.small_cnn(10, width=0.25)
     default = pipeline.TcavConfig()

@@ -10,7 +10,7 @@ Images are uint8 (N, H, W, C) with C = 1 (drawn with a gray colormap) or C = 3.
 Example:
     >>> import numpy as np, tempfile, pathlib
     >>> from jaxcnmf import analysis, figures
-    >>> summary = analysis.layer_summary({"conv": np.eye(4)[:, :2], "fc": np.ones((3, 2))})
+    >>> summary = neurons.layer_summary({"conv": np.eye(4)[:, :2], "fc": np.ones((3, 2))})
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "layers.png"
     >>> figures.save_figure(figures.layer_summary_plot(summary), out).stat().st_size > 0
     True
@@ -26,14 +26,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxcnmf.analysis import (
-    AccuracyTable,
-    ConceptRecord,
-    FidelityTable,
-    LayerSummary,
-    NeighbourConcepts,
-    masked_images,
-)
+from jaxcnmf.concepts.fidelity import FidelityTable
+from jaxcnmf.concepts.images import masked_images
+from jaxcnmf.concepts.labels import ConceptRecord
+from jaxcnmf.concepts.neighbours import AccuracyTable, NeighbourConcepts
+from jaxcnmf.concepts.neurons import LayerSummary
 
 __all__ = [
     "accuracy_entropy_plot",
@@ -141,7 +138,7 @@ def concept_tile(
 
     Args:
         images: uint8 (N, H, W, C) probe images (the columns of ``F``).
-        record: the concept's :class:`~jaxcnmf.analysis.ConceptRecord`.
+        record: the concept's :class:`~jaxcnmf.concepts.labels.ConceptRecord`.
         latent: float (H, W, C) latent image in [0, 1] (``latent_images(...)[k]``).
         mask: bool (H, W) mask (``median_mask(latent)[k]``).
         n_images: number of top images shown (at most ``len(record.top_images)``).
@@ -208,12 +205,12 @@ def concept_gallery(
 
     Args:
         images: uint8 (N, H, W, C) probe images.
-        records: from :func:`~jaxcnmf.analysis.concept_table`.
-        latent: float (rank, H, W, C) from :func:`~jaxcnmf.analysis.latent_images`.
-        masks: bool (rank, H, W) from :func:`~jaxcnmf.analysis.median_mask`.
+        records: from :func:`~jaxcnmf.concepts.labels.concept_table`.
+        latent: float (rank, H, W, C) from :func:`~jaxcnmf.concepts.images.latent_images`.
+        masks: bool (rank, H, W) from :func:`~jaxcnmf.concepts.images.median_mask`.
         directory: output folder (created).
         n_images: top images per tile.
-        order: optional concept order (e.g. :func:`~jaxcnmf.analysis.concept_order`).
+        order: optional concept order (e.g. :func:`~jaxcnmf.concepts.labels.concept_order`).
         labels: optional int (N,) labels to caption the images.
         class_names: names for ``labels``.
 
@@ -237,7 +234,7 @@ def concept_gallery(
 def class_share_heatmap(
     shares, class_names: Sequence[str], order=None, title: str = "class shares of each concept"
 ) -> Figure:
-    """Concepts x classes heatmap of :func:`~jaxcnmf.analysis.class_shares`.
+    """Concepts x classes heatmap of :func:`~jaxcnmf.concepts.labels.class_shares`.
 
     Args:
         shares: float (rank, C) shares in [0, 1].
@@ -280,7 +277,7 @@ def similarity_heatmaps(summary: LayerSummary) -> Figure:
     """Per-layer cosine similarity of the loading columns, concepts in the same order.
 
     Args:
-        summary: from :func:`~jaxcnmf.analysis.layer_summary`.
+        summary: from :func:`~jaxcnmf.concepts.neurons.layer_summary`.
 
     Returns:
         Figure with one axes per layer plus a shared colorbar.
@@ -310,7 +307,7 @@ def layer_summary_plot(summary: LayerSummary) -> Figure:
     """The paper's per-layer summary: largest eigenvalue, top-K mean, distance from I.
 
     Args:
-        summary: from :func:`~jaxcnmf.analysis.layer_summary`.
+        summary: from :func:`~jaxcnmf.concepts.neurons.layer_summary`.
 
     Returns:
         Figure with 1 axes, one line per statistic across layers.
@@ -340,7 +337,7 @@ def neighbour_figure(
 
     Args:
         images: uint8 (N, H, W, C) probe images.
-        result: from :func:`~jaxcnmf.analysis.neighbour_concepts`.
+        result: from :func:`~jaxcnmf.concepts.neighbours.neighbour_concepts`.
         labels: optional int (N,) labels for captions.
         class_names: names for ``labels``.
 
@@ -373,7 +370,7 @@ def accuracy_entropy_plot(table: AccuracyTable) -> Figure:
     """The network's accuracy per bin of neighbour entropy, with images per bin.
 
     Args:
-        table: from :func:`~jaxcnmf.analysis.accuracy_vs_entropy`.
+        table: from :func:`~jaxcnmf.concepts.neighbours.accuracy_vs_entropy`.
 
     Returns:
         Figure with 1 axes.
@@ -405,7 +402,7 @@ def fidelity_plot(tables: Sequence[FidelityTable]) -> Figure:
     """Accuracy with each layer replaced by ``O_j F``, against rank, per layer.
 
     Args:
-        tables: one :class:`~jaxcnmf.analysis.FidelityTable` per layer.
+        tables: one :class:`~jaxcnmf.concepts.fidelity.FidelityTable` per layer.
 
     Returns:
         Figure with 1 axes; the original accuracy is a dashed line.

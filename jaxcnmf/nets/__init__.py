@@ -1,0 +1,10 @@
+"""What is probed: the data, the networks, their training, and running them.
+
+- :mod:`jaxcnmf.nets.data`: datasets (CIFAR-10/100, tensorflow-datasets, image folders,
+  ``.npz``, the bundled digits) as one ``Dataset`` type.
+- :mod:`jaxcnmf.nets.models`: the Flax models (ResNet-18, VGG-11-BN, a small CNN).
+- :mod:`jaxcnmf.nets.train`: optax training with atomic, resumable checkpoints.
+- :mod:`jaxcnmf.nets.probe`: the one module that runs a network: activations of named
+  layers (``collect``), gradients with respect to a layer, interventions that replace a
+  layer's output, and layer shapes.
+"""
