@@ -17,7 +17,7 @@ from PIL import Image
 from jaxcnmf.nets import data
 from jaxcnmf.nets.data import Dataset, DatasetSplits
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
