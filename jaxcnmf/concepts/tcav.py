@@ -14,11 +14,18 @@ sensitivities are then one matrix product ``grads (n, D) @ cavs.T (D, R)``. All 
 concept (its R runs and R random-vs-random runs) are trained in one jitted, vmapped call.
 
 Precision: TCAV scores are signs of small numbers; we compute at full precision so
-results do not depend on the backend's default. Activations, gradients, CAV fits and
-sensitivities are traced under ``jax.default_matmul_precision("float32")``, so every
-float32 matmul and convolution runs in full float32 even where the backend would
+results do not depend on the backend's default. Activations and gradients come from
+:func:`jaxcnmf.nets.probe.layer_activations` and :func:`~jaxcnmf.nets.probe.layer_gradients`,
+and CAV fits and sensitivities here, all traced under
+:func:`~jaxcnmf.nets.probe.full_precision` (``jax.default_matmul_precision("float32")``),
+so every float32 matmul and convolution runs in full float32 even where the backend would
 otherwise use TF32 or bfloat16 passes (NVIDIA GPUs, TPUs); the sign of a sensitivity
 near zero then no longer depends on the backend or on how the inputs were batched.
+
+Running the network is :mod:`jaxcnmf.nets.probe`'s job; this module holds CAVs, scores,
+their statistics, concept sets, the result and its figure. ``layer_shapes``,
+``layer_activations`` and ``layer_gradients``, which lived here before, are re-exported
+from probe so that ``tcav.layer_gradients(...)`` keeps working.
 
 Layer choice: at a layer from which the network is linear to the logits (a global
 average pool then a dense layer: SmallCNN's ``conv3``/``pool``, ResNet-18's
@@ -48,13 +55,21 @@ import hashlib
 import sys
 import time
 import warnings
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxcnmf.nets import probe
+
+# Running the network (activations, gradients w.r.t. a layer, layer shapes) is
+# jaxcnmf.nets.probe's job; these names lived here before and are re-exported for the
+# code that imports them from tcav.
+from jaxcnmf.nets.probe import layer_activations, layer_gradients, layer_shapes  # noqa: F401
 
 CAV_METHODS = ("logistic", "mean_diff")
 CORRECTIONS = ("bh", "bonferroni")
@@ -83,21 +98,6 @@ class Cavs(NamedTuple):
 
     vectors: np.ndarray
     accuracies: np.ndarray
-
-
-def _full_precision(fn):
-    """``fn`` traced (or run eagerly) with full-precision float32 matmuls and convolutions.
-
-    The precision is fixed inside the traced function, not by the caller, so a jitted
-    ``fn`` compiles to the same program whatever context it is called from.
-    """
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.default_matmul_precision("float32"):
-            return fn(*args, **kwargs)
-
-    return wrapped
 
 
 # --------------------------------------------------------------------------- CAV core
@@ -206,7 +206,7 @@ def _fit_one(
 
 
 @functools.partial(jax.jit, static_argnames=("method", "max_steps", "chunk"))
-@_full_precision
+@probe.full_precision
 def _fit_cavs(acts, pos_idx, neg_idx, train, *, method, l2, max_steps, tol, chunk):
     """All CAVs in one call: ``lax.map`` over runs, vmapped ``chunk`` at a time."""
     fit = functools.partial(
@@ -375,7 +375,7 @@ def sensitivities(grads: np.ndarray, cavs: np.ndarray) -> np.ndarray:
 
 
 @jax.jit
-@_full_precision
+@probe.full_precision
 def _class_scores(grads, cavs, onehot):
     """TCAV scores and magnitude scores of every CAV for every class at once."""
     sens = grads @ cavs.T
@@ -479,207 +479,6 @@ def welch_pvalues(concept_scores: np.ndarray, random_scores: np.ndarray) -> np.n
     return np.nan_to_num(np.asarray(result.pvalue, np.float64), nan=1.0)
 
 
-# ----------------------------------------------------------------- layer capture
-
-
-def _to_float(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 255.0
-    return images.astype(np.float32)
-
-
-def _flatten(act: jax.Array) -> jax.Array:
-    """Channel-major flattening of (B, H, W, C) (or (B, C)) to (B, D)."""
-    return jnp.moveaxis(act, -1, 1).reshape(act.shape[0], -1)
-
-
-def _forward(model, variables, x, layers, deltas=None):
-    """Logits, with the outputs of direct children ``layers`` captured (and shifted)."""
-    captured = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        scope = context.module.scope
-        name = context.module.name
-        if (
-            context.method_name == "__call__"
-            and scope is not None
-            and len(scope.path) == 1
-            and name in layers
-            and name not in captured
-        ):
-            captured[name] = out
-            if deltas is not None:
-                out = out + deltas[name]
-        return out
-
-    with nn.intercept_methods(interceptor):
-        logits = model.apply(variables, x, train=False)
-    return logits, captured
-
-
-def _shapes(model, variables, image_shape) -> tuple[dict[str, tuple], int]:
-    """Per-image output shapes of the direct children, and the number of logits."""
-    shapes: dict[str, tuple] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        scope = context.module.scope
-        if (
-            context.method_name == "__call__"
-            and scope is not None
-            and len(scope.path) == 1
-            and hasattr(out, "shape")
-        ):
-            shapes.setdefault(context.module.name, tuple(out.shape[1:]))
-        return out
-
-    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    with nn.intercept_methods(interceptor):
-        logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-    return shapes, int(np.prod(logits.shape[1:]))
-
-
-def layer_shapes(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> dict[str, tuple]:
-    """Per-image output shapes of the model's direct children, in call order.
-
-    Args:
-        model: flax linen module, ``model.apply(variables, x, train=False)`` -> logits.
-        variables: its variables.
-        image_shape: (H, W, C) of one image.
-
-    Returns:
-        dict layer name -> per-image shape tuple.
-
-    Example:
-        >>> layer_shapes(models.small_cnn(10), variables, (32, 32, 3))["conv3"]
-        (4, 4, 128)
-    """
-    return _shapes(model, variables, image_shape)[0]
-
-
-@_full_precision
-def _activations(model, variables, x, *, layers):
-    _, captured = _forward(model, variables, x, layers)
-    return tuple(_flatten(captured[name]) for name in layers)
-
-
-@_full_precision
-def _gradients(model, variables, x, labels, *, layers):
-    """Gradient of each input's own class logit w.r.t. every layer: one backward pass.
-
-    In eval mode inputs do not interact, so the gradient of the batch sum of the chosen
-    logits with respect to a per-input shift of the layer output is, row by row, the
-    gradient of that input's logit.
-    """
-    _, captured = jax.eval_shape(lambda: _forward(model, variables, x, layers))
-    zeros = {name: jnp.zeros(captured[name].shape, captured[name].dtype) for name in layers}
-
-    def picked(deltas):
-        logits, _ = _forward(model, variables, x, layers, deltas)
-        return jnp.sum(jnp.take_along_axis(logits, labels[:, None], axis=1))
-
-    grads = jax.grad(picked)(zeros)
-    return tuple(_flatten(grads[name]) for name in layers)
-
-
-def _build(fn, model, layers):
-    return jax.jit(functools.partial(fn, model, layers=layers))
-
-
-@functools.lru_cache(maxsize=32)
-def _cached(fn, model, layers):
-    return _build(fn, model, layers)
-
-
-def _compiled(fn, model, layers):
-    """A jitted ``fn`` bound to the model, reused across calls when the model hashes."""
-    try:
-        return _cached(fn, model, layers)
-    except TypeError:
-        return _build(fn, model, layers)
-
-
-def _batched(fn, images: np.ndarray, batch_size: int, extra: np.ndarray | None = None):
-    """Run ``fn`` over fixed-size padded batches (one compilation) and concatenate.
-
-    A batch's outputs are copied to the host only after the next batch is dispatched, so
-    the device computes while the host prepares and copies.
-    """
-    n = images.shape[0]
-    size = min(batch_size, n)
-    outs, pending = [], None
-    for start in range(0, n, size):
-        chunk = _to_float(images[start : start + size])
-        pad = size - chunk.shape[0]
-        args = [np.pad(chunk, [(0, pad)] + [(0, 0)] * (chunk.ndim - 1))]
-        if extra is not None:
-            args.append(np.pad(extra[start : start + size], (0, pad)))
-        result = fn(*args)
-        if pending is not None:
-            outs.append([np.asarray(o)[: pending[1]] for o in pending[0]])
-        pending = (result, size - pad)
-    outs.append([np.asarray(o)[: pending[1]] for o in pending[0]])
-    return [np.concatenate(parts) for parts in zip(*outs)]
-
-
-def layer_activations(
-    model: nn.Module, variables: Any, images: np.ndarray, layers: Sequence[str],
-    batch_size: int = 256,
-) -> dict[str, np.ndarray]:
-    """Flattened (channel-major) activations of ``layers`` for ``images``.
-
-    Args:
-        model: flax linen module with the layers as direct named children.
-        variables: its variables.
-        images: (N, H, W, C) uint8 or float32 in [0, 1].
-        layers: layer names.
-        batch_size: images per forward pass.
-
-    Returns:
-        dict layer -> (N, D) float32, row order ``c*H*W + h*W + w``; computed at full
-        float32 precision on every backend (see the module docstring).
-
-    Example:
-        >>> acts = layer_activations(model, variables, images, ["conv3", "pool"])
-        >>> acts["conv3"].shape              # small CNN, width 1: (N, 128 * 4 * 4)
-        (100, 2048)
-    """
-    layers = tuple(layers)
-    fn = functools.partial(_compiled(_activations, model, layers), variables)
-    return dict(zip(layers, _batched(fn, images, batch_size)))
-
-
-def layer_gradients(
-    model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray,
-    layers: Sequence[str], batch_size: int = 256,
-) -> dict[str, np.ndarray]:
-    """Gradient of each image's logit ``labels[i]`` w.r.t. the flattened layers.
-
-    Args:
-        model: flax linen module with the layers as direct named children.
-        variables: its variables.
-        images: (N, H, W, C) uint8 or float32 in [0, 1].
-        labels: (N,) int logit index per image.
-        layers: layer names.
-        batch_size: images per forward/backward pass.
-
-    Returns:
-        dict layer -> (N, D) float32, flattened like ``layer_activations``; computed at
-        full float32 precision on every backend (see the module docstring).
-
-    Example:
-        >>> g = layer_gradients(model, variables, images, labels, ["conv3"])
-        >>> g["conv3"].shape              # small CNN, width 1: (N, 128 * 4 * 4)
-        (100, 2048)
-    """
-    layers = tuple(layers)
-    fn = functools.partial(_compiled(_gradients, model, layers), variables)
-    labels = np.asarray(labels, np.int32)
-    return dict(zip(layers, _batched(fn, images, batch_size, extra=labels)))
-
-
 # ------------------------------------------------------------------ concept sets
 
 
@@ -724,7 +523,7 @@ def _image_keys(images: np.ndarray) -> np.ndarray:
     """A content hash per image (of its [0, 1] float pixels, so uint8 and float copies
     of an image match), to find a concept's images inside the pool."""
     return np.array(
-        [hashlib.blake2b(_to_float(im).tobytes(), digest_size=16).digest() for im in images]
+        [hashlib.blake2b(probe.float_pixels(im).tobytes(), digest_size=16).digest() for im in images]
     )
 
 
@@ -888,7 +687,8 @@ def _warn_constant(layer: str, classes: Sequence[str], flags: np.ndarray) -> Non
         "concept relates to the images; pick an earlier layer, with a non-linearity "
         "between it and the logits.",
         TcavWarning,
-        stacklevel=3,
+        # Up through _constant_per_layer and run to run's caller.
+        stacklevel=4,
     )
 
 
@@ -998,6 +798,77 @@ def run(
         (1, 2)
     """
     t_start = time.perf_counter()
+    layers = _check_options(layer, concepts, classes, random_runs, correction, alpha,
+                            batch_size)
+    grid = _check_inputs(model, variables, layers, concepts, classes, class_names, pool)
+    for images in grid.concept_images.values():
+        n_r = images.shape[0] if random_size is None else int(random_size)
+        _check_cav_options(cav_method, l2, cav_steps, holdout, images.shape[0], n_r)
+    random = _draw_random(grid, random_size, int(random_runs), seed)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    acts = _activations_per_layer(model, variables, grid, random, batch_size, progress)
+    timings["activations"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    labels, grads = _gradients_per_layer(model, variables, grid, batch_size, progress)
+    timings["gradients"] = time.perf_counter() - t0
+    constant = _constant_per_layer(grid, labels, grads)
+
+    cav_options = {"method": cav_method, "l2": l2, "steps": cav_steps, "holdout": holdout}
+    out, timings["cavs"], timings["scores"] = _score_grid(
+        grid, random, acts, grads, labels, cav_options, seed, progress)
+
+    t0 = time.perf_counter()
+    p_values, adjusted = _statistics(out, correction)
+    timings["tests"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    _log(progress, f"done in {timings['total']:.2f}s; "
+         f"{int((adjusted <= alpha).sum())}/{adjusted.size} cells significant")
+    config = {
+        "random_runs": int(random_runs), "random_size": random_size, "seed": seed,
+        "cav_method": cav_method, "l2": l2, "cav_steps": cav_steps, "holdout": holdout,
+        "correction": correction, "alpha": alpha, "class_logits": grid.class_ids,
+    }
+    return TcavResult(
+        layers=layers, concepts=grid.concept_names, classes=tuple(grid.class_keys),
+        p_values=p_values, adjusted=adjusted, significant=adjusted <= alpha,
+        correction=correction, alpha=alpha, timings=timings, config=config,
+        constant_gradient=constant, **out,
+    )
+
+
+# Each step of ``run``, in the order it takes them.
+
+
+class _Grid(NamedTuple):
+    """``run``'s checked inputs: the layers, the classes and concepts, the random pool."""
+
+    layers: tuple[str, ...]
+    class_keys: list[str]  # the classes' names as the result shows them
+    class_ids: list[int]  # logit index of each class
+    class_images: list[np.ndarray]  # (n_k, H, W, C) each
+    concept_names: tuple[str, ...]
+    concept_images: dict[str, np.ndarray]  # name -> (n_c, H, W, C)
+    pool: np.ndarray  # (M, H, W, C) images the random sets are drawn from
+
+
+class _RandomSets(NamedTuple):
+    """Each concept's random sets, as rows of the pool and of its activations."""
+
+    draws: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> anchors, negatives (runs, n)
+    used: np.ndarray  # (U,) the pool rows any set uses, sorted
+    remap: np.ndarray  # (M,) pool row -> row of the activations (-1: unused)
+
+    @property
+    def runs(self) -> int:
+        return next(iter(self.draws.values()))[0].shape[0]
+
+
+def _check_options(layer, concepts, classes, random_runs, correction, alpha, batch_size
+                   ) -> tuple[str, ...]:
+    """The checks that need neither the network nor the images; returns the layers."""
     layers = (layer,) if isinstance(layer, str) else tuple(layer)
     if not layers or len(set(layers)) != len(layers):
         raise ValueError(f"layer: expected a name or a list of distinct names, got {layer!r}")
@@ -1013,38 +884,30 @@ def run(
         raise ValueError(f"alpha: expected a level in (0, 1), got {alpha!r}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    return layers
 
+
+def _check_inputs(model, variables, layers, concepts, classes, class_names, pool) -> _Grid:
+    """Layers against the network, class keys against its logits, every image set."""
     first = _check_images("classes", next(iter(classes.values())), None)
     image_shape = first.shape[1:]
-    shapes, num_logits = _shapes(model, variables, image_shape)
+    shapes = probe.network_shapes(model, variables, image_shape)
     for name in layers:
-        if name not in shapes:
+        if name not in shapes.layers:
             raise ValueError(
-                f"layer: expected one of the model's layers {tuple(shapes)}, got {name!r}"
+                f"layer: expected one of the model's layers {tuple(shapes.layers)}, "
+                f"got {name!r}"
             )
-
+    num_logits = int(np.prod(shapes.logits))
     class_keys, class_ids, class_images = [], [], []
     for key, images in classes.items():
-        if isinstance(key, (int, np.integer)):
-            index = int(key)
-        elif class_names is not None and key in tuple(class_names):
-            index = tuple(class_names).index(key)
-        else:
-            known = "no class_names given" if class_names is None else tuple(class_names)
-            raise ValueError(
-                f"classes: expected int logit indices or names in class_names ({known}), "
-                f"got {key!r}"
-            )
-        if not 0 <= index < num_logits:
-            raise ValueError(f"classes: expected logit indices in [0, {num_logits}), got {key!r}")
+        class_ids.append(_logit_index(key, class_names, num_logits))
         images = _check_images(f"classes[{key!r}]", images, image_shape)
         if images.shape[0] < 1:
             raise ValueError(f"classes[{key!r}]: expected at least 1 image, got 0")
         class_keys.append(str(key))
-        class_ids.append(index)
         class_images.append(images)
 
-    concept_names = tuple(concepts)
     concept_images = {
         name: _check_images(f"concepts[{name!r}]", images, image_shape)
         for name, images in concepts.items()
@@ -1052,110 +915,148 @@ def run(
     if pool is None:
         same_dtype = len({images.dtype for images in class_images}) == 1
         pool = np.concatenate(
-            class_images if same_dtype else [_to_float(im) for im in class_images]
+            class_images if same_dtype else [probe.float_pixels(im) for im in class_images]
         )
     else:
         pool = _check_images("pool", pool, image_shape)
-    for name, images in concept_images.items():
-        n_r = images.shape[0] if random_size is None else int(random_size)
-        _check_cav_options(cav_method, l2, cav_steps, holdout, images.shape[0], n_r)
+    return _Grid(layers, class_keys, class_ids, class_images, tuple(concepts),
+                 concept_images, pool)
 
-    # Random sets: indices into the pool, disjoint from the concept's images.
+
+def _logit_index(key, class_names, num_logits: int) -> int:
+    """The logit of a ``classes`` key: an int index, or a name found in ``class_names``."""
+    if isinstance(key, (int, np.integer)):
+        index = int(key)
+    elif class_names is not None and key in tuple(class_names):
+        index = tuple(class_names).index(key)
+    else:
+        known = "no class_names given" if class_names is None else tuple(class_names)
+        raise ValueError(
+            f"classes: expected int logit indices or names in class_names ({known}), "
+            f"got {key!r}"
+        )
+    if not 0 <= index < num_logits:
+        raise ValueError(f"classes: expected logit indices in [0, {num_logits}), got {key!r}")
+    return index
+
+
+def _draw_random(grid: _Grid, random_size, runs: int, seed: int) -> _RandomSets:
+    """Random sets: indices into the pool, disjoint from each concept's own images."""
     rng = np.random.default_rng(seed)
-    pool_keys = _image_keys(pool)
+    pool_keys = _image_keys(grid.pool)
     draws = {}
-    for name in concept_names:
-        images = concept_images[name]
+    for name in grid.concept_names:
+        images = grid.concept_images[name]
         inside = np.isin(pool_keys, _image_keys(images))
         n_r = images.shape[0] if random_size is None else int(random_size)
         draws[name] = _draw_random_sets(
-            np.flatnonzero(~inside), images.shape[0], n_r, int(random_runs), rng, name
+            np.flatnonzero(~inside), images.shape[0], n_r, runs, rng, name
         )
     used = np.unique(np.concatenate([a.ravel() for pair in draws.values() for a in pair]))
-    remap = np.full(pool.shape[0], -1, np.int64)
+    remap = np.full(grid.pool.shape[0], -1, np.int64)
     remap[used] = np.arange(used.size)
-    timings: dict[str, float] = {}
+    return _RandomSets(draws, used, remap)
 
-    t0 = time.perf_counter()
-    _log(progress, f"activations of {used.size} random and "
-         f"{sum(len(v) for v in concept_images.values())} concept images at {layers}")
+
+def _activations_per_layer(model, variables, grid: _Grid, random: _RandomSets, batch_size,
+                           progress) -> dict[str, np.ndarray]:
+    """Activations of the random sets' images, then of each concept's, at every layer:
+    layer -> (U + sum n_c, D), the rows ``_score_grid`` indexes."""
+    _log(progress, f"activations of {random.used.size} random and "
+         f"{sum(len(v) for v in grid.concept_images.values())} concept images at "
+         f"{grid.layers}")
     stacked = np.concatenate(
-        [_to_float(pool[used])] + [_to_float(concept_images[n]) for n in concept_names]
+        [probe.float_pixels(grid.pool[random.used])]
+        + [probe.float_pixels(grid.concept_images[n]) for n in grid.concept_names]
     )
-    acts = layer_activations(model, variables, stacked, layers, batch_size)
-    timings["activations"] = time.perf_counter() - t0
+    return probe.layer_activations(model, variables, stacked, grid.layers, batch_size)
 
-    t0 = time.perf_counter()
-    labels = np.concatenate([np.full(len(im), i) for i, im in enumerate(class_images)])
-    logit_ids = np.asarray(class_ids)[labels]
-    inputs = np.concatenate([_to_float(im) for im in class_images])
-    _log(progress, f"gradients of {inputs.shape[0]} class inputs ({len(class_ids)} classes)")
-    grads = layer_gradients(model, variables, inputs, logit_ids, layers, batch_size)
-    timings["gradients"] = time.perf_counter() - t0
-    constant = np.stack(
-        [constant_gradients(grads[name], labels, len(class_ids)) for name in layers]
-    )
-    for name, flags in zip(layers, constant):
+
+def _gradients_per_layer(model, variables, grid: _Grid, batch_size, progress
+                         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Each class input's class position (n,) and the gradient of its own class logit,
+    layer -> (n, D), for every layer in one backward pass."""
+    labels = np.concatenate([np.full(len(im), i) for i, im in enumerate(grid.class_images)])
+    logit_ids = np.asarray(grid.class_ids)[labels]
+    inputs = np.concatenate([probe.float_pixels(im) for im in grid.class_images])
+    _log(progress, f"gradients of {inputs.shape[0]} class inputs ({len(grid.class_ids)} "
+         "classes)")
+    grads = probe.layer_gradients(model, variables, inputs, logit_ids, grid.layers, batch_size)
+    return labels, grads
+
+
+def _constant_per_layer(grid: _Grid, labels, grads) -> np.ndarray:
+    """(L, K) ``constant_gradients`` flags; warns once for every layer with any."""
+    constant = np.stack([
+        constant_gradients(grads[name], labels, len(grid.class_ids)) for name in grid.layers
+    ])
+    for name, flags in zip(grid.layers, constant):
         if flags.any():
-            _warn_constant(name, class_keys, flags)
+            _warn_constant(name, grid.class_keys, flags)
+    return constant
 
-    n_l, n_c, n_k, runs = len(layers), len(concept_names), len(class_ids), int(random_runs)
+
+def _score_grid(grid: _Grid, random: _RandomSets, acts, grads, labels, cav_options, seed,
+                progress) -> tuple[dict[str, np.ndarray], float, float]:
+    """CAVs of every (concept, layer) and their scores for every class.
+
+    Returns the arrays of ``TcavResult`` (scores, random_scores, magnitudes,
+    random_magnitudes (L, C, K, R); cav_accuracies, random_cav_accuracies (L, C, R)) and
+    the seconds spent training CAVs and scoring them.
+    """
+    runs = random.runs
+    n_l, n_c, n_k = len(grid.layers), len(grid.concept_names), len(grid.class_ids)
     out = {key: np.zeros((n_l, n_c, n_k, runs), np.float32)
            for key in ("scores", "random_scores", "magnitudes", "random_magnitudes")}
-    acc = np.zeros((n_l, n_c, runs), np.float32)
-    random_acc = np.zeros((n_l, n_c, runs), np.float32)
+    out["cav_accuracies"] = np.zeros((n_l, n_c, runs), np.float32)
+    out["random_cav_accuracies"] = np.zeros((n_l, n_c, runs), np.float32)
     onehot = jax.nn.one_hot(jnp.asarray(labels), n_k, dtype=jnp.float32)
     # On the device once per layer, not once per concept.
-    device_grads = {lname: jnp.asarray(grads[lname]) for lname in layers}
-    timings["cavs"] = 0.0
-    timings["scores"] = 0.0
-    offset = used.size
-    for ci, name in enumerate(concept_names):
-        n_pos = concept_images[name].shape[0]
-        own = np.arange(offset, offset + n_pos)
-        offset += n_pos
-        anchors, negatives = draws[name]
-        pos_idx = np.concatenate([np.broadcast_to(own, (runs, n_pos)), remap[anchors]])
-        neg_idx = np.concatenate([remap[negatives], remap[negatives]])
-        for li, lname in enumerate(layers):
+    device_grads = {lname: jnp.asarray(grads[lname]) for lname in grid.layers}
+    cav_seconds = score_seconds = 0.0
+    for ci, (name, (pos_idx, neg_idx)) in enumerate(_cav_rows(grid, random, runs)):
+        for li, lname in enumerate(grid.layers):
             t0 = time.perf_counter()
-            _log(progress, f"{2 * runs} CAVs ({cav_method}) for {name!r} at {lname!r}")
-            cavs = _cavs_from_indices(
-                acts[lname], pos_idx, neg_idx, method=cav_method, l2=l2, steps=cav_steps,
-                tol=1e-5, holdout=holdout, seed=seed + 1 + ci,
-            )
-            timings["cavs"] += time.perf_counter() - t0
+            _log(progress, f"{2 * runs} CAVs ({cav_options['method']}) for {name!r} at "
+                 f"{lname!r}")
+            cavs = _cavs_from_indices(acts[lname], pos_idx, neg_idx, tol=1e-5,
+                                      seed=seed + 1 + ci, **cav_options)
+            cav_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
             scores, magnitudes = _class_scores(
                 device_grads[lname], jnp.asarray(cavs.vectors), onehot
             )
             scores, magnitudes = np.asarray(scores), np.asarray(magnitudes)
+            # The first R CAVs are the concept's, the last R the random-vs-random ones.
             out["scores"][li, ci] = scores[:, :runs]
             out["random_scores"][li, ci] = scores[:, runs:]
             out["magnitudes"][li, ci] = magnitudes[:, :runs]
             out["random_magnitudes"][li, ci] = magnitudes[:, runs:]
-            acc[li, ci] = cavs.accuracies[:runs]
-            random_acc[li, ci] = cavs.accuracies[runs:]
-            timings["scores"] += time.perf_counter() - t0
+            out["cav_accuracies"][li, ci] = cavs.accuracies[:runs]
+            out["random_cav_accuracies"][li, ci] = cavs.accuracies[runs:]
+            score_seconds += time.perf_counter() - t0
+    return out, cav_seconds, score_seconds
 
-    t0 = time.perf_counter()
+
+def _cav_rows(grid: _Grid, random: _RandomSets, runs: int):
+    """For each concept, its name and the activation rows of its 2R CAVs' two sides:
+    (2R, n_c) positives (the concept R times, then R random anchors) and (2R, n_r)
+    negatives (the R random sets, twice)."""
+    offset = random.used.size
+    for name in grid.concept_names:
+        n_pos = grid.concept_images[name].shape[0]
+        own = np.arange(offset, offset + n_pos)
+        offset += n_pos
+        anchors, negatives = random.draws[name]
+        pos_idx = np.concatenate([np.broadcast_to(own, (runs, n_pos)), random.remap[anchors]])
+        neg_idx = np.concatenate([random.remap[negatives], random.remap[negatives]])
+        yield name, (pos_idx, neg_idx)
+
+
+def _statistics(out: dict[str, np.ndarray], correction: str) -> tuple[np.ndarray, np.ndarray]:
+    """Raw and corrected p-values (L, C, K) of concept against random scores."""
     p_values = welch_pvalues(out["scores"], out["random_scores"])
-    adjusted = adjust_pvalues(p_values, correction)
-    timings["tests"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    _log(progress, f"done in {timings['total']:.2f}s; "
-         f"{int((adjusted <= alpha).sum())}/{adjusted.size} cells significant")
-    config = {
-        "random_runs": runs, "random_size": random_size, "seed": seed,
-        "cav_method": cav_method, "l2": l2, "cav_steps": cav_steps, "holdout": holdout,
-        "correction": correction, "alpha": alpha, "class_logits": class_ids,
-    }
-    return TcavResult(
-        layers=layers, concepts=concept_names, classes=tuple(class_keys),
-        cav_accuracies=acc, random_cav_accuracies=random_acc, p_values=p_values,
-        adjusted=adjusted, significant=adjusted <= alpha, correction=correction,
-        alpha=alpha, timings=timings, config=config, constant_gradient=constant, **out,
-    )
+    return p_values, adjust_pvalues(p_values, correction)
 
 
 # -------------------------------------------------------------------------- figure

@@ -10,7 +10,12 @@ batch; they are either returned as jax arrays (``output="device"``, ready for
 Forward passes run at the backend's default matmul precision, as ``model.apply`` does:
 the views are the network's own activations, which is what NMF should explain.
 ``intervene`` and ``layer_forward`` replace a layer's output
-(``flax.linen.intercept_methods``) to read off the logits, for concept fidelity and TCAV.
+(``flax.linen.intercept_methods``) to read off the logits, for concept fidelity.
+``layer_activations`` and ``layer_gradients`` (the gradient of each image's class logit
+with respect to named layers, one backward pass for all of them) run at full float32
+precision on every backend, for TCAV, whose scores are signs of small numbers.
+``available_layers``, ``network_shapes`` and ``layer_shapes`` read the layers' shapes
+without computing anything. This is the one module that runs a network.
 
 Row orders (``N`` images of ``H x W`` pixels):
 
@@ -35,7 +40,8 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -53,7 +59,7 @@ _PROGRESS_MIN_BATCHES = 4
 
 
 def _is_direct_child(mdl: nn.Module) -> bool:
-    return len(mdl.scope.path) == 1
+    return mdl.scope is not None and len(mdl.scope.path) == 1
 
 
 def _layer_filter(layers: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
@@ -63,16 +69,28 @@ def _layer_filter(layers: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
     return keep
 
 
-def _all_children(mdl: nn.Module, method_name: str) -> bool:
-    return method_name == "__call__" and _is_direct_child(mdl)
+def float_pixels(images: Any) -> np.ndarray:
+    """Images as float32 pixels in [0, 1], converted on the host.
 
+    uint8 is scaled as :func:`jaxcnmf.data.to_float` does (``x / 255`` in float32); any
+    other dtype is cast to float32 (no copy when it already is). On the host on purpose:
+    under jit XLA turns ``/ 255`` into ``* (1 / 255)``, which moves half the pixel values
+    by one ulp.
 
-def _to_float(x: np.ndarray) -> np.ndarray:
-    # On the host, with data.to_float: under jit XLA turns "/ 255" into "* (1 / 255)",
-    # which moves half the pixel values by one ulp.
-    if x.dtype == np.uint8:
-        return data.to_float(x)
-    return x.astype(np.float32, copy=False)
+    Args:
+        images: ``(N, H, W, C)`` (or any shape) uint8, or float in [0, 1].
+
+    Returns:
+        float32 array of the same shape.
+
+    Example:
+        >>> float_pixels(np.array([0, 51, 255], np.uint8)).tolist()
+        [0.0, 0.20000000298023224, 1.0]
+    """
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return data.to_float(images)
+    return images.astype(np.float32, copy=False)
 
 
 def _to_float_traced(x: jnp.ndarray) -> jnp.ndarray:
@@ -81,24 +99,53 @@ def _to_float_traced(x: jnp.ndarray) -> jnp.ndarray:
     return x.astype(jnp.float32)
 
 
+# ------------------------------------------------------------------------ layer shapes
+
+
+class NetworkShapes(NamedTuple):
+    """Per-image output shapes of a network's direct children and of its logits.
+
+    Attributes:
+        layers: dict layer name -> per-image shape, e.g. ``(8, 8, 256)`` or ``(512,)``,
+            in the order the network calls them.
+        logits: per-image shape of the network's output, e.g. ``(10,)``.
+    """
+
+    layers: dict[str, tuple[int, ...]]
+    logits: tuple[int, ...]
+
+
+def _trace_shapes(forward: Callable, *args) -> NetworkShapes:
+    """Shapes of what ``forward(*args)`` computes, traced abstractly (``jax.eval_shape``).
+
+    The one place that reads layer shapes: an interceptor records the first output of
+    every direct child's ``__call__`` in call order (a child called twice keeps its first
+    shape, the one ``collect`` and the gradients see).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if (context.method_name == "__call__" and _is_direct_child(context.module)
+                and hasattr(out, "shape")):
+            shapes.setdefault(context.module.name, tuple(out.shape[1:]))
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits = jax.eval_shape(forward, *args)
+    return NetworkShapes(shapes, tuple(logits.shape[1:]))
+
+
 @functools.lru_cache(maxsize=64)
 def _layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    """Layer shapes of ``model`` for one input shape, without variables (``model.init``
+    traced abstractly); the probe points of ``models.probe_layers`` first, in order."""
 
     def init(x):
-        _, variables = model.init_with_output(
-            jax.random.key(0), x, train=False, capture_intermediates=_all_children
-        )
-        return variables["intermediates"]
+        return model.init_with_output(jax.random.key(0), x, train=False)[0]
 
-    inter = jax.eval_shape(init, x)
-    shapes = {}
-    for name, calls in inter.items():
-        out = calls["__call__"][0]
-        if hasattr(out, "shape"):
-            shapes[name] = tuple(out.shape[1:])
-    order = _probe_order(model)
-    first = [n for n in order if n in shapes]
+    shapes = _trace_shapes(init, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)).layers
+    first = [n for n in _probe_order(model) if n in shapes]
     return {n: shapes[n] for n in first + [n for n in shapes if n not in first]}
 
 
@@ -116,7 +163,8 @@ def available_layers(
 
     Traces the model abstractly (``jax.eval_shape``): no parameters are created and nothing
     is computed. The probe points of ``models.probe_layers(model)`` come first, in order,
-    then any other direct child (``"fc"``, the logits, which may be negative).
+    then any other direct child (``"fc"``, the logits, which may be negative) in the order
+    the model calls them.
 
     Args:
         model: a flax.linen Module taking ``(B, *input_shape)`` and ``train=``.
@@ -135,6 +183,50 @@ def available_layers(
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ValueError(f"input_shape: expected (H, W, C) of positive sizes, got {input_shape}")
     return dict(_layer_shapes(model, input_shape))
+
+
+def network_shapes(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> NetworkShapes:
+    """Per-image shapes of every direct child of ``model`` and of its logits.
+
+    Traces ``model.apply(variables, x, train=False)`` abstractly, so the shapes are those
+    of this network with these variables (variables that do not fit the images raise
+    flax's error here, before anything is computed).
+
+    Args:
+        model: flax linen module, ``model.apply(variables, x, train=False)`` -> logits.
+        variables: its variables.
+        image_shape: ``(H, W, C)`` of one image.
+
+    Returns:
+        NetworkShapes: ``layers`` (dict name -> shape, in call order) and ``logits``.
+
+    Example:
+        >>> network_shapes(models.small_cnn(10), variables, (32, 32, 3)).logits
+        (10,)
+    """
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    return _trace_shapes(lambda v, x: model.apply(v, x, train=False), variables, x)
+
+
+def layer_shapes(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> dict[str, tuple]:
+    """Per-image output shapes of the model's direct children, in call order.
+
+    ``network_shapes(...).layers``; also importable as ``jaxcnmf.tcav.layer_shapes``,
+    where it lived before.
+
+    Args:
+        model: flax linen module, ``model.apply(variables, x, train=False)`` -> logits.
+        variables: its variables.
+        image_shape: (H, W, C) of one image.
+
+    Returns:
+        dict layer name -> per-image shape tuple.
+
+    Example:
+        >>> layer_shapes(models.small_cnn(10), variables, (32, 32, 3))["conv3"]
+        (4, 4, 128)
+    """
+    return network_shapes(model, variables, image_shape).layers
 
 
 def _view_rows(shape: tuple[int, ...], pooling: str) -> int:
@@ -305,14 +397,40 @@ def _progress(starts: Sequence[int], progress: bool, desc: str):
     return tqdm(starts, desc=desc, unit="batch", leave=False) if show else starts
 
 
-def _padded(images: np.ndarray, start: int, batch_size: int) -> tuple[np.ndarray, int]:
-    # Padding the last batch to full size keeps one compiled shape for the whole run.
-    block = _to_float(images[start : start + batch_size])
-    n_valid = block.shape[0]
-    if n_valid < batch_size:
-        pad = np.zeros((batch_size - n_valid, *block.shape[1:]), block.dtype)
+def _pad_rows(block: np.ndarray, size: int) -> np.ndarray:
+    """``block`` with zero rows appended up to ``size`` rows."""
+    if block.shape[0] < size:
+        pad = np.zeros((size - block.shape[0], *block.shape[1:]), block.dtype)
         block = np.concatenate([block, pad])
-    return block, n_valid
+    return block
+
+
+def _padded(images: np.ndarray, start: int, batch_size: int) -> tuple[np.ndarray, int]:
+    """Images ``start:start + batch_size`` as float pixels, zero-padded to ``batch_size``
+    (one compiled shape for the whole run), and how many of them are real."""
+    block = float_pixels(images[start : start + batch_size])
+    return _pad_rows(block, batch_size), block.shape[0]
+
+
+def _map_batches(fn: Callable, batch_size: int, images: np.ndarray, *extra: np.ndarray
+                 ) -> list[np.ndarray]:
+    """``fn(images, *extra)`` over fixed-size, zero-padded batches, outputs concatenated.
+
+    ``images`` become float pixels one batch at a time (a whole uint8 pool never exists as
+    float32); the ``extra`` arrays (labels, activations) are batched alongside as they are.
+    ``fn`` returns a tuple of ``(batch_size, ...)`` arrays; the padding rows are dropped.
+    A batch's outputs are copied to the host only after the next batch is dispatched, so
+    the device computes while the host prepares and copies.
+    """
+    outs, pending = [], None
+    for start in range(0, images.shape[0], batch_size):
+        block, n_valid = _padded(images, start, batch_size)
+        result = fn(block, *(_pad_rows(e[start : start + batch_size], batch_size) for e in extra))
+        if pending is not None:
+            outs.append([np.asarray(o)[: pending[1]] for o in pending[0]])
+        pending = (result, n_valid)
+    outs.append([np.asarray(o)[: pending[1]] for o in pending[0]])
+    return [np.concatenate(parts) for parts in zip(*outs)]
 
 
 def pixel_views(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -332,7 +450,7 @@ def pixel_views(images: np.ndarray) -> dict[str, np.ndarray]:
     arr = np.asarray(images)
     n, h, w, c = arr.shape
     flat = arr.reshape(n, h * w, c)
-    flat = _to_float(flat)
+    flat = float_pixels(flat)
     return {name: np.ascontiguousarray(flat[:, :, i].T) for i, name in enumerate(PIXEL_NAMES[c])}
 
 
@@ -520,13 +638,10 @@ def intervene(
     _check_activations(activations, layer, shape, arr.shape[0])
     acts = np.asarray(activations, np.float32)
 
-    outs = []
-    for start in range(0, arr.shape[0], batch_size):
-        block, n_valid = _padded(arr, start, batch_size)
-        act_block, _ = _padded(acts, start, batch_size)
-        logits = _intervene_batch(model, variables, block, layer, act_block)
-        outs.append((logits, n_valid))
-    return np.concatenate([np.asarray(l)[:k] for l, k in outs]).astype(np.float32, copy=False)
+    (logits,) = _map_batches(
+        lambda x, a: (_intervene_batch(model, variables, x, layer, a),), batch_size, arr, acts
+    )
+    return logits.astype(np.float32, copy=False)
 
 
 def layer_forward(
@@ -549,7 +664,7 @@ def layer_forward(
         ``(B, num_classes)`` float32. A wrong activation shape raises ``ValueError``
         when ``f`` is traced. ``f`` runs at the backend's default matmul precision
         (TF32 on NVIDIA GPUs); where the sign of a small gradient matters, call it under
-        ``jax.default_matmul_precision("float32")``, as ``jaxcnmf.tcav`` does.
+        ``jax.default_matmul_precision("float32")``, or use :func:`layer_gradients`.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -571,3 +686,157 @@ def layer_forward(
         return _forward_replaced(model, variables, images, layer, activations)
 
     return forward
+
+
+# ---------------------------------------- activations and gradients at full precision
+
+
+def full_precision(fn: Callable) -> Callable:
+    """``fn`` traced (or run eagerly) with full-precision float32 matmuls and convolutions.
+
+    Inside, every float32 product runs in full float32 even where the backend would use
+    TF32 or bfloat16 passes (NVIDIA GPUs, TPUs). The precision is fixed inside the traced
+    function, not by the caller, so a jitted ``fn`` compiles to the same program whatever
+    context it is called from. TCAV needs it: its scores are signs of small numbers.
+
+    Example:
+        >>> dot = jax.jit(full_precision(lambda a, b: a @ b))
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("float32"):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _flatten(act: jax.Array) -> jax.Array:
+    """Channel-major flattening of (B, H, W, C) (or (B, C)) to (B, D)."""
+    return jnp.moveaxis(act, -1, 1).reshape(act.shape[0], -1)
+
+
+def _forward_captured(model, variables, x, layers, deltas=None):
+    """Logits, with the outputs of direct children ``layers`` captured (and shifted by
+    ``deltas[name]`` when given, which is what gradients with respect to a layer take)."""
+    captured = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        name = context.module.name
+        if (context.method_name == "__call__" and _is_direct_child(context.module)
+                and name in layers and name not in captured):
+            captured[name] = out
+            if deltas is not None:
+                out = out + deltas[name]
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits = model.apply(variables, x, train=False)
+    return logits, captured
+
+
+@full_precision
+def _activations(model, variables, x, *, layers):
+    _, captured = _forward_captured(model, variables, x, layers)
+    return tuple(_flatten(captured[name]) for name in layers)
+
+
+@full_precision
+def _gradients(model, variables, x, labels, *, layers):
+    """Gradient of each input's own class logit w.r.t. every layer: one backward pass.
+
+    In eval mode inputs do not interact, so the gradient of the batch sum of the chosen
+    logits with respect to a per-input shift of the layer output is, row by row, the
+    gradient of that input's logit.
+    """
+    _, captured = jax.eval_shape(lambda: _forward_captured(model, variables, x, layers))
+    zeros = {name: jnp.zeros(captured[name].shape, captured[name].dtype) for name in layers}
+
+    def picked(deltas):
+        logits, _ = _forward_captured(model, variables, x, layers, deltas)
+        return jnp.sum(jnp.take_along_axis(logits, labels[:, None], axis=1))
+
+    grads = jax.grad(picked)(zeros)
+    return tuple(_flatten(grads[name]) for name in layers)
+
+
+def _build(fn, model, layers):
+    return jax.jit(functools.partial(fn, model, layers=layers))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached(fn, model, layers):
+    return _build(fn, model, layers)
+
+
+def _compiled(fn, model, layers):
+    """A jitted ``fn`` bound to the model, reused across calls when the model hashes."""
+    try:
+        return _cached(fn, model, layers)
+    except TypeError:
+        return _build(fn, model, layers)
+
+
+def layer_activations(
+    model: nn.Module, variables: Any, images: np.ndarray, layers: Sequence[str],
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """Flattened (channel-major) activations of ``layers`` for ``images``, at full precision.
+
+    Unlike ``collect`` (the network's own activations at the backend's default precision,
+    as views for the factorization), every product here runs in full float32 on every
+    backend (see :func:`full_precision`): these are what TCAV's CAVs are trained on. Also
+    importable as ``jaxcnmf.tcav.layer_activations``, where it lived before.
+
+    Args:
+        model: flax linen module with the layers as direct named children.
+        variables: its variables.
+        images: (N, H, W, C) uint8 or float32 in [0, 1].
+        layers: layer names.
+        batch_size: images per forward pass.
+
+    Returns:
+        dict layer -> (N, D) float32, row order ``c*H*W + h*W + w`` (the transpose of
+        ``collect(..., pooling="flatten")``'s view).
+
+    Example:
+        >>> acts = layer_activations(model, variables, images, ["conv3", "pool"])
+        >>> acts["conv3"].shape              # small CNN, width 1: (N, 128 * 4 * 4)
+        (100, 2048)
+    """
+    layers = tuple(layers)
+    fn = functools.partial(_compiled(_activations, model, layers), variables)
+    return dict(zip(layers, _map_batches(fn, min(batch_size, len(images)), images)))
+
+
+def layer_gradients(
+    model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray,
+    layers: Sequence[str], batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """Gradient of each image's logit ``labels[i]`` w.r.t. the flattened layers.
+
+    One backward pass per batch for all layers at once, at full float32 precision on
+    every backend (see :func:`full_precision`). Also importable as
+    ``jaxcnmf.tcav.layer_gradients``, where it lived before.
+
+    Args:
+        model: flax linen module with the layers as direct named children.
+        variables: its variables.
+        images: (N, H, W, C) uint8 or float32 in [0, 1].
+        labels: (N,) int logit index per image.
+        layers: layer names.
+        batch_size: images per forward/backward pass.
+
+    Returns:
+        dict layer -> (N, D) float32, flattened like ``layer_activations``.
+
+    Example:
+        >>> g = layer_gradients(model, variables, images, labels, ["conv3"])
+        >>> g["conv3"].shape              # small CNN, width 1: (N, 128 * 4 * 4)
+        (100, 2048)
+    """
+    layers = tuple(layers)
+    fn = functools.partial(_compiled(_gradients, model, layers), variables)
+    labels = np.asarray(labels, np.int32)
+    return dict(zip(layers, _map_batches(fn, min(batch_size, len(images)), images, labels)))

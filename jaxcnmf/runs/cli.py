@@ -207,31 +207,25 @@ def _add_data(parser):
     )
 
 
-def build_parser():
-    """The argument parser of the ``jaxcnmf`` command.
+_FORMATTER = argparse.RawDescriptionHelpFormatter
 
-    Returns:
-        argparse.ArgumentParser: with subcommands demo, train, analyze, tcav and report.
-    """
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(
-        prog="jaxcnmf",
-        description="Find the concepts a trained CNN has learned: coupled non-negative "
-        "matrix factorization of a probe set's pixels and layer activations.",
-        epilog=_EPILOG_MAIN,
-        formatter_class=formatter,
-    )
-    from jaxcnmf import __version__
 
-    parser.add_argument("--version", action="version", version=f"jaxcnmf {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def _subcommand(commands, name, *, help, description, epilog):
+    """One subcommand's parser, with the formatting every subcommand shares."""
+    return commands.add_parser(name, help=help, description=description, epilog=epilog,
+                               formatter_class=_FORMATTER)
 
-    demo = commands.add_parser(
-        "demo",
+
+def _add_run_dir(parser):
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by analyze/demo")
+
+
+def _add_demo(commands):
+    demo = _subcommand(
+        commands, "demo",
         help="train, probe, factorize and report on the bundled digits (offline)",
         description="End-to-end concept analysis of a small CNN on the bundled digits.",
         epilog=_EPILOG_DEMO,
-        formatter_class=formatter,
     )
     demo.add_argument(
         "--out", default="runs/demo", help="run directory (default: runs/demo)"
@@ -247,12 +241,13 @@ def build_parser():
     _add_tcav_step(demo)
     _add_common(demo)
 
-    train = commands.add_parser(
-        "train",
+
+def _add_train(commands):
+    train = _subcommand(
+        commands, "train",
         help="train a CNN and save a checkpoint",
         description="Train one of the bundled CNNs and save a checkpoint for 'analyze'.",
         epilog=_EPILOG_TRAIN,
-        formatter_class=formatter,
     )
     train.add_argument(
         "--model", default="small", help="small, resnet18 or vgg11 (default: small)"
@@ -273,92 +268,103 @@ def build_parser():
     )
     _add_common(train)
 
-    analyze = commands.add_parser(
-        "analyze",
-        help="probe a trained CNN, factorize, analyse and write the report",
-        description="Probe a trained CNN with a balanced subset of a dataset, factorize the "
-        "pixels and layer activations jointly, run every analysis and write report.html.",
-        epilog=_EPILOG_ANALYZE,
-        formatter_class=formatter,
-    )
-    analyze.add_argument(
-        "--checkpoint", required=True, help="checkpoint written by 'jaxcnmf train'"
-    )
-    _add_data(analyze)
-    analyze.add_argument("--out", required=True, help="run directory to create")
-    analyze.add_argument(
+
+def _add_probe_options(parser):
+    """analyze: which layers and images are probed, and how a layer becomes rows."""
+    parser.add_argument(
         "--layers",
         metavar="LIST",
         type=_comma_list,
         default=None,
         help="comma-separated layers to probe (default: every probe-able layer)",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--split", choices=("train", "test"), default="test", help="probe split (default: test)"
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--per-class",
         metavar="N",
         type=_positive_int,
         default=100,
         help="probe images per class, balanced (default: 100)",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--pixels",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="factorize the pixel channels together with the layers (default: yes)",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--pooling",
         choices=("flatten", "mean", "max"),
         default="flatten",
         help="how a conv layer becomes rows: every position, or pooled per channel "
         "(default: flatten)",
     )
-    analyze.add_argument(
+
+
+def _add_solver_options(parser):
+    """analyze: the factorization's settings."""
+    parser.add_argument(
         "--rank", metavar="K", type=_positive_int, default=20,
         help="number of concepts (default: 20)",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--method", choices=("mu", "hals"), default="mu", help="solver (default: mu)"
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--max-iter", metavar="N", type=_positive_int, default=200,
         help="most solver iterations (default: 200)",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--restarts",
         metavar="N",
         type=_positive_int,
         default=1,
         help="random restarts; the best is kept and their stability reported (default: 1)",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--weights",
         choices=("balanced", "none"),
         default="balanced",
         help="view weights: 'balanced' gives every view the same total weight "
         "(default: balanced)",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--unit-columns",
         action="store_true",
         help="normalise each loadings column to unit norm (scale lives in F)",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--group-sparse",
         metavar="LAM",
         type=_non_negative_float,
         default=0.0,
         help="group-lasso weight on F over the --groups (default: 0, off)",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--groups",
         choices=("class", "superclass"),
         default="class",
         help="groups of images for --group-sparse (default: class)",
     )
+
+
+def _add_analyze(commands):
+    analyze = _subcommand(
+        commands, "analyze",
+        help="probe a trained CNN, factorize, analyse and write the report",
+        description="Probe a trained CNN with a balanced subset of a dataset, factorize the "
+        "pixels and layer activations jointly, run every analysis and write report.html.",
+        epilog=_EPILOG_ANALYZE,
+    )
+    analyze.add_argument(
+        "--checkpoint", required=True, help="checkpoint written by 'jaxcnmf train'"
+    )
+    _add_data(analyze)
+    analyze.add_argument("--out", required=True, help="run directory to create")
+    _add_probe_options(analyze)
+    _add_solver_options(analyze)
     analyze.add_argument(
         "--fidelity-ranks",
         metavar="LIST",
@@ -378,15 +384,16 @@ def build_parser():
     )
     _add_common(analyze)
 
-    tcav = commands.add_parser(
-        "tcav",
+
+def _add_tcav(commands):
+    tcav = _subcommand(
+        commands, "tcav",
         help="validate a saved run's concepts with TCAV and add them to its report",
         description="Test each concept of a saved run with TCAV against every class and "
         "add the concept x class heatmap to report.html.",
         epilog=_EPILOG_TCAV,
-        formatter_class=formatter,
     )
-    tcav.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by analyze/demo")
+    _add_run_dir(tcav)
     tcav.add_argument(
         "--layer", metavar="LIST", type=_comma_list, default=None,
         help="layer(s) to test, comma-separated (default: the second-to-last spatial "
@@ -421,15 +428,41 @@ def build_parser():
     tcav.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     tcav.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    report = commands.add_parser(
-        "report",
+
+def _add_report(commands):
+    report = _subcommand(
+        commands, "report",
         help="re-draw report.html from a saved run directory",
         description="Re-draw the figures, tables and report.html of a saved run.",
         epilog=_EPILOG_REPORT,
-        formatter_class=formatter,
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by analyze/demo")
+    _add_run_dir(report)
     report.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+_SUBCOMMANDS = (_add_demo, _add_train, _add_analyze, _add_tcav, _add_report)
+
+
+def build_parser():
+    """The argument parser of the ``jaxcnmf`` command.
+
+    Returns:
+        argparse.ArgumentParser: with subcommands demo, train, analyze, tcav and report
+        (one builder each, in that order, which is the order ``--help`` lists them in).
+    """
+    from jaxcnmf import __version__
+
+    parser = _Parser(
+        prog="jaxcnmf",
+        description="Find the concepts a trained CNN has learned: coupled non-negative "
+        "matrix factorization of a probe set's pixels and layer activations.",
+        epilog=_EPILOG_MAIN,
+        formatter_class=_FORMATTER,
+    )
+    parser.add_argument("--version", action="version", version=f"jaxcnmf {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in _SUBCOMMANDS:
+        add(commands)
     return parser
 
 

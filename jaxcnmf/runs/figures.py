@@ -9,7 +9,8 @@ Images are uint8 (N, H, W, C) with C = 1 (drawn with a gray colormap) or C = 3.
 
 Example:
     >>> import numpy as np, tempfile, pathlib
-    >>> from jaxcnmf import analysis, figures
+    >>> from jaxcnmf.concepts import neurons
+    >>> from jaxcnmf.runs import figures
     >>> summary = neurons.layer_summary({"conv": np.eye(4)[:, :2], "fc": np.ones((3, 2))})
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "layers.png"
     >>> figures.save_figure(figures.layer_summary_plot(summary), out).stat().st_size > 0

@@ -14,17 +14,7 @@ error) if a stage raised, and ``"complete"`` at the very end, when the file ``CO
 is also written; ``report.html`` is written through a temporary file, so an interrupted
 run never leaves a report that looks finished.
 
-Run directory layout::
-
-    run.json            settings, model, accuracy, relative errors, wall times, status
-    factorization.npz   the FitResult (jaxcnmf.load_result)
-    probe.npz           probe images (N, H, W, C) uint8, labels, coarse labels, predictions
-    analysis.json       k-means baseline and fidelity (they need activations / the network)
-    tcav.json           TCAV settings, timings and one row per (layer, concept, class), when
-    tcav.npz            the TCAV step ran (``jaxcnmf tcav`` or ``--tcav``); the npz holds
-                        the per-run scores the report's heatmaps are drawn from
-    ckpt/               the network, when this run trained it
-    figures/*.png, tables/*.csv|json, report.html, COMPLETE
+The run directory's files and their layout are described in :mod:`jaxcnmf.runs.rundir`.
 
 Example:
     >>> from jaxcnmf import pipeline
@@ -35,27 +25,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-RUN_JSON = "run.json"
-FACTORIZATION = "factorization.npz"
-PROBE = "probe.npz"
-ANALYSIS = "analysis.json"
-TCAV = "tcav.json"
-TCAV_ARRAYS = "tcav.npz"
-CHECKPOINT_DIR = "ckpt"
-COMPLETE = "COMPLETE"
-REPORT = "report.html"
+# The run directory's names live in rundir; importing them here keeps ``pipeline.load_run``,
+# ``pipeline.RUN_JSON``, ... working for code written before rundir existed.
+from jaxcnmf.runs.rundir import (  # noqa: F401  (re-exported)
+    ANALYSIS,
+    CHECKPOINT_DIR,
+    COMPLETE,
+    FACTORIZATION,
+    PROBE,
+    REPORT,
+    RUN_JSON,
+    TCAV,
+    TCAV_ARRAYS,
+    SavedRun,
+    check_out_dir,
+    environment,
+    holds_files,
+    load_run,
+    load_tcav,
+    progress_bar,
+    save_tcav,
+    start_run_dir,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 DEMO_LAYERS = ("conv2", "conv3", "pool")
 DEFAULT_TCAV_TOP = 50
@@ -206,29 +207,6 @@ def demo_config(*, quick: bool = False, method: str = "mu", seed: int = 0) -> Ru
     )
 
 
-def holds_files(path: str | os.PathLike) -> bool:
-    """True when ``path`` exists and is not an empty directory."""
-    path = Path(path)
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse an output directory that already holds files unless ``force``.
-
-    Raises:
-        FileExistsError: ``out`` is a file, or holds files and ``force`` is False.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output directory: {out} is a file, expected a directory")
-    if holds_files(out) and not force:
-        raise FileExistsError(
-            f"output directory {out} already exists and holds files; "
-            "pass --force (force=True) to overwrite it, or choose another --out"
-        )
-    return out
-
-
 class _Stages:
     """Logs one line per stage and records its wall time in seconds."""
 
@@ -247,54 +225,6 @@ class _Stages:
         yield
         self.seconds[name] = round(time.perf_counter() - start, 3)
         self.log(f"{name}: done in {self.seconds[name]:.1f} s")
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON through a temporary file, so readers never see half of it."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        # mkstemp makes the file private; give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def _environment() -> dict[str, str]:
-    import jax
-
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": str([str(d) for d in jax.devices()]),
-        "platform": platform.platform(),
-    }
 
 
 def _check_layers(model, layers, name: str = "layers") -> tuple[str, ...]:
@@ -506,7 +436,7 @@ def train_model(*, model: str = "small", dataset: str = "digits", source=None, o
     write_json_atomic(out / "train.json", {
         "model": model, "dataset": dataset, "width": width, "epochs": result.epochs,
         "accuracy": result.accuracy, "history": result.history, "seconds": stages.seconds,
-        "environment": _environment(),
+        "environment": environment(),
     })
     stages.log(f"test accuracy {result.accuracy:.4f}; checkpoint: {out / CHECKPOINT_DIR}")
     return out / CHECKPOINT_DIR
@@ -518,15 +448,6 @@ def _group_ids(config: RunConfig, probe_set):
     if config.groups == "superclass":
         return np.asarray(probe_set.coarse_labels)
     return np.asarray(probe_set.labels)
-
-
-def _start_run_dir(out: Path, record: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    # A forced re-run must leave nothing of the previous run that could pass for its own:
-    # no finished report, and no saved results that `jaxcnmf report` would draw from.
-    for stale in (COMPLETE, REPORT, FACTORIZATION, PROBE, ANALYSIS, TCAV, TCAV_ARRAYS):
-        (out / stale).unlink(missing_ok=True)
-    write_json_atomic(out / RUN_JSON, record)
 
 
 def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
@@ -555,7 +476,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         'report.html'
     """
     import jaxcnmf
-    from jaxcnmf.nets import data, probe, train
+    from jaxcnmf.nets import data, probe
     from jaxcnmf.runs import report
 
     _check_config(config)
@@ -596,9 +517,9 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         "layers": list(layers),
         **({} if tcav is None else {"tcav": tcav.to_json()}),
         "seconds": stages.seconds,
-        "environment": _environment(),
+        "environment": environment(),
     }
-    _start_run_dir(out, record)
+    start_run_dir(out, record)
     try:
         if variables is None:
             with stages("train", f"{config.model} on {config.dataset}, {config.epochs} epochs"):
@@ -705,10 +626,6 @@ def _network_analyses(config, model, variables, views, result, probe_set, layers
     }
 
 
-_TCAV_FIELDS = ("scores", "random_scores", "magnitudes", "random_magnitudes", "cav_accuracies",
-                "random_cav_accuracies", "p_values", "adjusted", "significant")
-
-
 def _tcav_step(tcav_config: TcavConfig, layers, model, variables, result, images, labels,
                class_names, out: Path, progress: bool):
     """Concepts from F's top images, classes from the probe set; TCAV; save the result."""
@@ -732,51 +649,6 @@ def _tcav_step(tcav_config: TcavConfig, layers, model, variables, result, images
     scores = dataclasses.replace(scores, config={**scores.config, "top": top})
     save_tcav(out, scores)
     return scores
-
-
-def save_tcav(run_dir: str | os.PathLike, result) -> None:
-    """Save a :class:`jaxcnmf.tcav.TcavResult` as ``tcav.npz`` (arrays) and ``tcav.json``.
-
-    ``tcav.json`` (names, settings, timings and ``table()``'s rows) is written last, so its
-    presence says both files are whole.
-    """
-    run_dir = Path(run_dir)
-    buffer = io.BytesIO()
-    arrays = {name: getattr(result, name) for name in _TCAV_FIELDS}
-    if result.constant_gradient is not None:
-        arrays["constant_gradient"] = result.constant_gradient
-    np.savez_compressed(buffer, **arrays)
-    write_bytes_atomic(run_dir / TCAV_ARRAYS, buffer.getvalue())
-    write_json_atomic(run_dir / TCAV, {
-        "layers": list(result.layers), "concepts": list(result.concepts),
-        "classes": list(result.classes), "correction": result.correction,
-        "alpha": result.alpha, "config": result.config, "timings": result.timings,
-        "cells": result.table(),
-    })
-
-
-def load_tcav(run_dir: str | os.PathLike):
-    """The :class:`jaxcnmf.tcav.TcavResult` saved in ``run_dir``, or None when there is none.
-
-    Example:
-        >>> load_tcav("runs/demo").heatmap_matrix()[0].shape  # doctest: +SKIP
-        (10, 10)
-    """
-    from jaxcnmf.concepts import tcav
-
-    run_dir = Path(run_dir)
-    if not (run_dir / TCAV).is_file():
-        return None
-    summary = json.loads((run_dir / TCAV).read_text())
-    with np.load(run_dir / TCAV_ARRAYS) as arrays:
-        fields = {name: arrays[name] for name in _TCAV_FIELDS}
-        # Results saved before the flag existed have none.
-        fields["constant_gradient"] = arrays.get("constant_gradient")
-    return tcav.TcavResult(
-        layers=tuple(summary["layers"]), concepts=tuple(summary["concepts"]),
-        classes=tuple(summary["classes"]), correction=summary["correction"],
-        alpha=summary["alpha"], timings=summary["timings"], config=summary["config"], **fields,
-    )
 
 
 def _run_checkpoint(saved) -> Path:
@@ -822,8 +694,8 @@ def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(),
         >>> run_tcav("runs/demo", TcavConfig(top=30, random_runs=20))  # doctest: +SKIP
         PosixPath('runs/demo/report.html')
     """
-    from jaxcnmf.runs import report
     from jaxcnmf.nets import train
+    from jaxcnmf.runs import report
 
     _check_tcav_config(tcav_config)
     saved = load_run(run_dir)
@@ -852,84 +724,3 @@ def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(),
         path = report.write_report(saved.path, progress=progress)
     stages.log(f"report: {path}")
     return path
-
-
-def progress_bar(items, progress: bool, desc: str):
-    """``items`` wrapped in a tqdm bar when ``progress``, else unchanged."""
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class SavedRun:
-    """What a run directory holds, as :func:`load_run` reads it back.
-
-    Attributes:
-        path: the run directory.
-        record: ``run.json`` (settings, dataset, model, layers, views, wall times, status).
-        result: the :class:`jaxcnmf.FitResult`.
-        images: uint8 (N, H, W, C) probe images.
-        labels: int64 (N,) class ids.
-        coarse_labels: int64 (N,) superclass ids, or None.
-        predictions: int64 (N,) the network's predicted classes.
-        network: ``analysis.json`` (k-means baseline, fidelity rows).
-        tcav: the :class:`jaxcnmf.tcav.TcavResult` of ``tcav.json``/``tcav.npz``, or None.
-    """
-
-    path: Path
-    record: dict
-    result: Any
-    images: np.ndarray
-    labels: np.ndarray
-    coarse_labels: np.ndarray | None
-    predictions: np.ndarray
-    network: dict
-    tcav: Any = None
-
-
-def load_run(run_dir: str | os.PathLike) -> SavedRun:
-    """Read a run directory written by :func:`run`.
-
-    Raises:
-        FileNotFoundError: the directory, or one of its saved files, is missing (for
-            example because the run stopped before the analyses finished).
-
-    Example:
-        >>> saved = load_run("runs/demo")  # doctest: +SKIP
-        >>> saved.result.F.shape  # doctest: +SKIP
-        (10, 300)
-    """
-    import jaxcnmf
-
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"run directory: {path} does not exist or is not a directory")
-    if not (path / RUN_JSON).is_file():
-        raise FileNotFoundError(f"run directory: {path} has no {RUN_JSON}; expected a "
-                                "directory written by 'jaxcnmf analyze' or 'jaxcnmf demo'")
-    record = json.loads((path / RUN_JSON).read_text())
-    missing = [name for name in (FACTORIZATION, PROBE, ANALYSIS) if not (path / name).is_file()]
-    if missing:
-        status = record.get("status", "unknown")
-        error = f" ({record['error']})" if record.get("error") else ""
-        raise FileNotFoundError(
-            f"run directory: {path} has no {missing[0]}; the run stopped before it was "
-            f"saved (status {status}{error})"
-        )
-    with np.load(path / PROBE) as probe_file:
-        probe_arrays = {key: probe_file[key] for key in probe_file.files}
-    coarse = probe_arrays["coarse_labels"]
-    return SavedRun(
-        path=path,
-        record=record,
-        result=jaxcnmf.load_result(path / FACTORIZATION),
-        images=probe_arrays["images"],
-        labels=probe_arrays["labels"].astype(np.int64),
-        coarse_labels=None if np.any(coarse < 0) else coarse.astype(np.int64),
-        predictions=probe_arrays["predictions"].astype(np.int64),
-        network=json.loads((path / ANALYSIS).read_text()),
-        tcav=load_tcav(path),
-    )

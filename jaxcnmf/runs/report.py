@@ -1,6 +1,6 @@
 """``report.html``: one self-contained page of a run's concepts, figures and tables.
 
-:func:`write_report` reads a run directory written by :func:`jaxcnmf.pipeline.run`
+:func:`write_report` reads a run directory written by :func:`jaxcnmf.runs.pipeline.run`
 (``run.json``, ``factorization.npz``, ``probe.npz``, ``analysis.json`` and, when the TCAV
 step ran, ``tcav.json``/``tcav.npz``), recomputes the
 analyses that need only the factorization and the probe set, draws the figures with
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from jaxcnmf.runs import rundir
 
 SECTIONS = (
     ("settings", "Run settings"),
@@ -601,7 +603,7 @@ def write_report(run_dir, *, progress: bool = True) -> Path:
     """Draw the figures and tables of a saved run and write its ``report.html``.
 
     Args:
-        run_dir: a directory written by :func:`jaxcnmf.pipeline.run` (it needs
+        run_dir: a directory written by :func:`jaxcnmf.runs.pipeline.run` (it needs
             ``run.json``, ``factorization.npz``, ``probe.npz`` and ``analysis.json``).
         progress: a progress bar over the sections on stderr.
 
@@ -616,9 +618,7 @@ def write_report(run_dir, *, progress: bool = True) -> Path:
         >>> write_report("runs/demo").name  # doctest: +SKIP
         'report.html'
     """
-    from jaxcnmf.runs import pipeline
-
-    saved = pipeline.load_run(run_dir)
+    saved = rundir.load_run(run_dir)
     run_dir = saved.path
     page = _Page(saved)
     # Figures and tables of an earlier drawing (say, of a higher rank) must not linger.
@@ -626,7 +626,7 @@ def write_report(run_dir, *, progress: bool = True) -> Path:
         for stale in run_dir.glob(pattern):
             stale.unlink()
     sections = []
-    for section_id, heading in pipeline.progress_bar(SECTIONS, progress, "report"):
+    for section_id, heading in rundir.progress_bar(SECTIONS, progress, "report"):
         sections.append((section_id, heading, _BUILDERS[section_id](page, run_dir)))
     dataset = saved.record["dataset"]
     subtitle = (
@@ -634,8 +634,8 @@ def write_report(run_dir, *, progress: bool = True) -> Path:
         f"{dataset['probe_images']} probe images, layers {', '.join(saved.record['layers'])}, "
         f"rank {page.config['rank']} ({page.config['method']})."
     )
-    path = run_dir / pipeline.REPORT
-    pipeline.write_bytes_atomic(
+    path = run_dir / rundir.REPORT
+    rundir.write_bytes_atomic(
         path, render_html("jaxcnmf concept report", subtitle, sections).encode("utf-8"))
     return path
 
@@ -684,13 +684,11 @@ def write_summary(run_dir, path, *, title: str | None = None,
     Example:
         >>> write_summary("runs/c10", "experiments/results/cifar10/README.md")  # doctest: +SKIP
     """
-    from jaxcnmf.runs import pipeline
-
     run_dir, path = Path(run_dir), Path(path)
-    if not (run_dir / pipeline.COMPLETE).is_file():
+    if not (run_dir / rundir.COMPLETE).is_file():
         raise FileNotFoundError(f"run_dir: {run_dir} is not a complete run (no "
-                                f"{pipeline.COMPLETE} file)")
-    record = json.loads((run_dir / pipeline.RUN_JSON).read_text())
+                                f"{rundir.COMPLETE} file)")
+    record = json.loads((run_dir / rundir.RUN_JSON).read_text())
 
     def table(name):
         return json.loads((run_dir / "tables" / f"{name}.json").read_text())

@@ -346,17 +346,12 @@ def test_run_validates_at_the_front_door(toy, kwargs, message):
         tcav.run(toy["model"], toy["variables"], **args)
 
 
-def test_activations_match_probe_collect_flattening():
+def test_network_running_names_are_probes():
+    # They moved to nets.probe; tcav re-exports them for code that imported them here.
     from jaxcnmf.nets import probe
 
-    model = models.small_cnn(4, width=0.25)
-    images = np.random.default_rng(9).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
-    variables = model.init(jax.random.key(2), images[:1].astype(np.float32), train=False)
-    ours = tcav.layer_activations(model, variables, images, ["conv2", "pool"], batch_size=4)
-    theirs = probe.collect(model, variables, images, ["conv2", "pool"], pixels=False,
-                           pooling="flatten", batch_size=4, progress=False)
-    for layer in ("conv2", "pool"):
-        np.testing.assert_allclose(ours[layer], theirs[layer].T, rtol=1e-5, atol=1e-6)
+    for name in ("layer_shapes", "layer_activations", "layer_gradients"):
+        assert getattr(tcav, name) is getattr(probe, name), name
 
 
 def test_several_layers_in_one_call_match_single_layer_calls(toy):
@@ -387,19 +382,12 @@ def _precisions(jaxpr):
     return found
 
 
-def test_every_matmul_and_convolution_runs_at_full_precision():
+def test_every_matmul_in_cav_fits_and_scores_runs_at_full_precision():
     # The CPU always computes float32 products in full, so the traced programs are what
     # can be checked here: each product must carry HIGHEST rather than the backend's
-    # default, which is TF32 on NVIDIA GPUs.
-    model = models.small_cnn(10, width=0.125)
-    x = jnp.zeros((2, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
-    layers = ("conv2", "pool")
+    # default, which is TF32 on NVIDIA GPUs. (The activations and gradients are checked
+    # in tests/nets/test_probe.py.)
     programs = [
-        jax.make_jaxpr(tcav._compiled(tcav._activations, model, layers))(variables, x),
-        jax.make_jaxpr(tcav._compiled(tcav._gradients, model, layers))(
-            variables, x, jnp.zeros(2, jnp.int32)
-        ),
         jax.make_jaxpr(tcav._class_scores)(jnp.ones((4, 6)), jnp.ones((3, 6)), jnp.ones((4, 2))),
     ]
     acts = jnp.ones((12, 6))

@@ -313,3 +313,100 @@ def test_errors(small, images):
         f(jnp.zeros((2, 32, 32, 3)), jnp.zeros((2, 8)))
     with pytest.raises(ValueError, match="layers: unknown layer"):
         probe.layer_forward(model, variables, "avgpool")
+
+
+# ------------------------------------------------ full-precision activations and gradients
+
+
+def test_layer_activations_match_collect_flattening(small, images):
+    model, variables = small
+    # batch_size 4 of N=7: a full batch and a padded one.
+    ours = probe.layer_activations(model, variables, images, ["conv2", "pool"], batch_size=4)
+    theirs = probe.collect(model, variables, images, ["conv2", "pool"], pixels=False,
+                           pooling="flatten", batch_size=4, progress=False)
+    for layer in ("conv2", "pool"):
+        assert ours[layer].shape == theirs[layer].T.shape and ours[layer].dtype == np.float32
+        _assert_close(ours[layer], theirs[layer].T, layer)
+
+
+def test_layer_gradients_match_grad_through_layer_forward(small, images):
+    # Two routes to d logit_label / d layer: layer_gradients' shifted capture of both
+    # layers in one backward pass, and jax.grad through layer_forward's replaced output.
+    model, variables = small
+    labels = np.arange(N) % 10
+    grads = probe.layer_gradients(model, variables, images, labels, ["conv2", "pool"],
+                                  batch_size=3)
+    ref = _reference(model, variables, _float(images))
+    for layer in ("conv2", "pool"):
+        forward = probe.layer_forward(model, variables, layer)
+
+        def picked(a, forward=forward):
+            logits = forward(jnp.asarray(_float(images)), a)
+            return jnp.sum(jnp.take_along_axis(logits, labels[:, None], axis=1))
+
+        expected = np.asarray(jax.grad(picked)(jnp.asarray(ref[layer])))
+        # Channel-major, as collect flattens: (N, C, ...) rows.
+        expected = np.moveaxis(expected, -1, 1).reshape(N, -1)
+        assert grads[layer].shape == expected.shape
+        np.testing.assert_allclose(grads[layer], expected, rtol=1e-4, atol=1e-6, err_msg=layer)
+        assert np.abs(expected).max() > 0
+
+
+def _precisions(jaxpr):
+    """``precision`` of every matmul and convolution in a jaxpr and its sub-jaxprs."""
+    import jax.extend
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            found.append(eqn.params["precision"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found.extend(_precisions(sub))
+    return found
+
+
+def test_activations_and_gradients_run_at_full_precision(small):
+    # The CPU always computes float32 products in full, so the traced programs are what
+    # can be checked: each product must carry HIGHEST rather than the backend's default,
+    # which is TF32 on NVIDIA GPUs (TCAV's scores are signs of small numbers).
+    model, variables = small
+    x = jnp.zeros((2, 32, 32, 3))
+    layers = ("conv2", "pool")
+    programs = [
+        jax.make_jaxpr(probe._compiled(probe._activations, model, layers))(variables, x),
+        jax.make_jaxpr(probe._compiled(probe._gradients, model, layers))(
+            variables, x, jnp.zeros(2, jnp.int32)
+        ),
+    ]
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for program in programs:
+        found = _precisions(program.jaxpr)
+        assert found and all(p == highest for p in found), found
+
+
+class _CallOrder(nn.Module):
+    """Children called in an order that is not alphabetical; not a jaxcnmf model."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(3, (3, 3), strides=2, name="zeta")(x))
+        x = nn.relu(nn.Conv(5, (3, 3), name="alpha")(x))
+        return nn.Dense(4, name="mid")(x.mean(axis=(1, 2)))
+
+
+def test_layer_shapes_in_call_order_with_logits():
+    model = _CallOrder()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    expected = {"zeta": (4, 4, 3), "alpha": (4, 4, 5), "mid": (4,)}
+    shapes = probe.network_shapes(model, variables, (8, 8, 1))
+    assert list(shapes.layers.items()) == list(expected.items())
+    assert shapes.logits == (4,)
+    assert probe.layer_shapes(model, variables, (8, 8, 1)) == shapes.layers
+    # Without variables, the same shapes and order (no probe points to put first).
+    assert list(probe.available_layers(model, (8, 8, 1)).items()) == list(expected.items())
+
+
+def test_layer_shapes_agree_with_available_layers(small):
+    model, variables = small
+    assert list(probe.layer_shapes(model, variables, (32, 32, 3)).items()) == list(
+        probe.available_layers(model, (32, 32, 3)).items())

@@ -42,10 +42,10 @@ def check_png(fig, path, n_axes):
 
 
 def concept_inputs(case, kind):
-    images = case[kind]
-    latent = images.latent_images(case[f"pixels_{kind}"], images.shape[1:])
+    probe_images = case[kind]
+    latent = images.latent_images(case[f"pixels_{kind}"], probe_images.shape[1:])
     records = labels.concept_table(case["F"], case["labels"], CLASS_NAMES, n_images=5)
-    return images, records, latent, images.median_mask(latent)
+    return probe_images, records, latent, images.median_mask(latent)
 
 
 @pytest.mark.parametrize("kind", ["gray", "rgb"])

@@ -1,7 +1,6 @@
 """The pipeline's front door and run-directory lifecycle: checks before work, failures."""
 
 import json
-import os
 
 import pytest
 
@@ -52,27 +51,6 @@ def test_cli_reports_an_interrupted_run_with_status_130(tmp_path, monkeypatch, c
     assert exit_info.value.code == 130
     assert "incomplete" in capsys.readouterr().err
     assert not (tmp_path / "demo" / "COMPLETE").exists()
-
-
-def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    target = tmp_path / "report.html"
-    target.write_text("old")
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        pipeline.write_bytes_atomic(target, b"new")
-    assert target.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
-
-
-def test_atomic_write_gives_ordinary_permissions(tmp_path):
-    path = tmp_path / "run.json"
-    pipeline.write_json_atomic(path, {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert path.stat().st_mode & 0o044 == 0o044 & ~pipeline._umask()
 
 
 def test_unknown_layer_fails_before_data_or_training(tmp_path, monkeypatch):
@@ -140,20 +118,6 @@ def test_default_tcav_layer_skips_the_last_spatial_layer_when_it_can():
     assert layers(("pool",)) == ("pool",)
     chosen = pipeline.TcavConfig(layers=("conv1", "pool"))
     assert pipeline._tcav_layers(model, chosen, ("conv3",), (32, 32, 1)) == ("conv1", "pool")
-
-
-def test_out_dir_rules(tmp_path):
-    assert pipeline.check_out_dir(tmp_path / "new", force=False) == tmp_path / "new"
-    (tmp_path / "empty").mkdir()
-    pipeline.check_out_dir(tmp_path / "empty", force=False)
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(FileExistsError, match="--force"):
-        pipeline.check_out_dir(tmp_path / "full", force=False)
-    pipeline.check_out_dir(tmp_path / "full", force=True)
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(FileExistsError, match="is a file"):
-        pipeline.check_out_dir(tmp_path / "file", force=True)
 
 
 def test_config_is_json_ready():

@@ -1,0 +1,264 @@
+"""The run directory: its file names, atomic writes, and reading a finished run back.
+
+Everything here is plumbing shared by :mod:`jaxcnmf.runs.pipeline` (which writes a run)
+and :mod:`jaxcnmf.runs.report` (which reads one): both import it, neither imports the
+other's internals, so the package has no import circle. The names are also re-exported
+by ``pipeline`` (``pipeline.load_run``, ``pipeline.RUN_JSON``, ...), where they lived
+before this module existed.
+
+Run directory layout::
+
+    run.json            settings, model, accuracy, relative errors, wall times, status
+    factorization.npz   the FitResult (jaxcnmf.load_result)
+    probe.npz           probe images (N, H, W, C) uint8, labels, coarse labels, predictions
+    analysis.json       k-means baseline and fidelity (they need activations / the network)
+    tcav.json           TCAV settings, timings and one row per (layer, concept, class), when
+    tcav.npz            the TCAV step ran (``jaxcnmf tcav`` or ``--tcav``); the npz holds
+                        the per-run scores the report's heatmaps are drawn from
+    ckpt/               the network, when this run trained it
+    figures/*.png, tables/*.csv|json, report.html, COMPLETE
+
+Every file is written through a temporary file in the same directory and renamed, so a
+reader never sees half of one; ``COMPLETE`` is written last, when the whole run is done.
+
+Example:
+    >>> from jaxcnmf.runs import rundir
+    >>> saved = rundir.load_run("runs/demo")  # doctest: +SKIP
+    >>> saved.result.F.shape  # doctest: +SKIP
+    (10, 300)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RUN_JSON = "run.json"
+FACTORIZATION = "factorization.npz"
+PROBE = "probe.npz"
+ANALYSIS = "analysis.json"
+TCAV = "tcav.json"
+TCAV_ARRAYS = "tcav.npz"
+CHECKPOINT_DIR = "ckpt"
+COMPLETE = "COMPLETE"
+REPORT = "report.html"
+
+
+def holds_files(path: str | os.PathLike) -> bool:
+    """True when ``path`` exists and is not an empty directory."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse an output directory that already holds files unless ``force``.
+
+    Raises:
+        FileExistsError: ``out`` is a file, or holds files and ``force`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output directory: {out} is a file, expected a directory")
+    if holds_files(out) and not force:
+        raise FileExistsError(
+            f"output directory {out} already exists and holds files; "
+            "pass --force (force=True) to overwrite it, or choose another --out"
+        )
+    return out
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON through a temporary file, so readers never see half of it."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        # mkstemp makes the file private; give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def environment() -> dict[str, str]:
+    """Versions and devices this run used, for ``run.json`` and ``train.json``."""
+    import jax
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": str([str(d) for d in jax.devices()]),
+        "platform": platform.platform(),
+    }
+
+
+def start_run_dir(out: Path, record: dict) -> None:
+    """Create ``out``, remove what a previous run left there, write ``record`` as ``run.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    # A forced re-run must leave nothing of the previous run that could pass for its own:
+    # no finished report, and no saved results that `jaxcnmf report` would draw from.
+    for stale in (COMPLETE, REPORT, FACTORIZATION, PROBE, ANALYSIS, TCAV, TCAV_ARRAYS):
+        (out / stale).unlink(missing_ok=True)
+    write_json_atomic(out / RUN_JSON, record)
+
+
+def progress_bar(items, progress: bool, desc: str):
+    """``items`` wrapped in a tqdm bar when ``progress``, else unchanged."""
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+_TCAV_FIELDS = ("scores", "random_scores", "magnitudes", "random_magnitudes", "cav_accuracies",
+                "random_cav_accuracies", "p_values", "adjusted", "significant")
+
+
+def save_tcav(run_dir: str | os.PathLike, result) -> None:
+    """Save a :class:`jaxcnmf.tcav.TcavResult` as ``tcav.npz`` (arrays) and ``tcav.json``.
+
+    ``tcav.json`` (names, settings, timings and ``table()``'s rows) is written last, so its
+    presence says both files are whole.
+    """
+    run_dir = Path(run_dir)
+    buffer = io.BytesIO()
+    arrays = {name: getattr(result, name) for name in _TCAV_FIELDS}
+    if result.constant_gradient is not None:
+        arrays["constant_gradient"] = result.constant_gradient
+    np.savez_compressed(buffer, **arrays)
+    write_bytes_atomic(run_dir / TCAV_ARRAYS, buffer.getvalue())
+    write_json_atomic(run_dir / TCAV, {
+        "layers": list(result.layers), "concepts": list(result.concepts),
+        "classes": list(result.classes), "correction": result.correction,
+        "alpha": result.alpha, "config": result.config, "timings": result.timings,
+        "cells": result.table(),
+    })
+
+
+def load_tcav(run_dir: str | os.PathLike):
+    """The :class:`jaxcnmf.tcav.TcavResult` saved in ``run_dir``, or None when there is none.
+
+    Example:
+        >>> load_tcav("runs/demo").heatmap_matrix()[0].shape  # doctest: +SKIP
+        (10, 10)
+    """
+    from jaxcnmf.concepts import tcav
+
+    run_dir = Path(run_dir)
+    if not (run_dir / TCAV).is_file():
+        return None
+    summary = json.loads((run_dir / TCAV).read_text())
+    with np.load(run_dir / TCAV_ARRAYS) as arrays:
+        fields = {name: arrays[name] for name in _TCAV_FIELDS}
+        # Results saved before the flag existed have none.
+        fields["constant_gradient"] = arrays.get("constant_gradient")
+    return tcav.TcavResult(
+        layers=tuple(summary["layers"]), concepts=tuple(summary["concepts"]),
+        classes=tuple(summary["classes"]), correction=summary["correction"],
+        alpha=summary["alpha"], timings=summary["timings"], config=summary["config"], **fields,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    """What a run directory holds, as :func:`load_run` reads it back.
+
+    Attributes:
+        path: the run directory.
+        record: ``run.json`` (settings, dataset, model, layers, views, wall times, status).
+        result: the :class:`jaxcnmf.FitResult`.
+        images: uint8 (N, H, W, C) probe images.
+        labels: int64 (N,) class ids.
+        coarse_labels: int64 (N,) superclass ids, or None.
+        predictions: int64 (N,) the network's predicted classes.
+        network: ``analysis.json`` (k-means baseline, fidelity rows).
+        tcav: the :class:`jaxcnmf.tcav.TcavResult` of ``tcav.json``/``tcav.npz``, or None.
+    """
+
+    path: Path
+    record: dict
+    result: Any
+    images: np.ndarray
+    labels: np.ndarray
+    coarse_labels: np.ndarray | None
+    predictions: np.ndarray
+    network: dict
+    tcav: Any = None
+
+
+def load_run(run_dir: str | os.PathLike) -> SavedRun:
+    """Read a run directory written by :func:`jaxcnmf.runs.pipeline.run`.
+
+    Raises:
+        FileNotFoundError: the directory, or one of its saved files, is missing (for
+            example because the run stopped before the analyses finished).
+
+    Example:
+        >>> saved = load_run("runs/demo")  # doctest: +SKIP
+        >>> saved.result.F.shape  # doctest: +SKIP
+        (10, 300)
+    """
+    import jaxcnmf
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory: {path} does not exist or is not a directory")
+    if not (path / RUN_JSON).is_file():
+        raise FileNotFoundError(f"run directory: {path} has no {RUN_JSON}; expected a "
+                                "directory written by 'jaxcnmf analyze' or 'jaxcnmf demo'")
+    record = json.loads((path / RUN_JSON).read_text())
+    missing = [name for name in (FACTORIZATION, PROBE, ANALYSIS) if not (path / name).is_file()]
+    if missing:
+        status = record.get("status", "unknown")
+        error = f" ({record['error']})" if record.get("error") else ""
+        raise FileNotFoundError(
+            f"run directory: {path} has no {missing[0]}; the run stopped before it was "
+            f"saved (status {status}{error})"
+        )
+    with np.load(path / PROBE) as probe_file:
+        probe_arrays = {key: probe_file[key] for key in probe_file.files}
+    coarse = probe_arrays["coarse_labels"]
+    return SavedRun(
+        path=path,
+        record=record,
+        result=jaxcnmf.load_result(path / FACTORIZATION),
+        images=probe_arrays["images"],
+        labels=probe_arrays["labels"].astype(np.int64),
+        coarse_labels=None if np.any(coarse < 0) else coarse.astype(np.int64),
+        predictions=probe_arrays["predictions"].astype(np.int64),
+        network=json.loads((path / ANALYSIS).read_text()),
+        tcav=load_tcav(path),
+    )

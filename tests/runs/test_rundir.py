@@ -1,0 +1,64 @@
+"""The run directory's plumbing: atomic writes, the output-directory rules, re-exports."""
+
+import json
+import os
+
+import pytest
+
+from jaxcnmf.runs import pipeline, rundir
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "report.html"
+    target.write_text("old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        rundir.write_bytes_atomic(target, b"new")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    path = tmp_path / "run.json"
+    rundir.write_json_atomic(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert path.stat().st_mode & 0o044 == 0o044 & ~rundir._umask()
+
+
+def test_out_dir_rules(tmp_path):
+    assert rundir.check_out_dir(tmp_path / "new", force=False) == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    rundir.check_out_dir(tmp_path / "empty", force=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="--force"):
+        rundir.check_out_dir(tmp_path / "full", force=False)
+    rundir.check_out_dir(tmp_path / "full", force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        rundir.check_out_dir(tmp_path / "file", force=True)
+
+
+def test_pipeline_re_exports_the_run_directory_names():
+    # Code written before rundir existed reads them from pipeline: the same objects.
+    for name in ("RUN_JSON", "FACTORIZATION", "PROBE", "ANALYSIS", "TCAV", "TCAV_ARRAYS",
+                 "CHECKPOINT_DIR", "COMPLETE", "REPORT", "holds_files", "check_out_dir",
+                 "write_json_atomic", "write_bytes_atomic", "progress_bar", "SavedRun",
+                 "load_run", "save_tcav", "load_tcav"):
+        assert getattr(pipeline, name) is getattr(rundir, name), name
+
+
+def test_start_run_dir_removes_what_a_previous_run_left(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = (rundir.COMPLETE, rundir.REPORT, rundir.FACTORIZATION, rundir.PROBE,
+             rundir.ANALYSIS, rundir.TCAV, rundir.TCAV_ARRAYS)
+    for name in stale + ("notes.txt",):
+        (out / name).write_text("earlier")
+    rundir.start_run_dir(out, {"status": "running"})
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", rundir.RUN_JSON]
+    assert json.loads((out / rundir.RUN_JSON).read_text()) == {"status": "running"}
