@@ -159,7 +159,8 @@ def main(argv=None):
     unit = stack_unit(layer_views)
     rows, kmeans_cache = [], {}
     base = Setting(pixels="rgb" if len(pixel_names) == 3 else "gray")
-    for setting in sweep(base):
+    settings = list(dict.fromkeys(sweep(base)))  # gray images: "pixels=gray" is the base
+    for setting in settings:
         if setting.pixels == "rgb" and len(pixel_names) == 1:
             continue
         k = setting.rank_factor * splits.num_classes
