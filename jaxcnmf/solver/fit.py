@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import itertools
 import json
 import sys
 import time
@@ -1081,11 +1083,12 @@ def group_path(views, rank, groups, fractions=(0.003, 0.01, 0.03, 0.1, 0.3), **o
         ...     print(s.fraction, s.live_concepts, s.zero_groups, s.relative_errors)
     """
     fractions = [_check_number("fractions", f) for f in fractions]
-    if not fractions or any(not 0 < f <= 1 for f in fractions)             or any(b <= a for a, b in zip(fractions, fractions[1:])):
+    increasing = all(b > a for a, b in itertools.pairwise(fractions))
+    if not fractions or any(not 0 < f <= 1 for f in fractions) or not increasing:
         raise ValueError(f"fractions: expected increasing numbers in (0, 1], got "
                          f"{list(fractions)}")
-    for key in ("group_lam", "group_lam_fraction", "groups", "init"):
-        if key in options and key != "init":
+    for key in ("group_lam", "group_lam_fraction", "groups"):
+        if key in options:
             raise ValueError(f"{key}: set by group_path, expected it not among the options")
     options = {"unit_columns": True, "progress": False, **options}
     steps, previous, lam_max_value = [], None, None
@@ -1113,10 +1116,9 @@ def group_path(views, rank, groups, fractions=(0.003, 0.01, 0.03, 0.1, 0.3), **o
 
 
 def _fit_quietly(views, rank, **options):
-    defaults = dict(method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsvda",
-                    weights=None, unit_columns=False, l1_F=0.0, l2_F=0.0, l2_W=0.0,
-                    groups=None, group_lam=0.0, group_lam_fraction=None, restarts=1,
-                    negative="raise", dtype="float32", storage_dtype=None, progress=False)
+    # fit's keyword defaults, so that a path step takes exactly the options fit does.
+    defaults = {name: p.default for name, p in inspect.signature(fit).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"group_path: unknown fit option(s) {unknown}")
