@@ -461,7 +461,7 @@ def _f_violation(F, B, G, groups, config):
         projected = _prox_group(trial, 1.0 / lipschitz, groups, config)
     else:
         projected = jnp.maximum(trial, 0.0)
-    return lipschitz ** 2 * jnp.sum(jnp.square(F - projected))
+    return jnp.sum(jnp.square(lipschitz * (F - projected)))
 
 
 def _w_violation(loadings, As, C, weights, config):
@@ -481,7 +481,8 @@ def _w_violation(loadings, As, C, weights, config):
     if ball:
         norms = jnp.sqrt(sum(jnp.sum(P * P, axis=0) for P in projected))
         projected = [P / jnp.maximum(norms, 1.0) for P in projected]
-    return sum(L ** 2 * jnp.sum(jnp.square(W - P))
+    # (L * (W - P))^2, not L^2 * (W - P)^2: L alone can exceed sqrt(float32 max).
+    return sum(jnp.sum(jnp.square(L * (W - P)))
                for W, P, L in zip(loadings, projected, lipschitz))
 
 
@@ -679,8 +680,10 @@ def _lawson_hanson(R, c, max_outer):
     norm_R = jnp.linalg.norm(R)
 
     def noise(f):
-        # Rounding in R^T (c - R f): anything below this is not a descent direction.
-        return 4.0 * tiny * norm_R * (jnp.linalg.norm(c) + norm_R * jnp.linalg.norm(f))
+        # A tenth of the worst-case rounding of R^T (c - R f) (Frobenius norms overstate it
+        # by far more): a noise-driven entry then fails to enter and stops the loop
+        # ("stuck"), while nearly collinear columns with small true gains still enter.
+        return 0.1 * tiny * norm_R * (jnp.linalg.norm(c) + norm_R * jnp.linalg.norm(f))
 
     def dual(f):
         return _mm(R.T, c - _mm(R, f))

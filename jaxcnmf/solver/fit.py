@@ -44,6 +44,7 @@ _DEAD_SHARE = 1e-6
 # Views whose largest entry is this far below the largest of all views would underflow
 # when squared after the common rescaling (float32 squares stop at about 1e-38).
 _SMALLEST_VIEW_RATIO = {"float32": 1e-15, "float64": 1e-150}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Internal weights and penalties must stay well inside the compute dtype's range.
 _LARGEST_INTERNAL = {"float32": 1e30, "float64": 1e290}
 
@@ -297,7 +298,8 @@ class FitResult:
     """A fitted coupled NMF (host NumPy arrays).
 
     Attributes:
-        F: ``(rank, N)`` float32 shared non-negative image embedding.
+        F: ``(rank, N)`` float32 shared non-negative image embedding (float64 when the
+            data's scale puts it beyond float32, e.g. float64 views near 1e40).
         loadings: dict view name -> ``(rows_v, rank)`` non-negative loadings (``P_i``/``O_j``).
         view_names: view names, in order.
         history: ``{"objective": (n_iter,), "rel_error": {name: (n_iter,)}}``.
@@ -394,7 +396,7 @@ class FitResult:
             F = _nnls_F(jviews, loadings, config=config)
         else:
             F, _, _ = _solve_F(jviews, loadings, config=config)
-        return np.asarray(np.asarray(F, np.float64) * scale, np.float32)
+        return _float32_if_representable(np.asarray(F, np.float64) * scale)
 
     def scaled_F(self):
         """``F`` with each row times its concept's weighted stacked loading norm.
@@ -483,7 +485,7 @@ _CONFIG_TYPES = {
 
 
 def _load_error(path, field, message):
-    return ValueError(f"{path}: field {field!r}: {message}")
+    return ValueError(f"{path}: field '{field}': {message}")
 
 
 def _checked_array(path, field, array, shape):
@@ -620,6 +622,11 @@ def load_result(path):
                      config=config, objective=float(objective), stability=stability)
 
 
+def _float32_if_representable(F):
+    """float32, or float64 where the data's own scale (e.g. 1e40) is beyond float32."""
+    return F.astype(np.float32) if np.max(F, initial=0.0) < _FLOAT32_MAX else F
+
+
 def _result(state, names, config_dict, problem, final):
     """Host :class:`FitResult` of one state, mapped back to the caller's scale.
 
@@ -637,8 +644,9 @@ def _result(state, names, config_dict, problem, final):
     if n_iter:
         objective[-1] = value
         rel[:, -1] = final_rel
+    F = np.asarray(state.F, np.float64) * problem.scale
     return FitResult(
-        F=np.asarray(np.asarray(state.F, np.float64) * problem.scale, np.float32),
+        F=_float32_if_representable(F),
         loadings={name: np.asarray(W, np.float32) for name, W in zip(names, state.loadings)},
         view_names=names,
         history={"objective": objective,

@@ -323,10 +323,18 @@ def test_group_path_reports_each_step_and_warns_about_dead_concepts():
     lam_max = steps[0].result.config["group_lam_max"]
     for s in steps:
         assert s.group_lam == pytest.approx(s.fraction * lam_max)
-    partial = [s for s in steps if 0 < s.live_concepts < RANK]
-    if partial:
-        with pytest.warns(jaxcnmf.solver.fit.DeadConceptWarning, match="concepts are zero"):
-            jaxcnmf.solver.fit._check_live(partial[0].result, stacklevel=2)
+
+
+def test_a_fit_with_dead_concepts_warns():
+    views, _ = _planted(noise=0.05)
+    rng = np.random.default_rng(0)
+    F0 = rng.random((RANK, N)) + 0.1
+    F0[2] = 0.0   # MU never moves an exact zero: concept 2 stays dead
+    init = {"F": F0, "loadings": {k: rng.random((v.shape[0], RANK)) + 0.1
+                                  for k, v in views.items()}}
+    with pytest.warns(jaxcnmf.solver.fit.DeadConceptWarning,
+                      match=r"1 of 3 concepts are zero at the end \(concepts \[2\]\)"):
+        _fit(views, method="mu", init=init, max_iter=20)
 
 
 def test_transform_defaults_to_exact_nnls(hals_fit):
