@@ -36,6 +36,7 @@ __all__ = [
     "kmeans_baseline",
     "nmi",
     "purity",
+    "scaled_F",
     "strongest_concept",
     "top_images",
 ]
@@ -113,6 +114,40 @@ def purity(F, labels, num_classes: int | None = None) -> float:
     if not live.any():
         return 0.0
     return float(shares[live].max(axis=1).mean())
+
+
+def scaled_F(F, loadings, weights=None) -> np.ndarray:
+    """``F`` made independent of how a fit split the scale between ``W`` and ``F``.
+
+    ``W F = (W D)(D^-1 F)`` for any positive diagonal ``D``, so without unit loading
+    columns "each image's strongest concept" (``argmax_k F[k, n]``), purity and NMI
+    depend on an arbitrary choice of the solver. Row ``k`` of the result is ``F[k]``
+    times ``sqrt(sum_v w_v ||W_v[:, k]||^2)`` (the stacked loading column's norm,
+    weighted as in the fit), which every split gives alike. Analyses should assign
+    concepts on this, whatever the fit's ``unit_columns`` setting.
+
+    Args:
+        F: non-negative (rank, N) embedding.
+        loadings: dict view -> (rows_v, rank) loadings, or a sequence of them.
+        weights: the fit's view weights (dict view -> weight, or a sequence in the
+            loadings' order); default 1 for every view.
+
+    Returns:
+        float64 (rank, N).
+
+    Example:
+        >>> scaled_F(np.array([[1.0, 2.0], [4.0, 0.0]]), {"a": np.array([[3.0, 0.5]])})
+        array([[3., 6.],
+               [2., 0.]])
+    """
+    from jaxcnmf.solver.fit import concept_scale
+
+    F = _matrix(F, "F", nonnegative=True)
+    scale = concept_scale(loadings, weights)
+    if scale.shape != (F.shape[0],):
+        raise ValueError(f"loadings: expected {F.shape[0]} columns (the rank of F), got "
+                         f"{scale.shape[0]}")
+    return scale[:, None] * F
 
 
 def strongest_concept(F) -> np.ndarray:

@@ -15,10 +15,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import itertools
 import json
 import sys
 import time
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,22 @@ from jaxcnmf.solver import core, initialization
 
 
 class ConvergenceWarning(UserWarning):
-    """The solver stopped at ``max_iter`` before the relative-change tolerance was met."""
+    """The solver stopped at ``max_iter`` before the KKT tolerance was met."""
+
+
+class DeadConceptWarning(UserWarning):
+    """Some concepts of a fit are zero (they explain under ``1e-6`` of the weighted data)."""
+
+
+# A concept whose rank-one term ``W_k F_k`` has a weighted norm below this share of the
+# weighted data norm explains nothing a float32 fit can resolve.
+_DEAD_SHARE = 1e-6
+# Views whose largest entry is this far below the largest of all views would underflow
+# when squared after the common rescaling (float32 squares stop at about 1e-38).
+_SMALLEST_VIEW_RATIO = {"float32": 1e-15, "float64": 1e-150}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Internal weights and penalties must stay well inside the compute dtype's range.
+_LARGEST_INTERNAL = {"float32": 1e30, "float64": 1e290}
 
 
 _NEGATIVE_MODES = ("raise", "clip", "shift")
@@ -44,6 +62,11 @@ _solve = jax.jit(_run_one, static_argnames="config")
 _solve_restarts = jax.jit(jax.vmap(_run_one, in_axes=(None, 0, 0, None, None)),
                           static_argnums=4)
 _solve_F = jax.jit(core.solve_F, static_argnames="config")
+_nnls_F = jax.jit(core.nnls_F, static_argnames="config")
+_residual_objective = jax.jit(core.residual_objective, static_argnames="config")
+_final_restarts = jax.jit(
+    jax.vmap(lambda v, F, L, g, c: core.residual_objective(v, F, L, c, g),
+             in_axes=(None, 0, 0, None, None)), static_argnums=4)
 _random_restarts = jax.jit(jax.vmap(initialization.random, in_axes=(0, None, None, None)),
                            static_argnums=(2, 3))
 
@@ -55,6 +78,12 @@ def _name_views(views):
     if isinstance(views, dict):
         if not views:
             raise ValueError("views: expected at least one view, got an empty dict")
+        # Names travel through JSON (save/load) and select views in transform: a
+        # non-string key would come back as a different key.
+        for name in views:
+            if not isinstance(name, str):
+                raise TypeError(f"views: expected string view names, got {name!r} "
+                                f"({type(name).__name__})")
         return list(views.keys()), list(views.values())
     if isinstance(views, (list, tuple)):
         if not views:
@@ -144,10 +173,7 @@ def _view_weights(weights, names, arrays):
         # A zero view has nothing to balance; weight 1 keeps its (zero) term finite.
         # Device views are summed on their device (float32 unless x64 is on) and come back
         # as numbers, not arrays.
-        norms = jax.device_get([
-            jnp.sum(jnp.square(X), dtype=jnp.result_type(float)) if isinstance(X, jax.Array)
-            else np.sum(np.square(X, dtype=np.float64)) for X in arrays])
-        norms = [float(s) for s in norms]
+        norms = [_sq_norm(X) for X in arrays]
         return tuple(1.0 / s if s > 0 else 1.0 for s in norms)
     if not isinstance(weights, dict):
         raise ValueError(f"weights: expected None, 'balanced' or a dict name -> weight, "
@@ -165,6 +191,33 @@ def _view_weights(weights, names, arrays):
                              f"got {w!r}")
         result.append(float(w))
     return tuple(result)
+
+
+@jax.jit
+def _device_max_and_scaled_sq(X):
+    top = jnp.max(X).astype(jnp.result_type(float))
+    safe = jnp.where(top > 0, top, 1.0)
+    return top, jnp.sum(jnp.square(X.astype(safe.dtype) / safe))
+
+
+def _max_and_sq_norm(X):
+    """Largest entry and ``||X||^2`` as Python floats, without overflow or underflow.
+
+    The sum is taken of ``(X / max X)^2`` (entries at most 1) and multiplied back by
+    ``max^2`` in float64, so entries above 1.8e19 in float32 or of 1e-22 stay exact.
+    Device arrays are reduced on their device; only two numbers come back.
+    """
+    if isinstance(X, jax.Array):
+        top, scaled = (float(v) for v in jax.device_get(_device_max_and_scaled_sq(X)))
+    else:
+        top = float(np.max(X))
+        scaled = float(np.sum(np.square(X / top, dtype=np.float64))) if top > 0 else 0.0
+    return top, scaled
+
+
+def _sq_norm(X):
+    top, scaled = _max_and_sq_norm(X)
+    return scaled * top * top if top > 0 else 0.0
 
 
 def _check_groups(groups, n, group_lam):
@@ -200,6 +253,43 @@ def _check_dtypes(dtype, storage_dtype):
     return storage_dtype
 
 
+def _scaled(X, scale, dtype):
+    """``X / scale`` in ``dtype``, divided before any narrowing cast so nothing overflows."""
+    if isinstance(X, jax.Array):
+        wide = jnp.result_type(float) if X.dtype == jnp.float64 else jnp.float32
+        return (X.astype(wide) / scale).astype(dtype)
+    wide = np.float64 if X.dtype == np.float64 else np.float32
+    return jnp.asarray((X.astype(wide, copy=False) / wide(scale)).astype(dtype, copy=False))
+
+
+def concept_scale(loadings, weights=None):
+    """Weighted norm of every concept's stacked loading column.
+
+    Args:
+        loadings: dict name -> ``(rows_v, rank)`` (or a sequence of them).
+        weights: dict name -> view weight (or a sequence in the same order); default 1.
+
+    Returns:
+        ``(rank,)`` float64 ``sqrt(sum_v w_v ||W_v[:, k]||^2)``: the factor that makes
+        ``scale[:, None] * F`` independent of how a fit split ``W F`` between its factors.
+
+    Example:
+        >>> concept_scale({"a": np.array([[3.0, 0.0], [4.0, 1.0]])})
+        array([5., 1.])
+    """
+    if isinstance(loadings, dict):
+        names = list(loadings)
+        arrays = [np.asarray(loadings[name], np.float64) for name in names]
+        if weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(weights, dict):
+            weights = [float(weights[name]) for name in names]
+    else:
+        arrays = [np.asarray(W, np.float64) for W in loadings]
+        weights = [1.0] * len(arrays) if weights is None else list(weights)
+    return np.sqrt(sum(float(w) * np.sum(W * W, axis=0) for w, W in zip(weights, arrays)))
+
+
 # ----------------------------------------------------------------------------- results
 
 
@@ -208,15 +298,18 @@ class FitResult:
     """A fitted coupled NMF (host NumPy arrays).
 
     Attributes:
-        F: ``(rank, N)`` float32 shared non-negative image embedding.
+        F: ``(rank, N)`` float32 shared non-negative image embedding (float64 when the
+            data's scale puts it beyond float32, e.g. float64 views near 1e40).
         loadings: dict view name -> ``(rows_v, rank)`` non-negative loadings (``P_i``/``O_j``).
         view_names: view names, in order.
         history: ``{"objective": (n_iter,), "rel_error": {name: (n_iter,)}}``.
         n_iter: iterations run.
-        converged: whether the relative-change tolerance was met before ``max_iter``.
-        relative_errors: dict name -> ``||X_v - W_v F|| / ||X_v||`` at the end.
+        converged: whether the KKT tolerance was met before ``max_iter``.
+        relative_errors: dict name -> ``||X_v - W_v F|| / ||X_v||`` at the end, computed
+            from the residuals (exact also for near-exact fits; the history is assembled
+            from Grams and, in float32, resolves about ``1e-7`` of ``||X||^2``).
         config: JSON-serialisable settings used (method, rank, seed, weights, ...).
-        objective: final objective value.
+        objective: final objective value, from the residuals.
         restarts: every restart's :class:`FitResult` (best first is not implied; index =
             restart number), or ``None`` when ``restarts=1``.
         stability: mean Hungarian-matched cosine of ``F`` rows between the best restart
@@ -246,15 +339,19 @@ class FitResult:
             l1_F=self.config["l1_F"], l2_F=self.config["l2_F"], max_iter=max_iter,
             tol=tol, eps=self.config["eps"], dtype=self.config["dtype"])
 
-    def transform(self, views, max_iter=200, tol=None):
+    def transform(self, views, max_iter=200, tol=None, method="nnls"):
         """Embed images with the loadings fixed: non-negative least squares for ``F``.
 
         Args:
             views: dict name -> ``(rows_v, N_new)`` holding any subset of the fitted view
                 names (a list is read as all fitted views in order). Their fitted weights
                 and ``F`` penalties are used; the group lasso is not.
-            max_iter: bound on the ``F`` updates.
-            tol: relative-change tolerance; default the fit's ``tol``.
+            max_iter: bound on the ``F`` updates (``method="fit"`` only).
+            tol: KKT tolerance; default the fit's ``tol`` (``method="fit"`` only).
+            method: ``"nnls"`` (default): the exact solution by an active-set method on
+                the QR factor of the loadings (:func:`jaxcnmf.solver.core.nnls_F`);
+                ``"fit"``: the fit's own MU/HALS ``F`` updates, which stop early on
+                ill-conditioned loadings.
 
         Returns:
             ``(rank, N_new)`` float32 embedding.
@@ -262,6 +359,7 @@ class FitResult:
         Example:
             >>> F_new = res.transform({"conv": A_new})  # doctest: +SKIP
         """
+        _check_choice("method", method, ("nnls", "fit"))
         if isinstance(views, (list, tuple)):
             if len(views) != len(self.view_names):
                 raise ValueError(f"views: a list must hold all {len(self.view_names)} "
@@ -285,10 +383,37 @@ class FitResult:
         max_iter = _check_number("max_iter", max_iter, 1, integer=True)
         config = self._solver_config(names, max_iter, tol)
         dtype = self.config["dtype"]
-        jviews = tuple(jnp.asarray(X, dtype) for X in arrays)
+        # Solve for F / s on X / s with weights over their largest (the penalties follow),
+        # so that no scale of data or weights can overflow or vanish in the solve.
+        scale = max(_max_and_sq_norm(X)[0] for X in arrays) or 1.0
+        top = max(config.weights)
+        config = config._replace(
+            weights=tuple(w / top for w in config.weights),
+            l1_F=config.l1_F / (scale * top), l2_F=config.l2_F / top)
+        jviews = tuple(_scaled(X, scale, dtype) for X in arrays)
         loadings = tuple(jnp.asarray(self.loadings[name], dtype) for name in names)
-        F, _, _ = _solve_F(jviews, loadings, config=config)
-        return np.asarray(F, np.float32)
+        if method == "nnls":
+            F = _nnls_F(jviews, loadings, config=config)
+        else:
+            F, _, _ = _solve_F(jviews, loadings, config=config)
+        return _float32_if_representable(np.asarray(F, np.float64) * scale)
+
+    def scaled_F(self):
+        """``F`` with each row times its concept's weighted stacked loading norm.
+
+        ``W F = (W D)(D^-1 F)`` for any positive diagonal ``D``, so comparisons across
+        concepts of ``F`` itself (each image's strongest concept, purity, NMI) depend on
+        how the solver split the scale. Row ``k`` of the result is
+        ``sqrt(sum_v w_v ||W_v[:, k]||^2) * F[k]``, the same for every split.
+
+        Returns:
+            ``(rank, N)`` float64.
+
+        Example:
+            >>> strongest = res.scaled_F().argmax(axis=0)  # doctest: +SKIP
+        """
+        return concept_scale(self.loadings, self.config["weights"])[:, None] \
+            * np.asarray(self.F, np.float64)
 
     def reconstruct(self, name, F=None):
         """``W_v F`` for one view.
@@ -352,8 +477,70 @@ class FitResult:
         return path if path.endswith(".npz") else path + ".npz"
 
 
+_CONFIG_TYPES = {
+    "method": str, "rank": int, "weights": dict, "unit_columns": bool, "l1_F": float,
+    "l2_F": float, "l2_W": float, "group_lam": float, "max_iter": int, "tol": float,
+    "negative": str, "dtype": str, "eps": float,
+}
+
+
+def _load_error(path, field, message):
+    return ValueError(f"{path}: field '{field}': {message}")
+
+
+def _checked_array(path, field, array, shape):
+    if array.dtype.kind != "f":
+        raise _load_error(path, field, f"expected a float array, got dtype {array.dtype}")
+    if array.shape != shape:
+        raise _load_error(path, field, f"expected shape {shape}, got {array.shape}")
+    return array
+
+
+def _checked_factor(path, field, array, shape):
+    array = _checked_array(path, field, array, shape)
+    if not np.all(np.isfinite(array)):
+        raise _load_error(path, field, "expected finite entries, got NaN or Inf")
+    if np.any(array < 0):
+        raise _load_error(path, field, f"expected non-negative entries, got minimum "
+                                       f"{float(array.min()):.4g}")
+    return array
+
+
+def _checked_config(path, config, names):
+    if not isinstance(config, dict):
+        raise _load_error(path, "config", f"expected a dict, got {type(config).__name__}")
+    for key, kind in _CONFIG_TYPES.items():
+        value = config.get(key)
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and np.isfinite(value)) if kind is float else isinstance(value, kind)
+        if kind is int and isinstance(value, bool):
+            ok = False
+        if not ok:
+            raise _load_error(path, f"config.{key}",
+                              f"expected {kind.__name__}, got {value!r}")
+    _choices = {"method": core.METHODS, "negative": _NEGATIVE_MODES, "dtype": _DTYPES}
+    for key, choices in _choices.items():
+        if config[key] not in choices:
+            raise _load_error(path, f"config.{key}",
+                              f"expected one of {list(choices)}, got {config[key]!r}")
+    for key in ("l1_F", "l2_F", "l2_W", "group_lam", "tol", "eps"):
+        if config[key] < 0:
+            raise _load_error(path, f"config.{key}", f"expected >= 0, got {config[key]!r}")
+    if config["rank"] < 1:
+        raise _load_error(path, "config.rank", f"expected >= 1, got {config['rank']!r}")
+    weights = config["weights"]
+    if sorted(weights) != sorted(names):
+        raise _load_error(path, "config.weights",
+                          f"expected one weight per view {list(names)}, got {sorted(weights)}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) \
+                or w <= 0:
+            raise _load_error(path, f"config.weights[{name!r}]",
+                              f"expected a positive finite number, got {w!r}")
+
+
 def load_result(path):
-    """Read a :class:`FitResult` written by :meth:`FitResult.save`.
+    """Read a :class:`FitResult` written by :meth:`FitResult.save`, checking every field.
 
     Args:
         path: ``.npz`` file.
@@ -361,40 +548,114 @@ def load_result(path):
     Returns:
         :class:`FitResult` (with ``restarts=None``).
 
+    Raises:
+        ValueError: a field is missing, has the wrong shape or type, or holds negative
+            or non-finite factors; the message names the file and the field.
+
     Example:
         >>> res = jaxcnmf.load_result("fit.npz")  # doctest: +SKIP
     """
     with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data["meta"]))
-        names = tuple(meta["view_names"])
-        loadings = {name: data[f"loading_{i}"] for i, name in enumerate(names)}
-        rel = data["rel_error_history"]
-        history = {"objective": data["objective_history"],
-                   "rel_error": {name: rel[i] for i, name in enumerate(names)}}
+        files = set(data.files)
+        for field in ("meta", "F", "objective_history", "rel_error_history"):
+            if field not in files:
+                raise _load_error(path, field, "missing")
+        try:
+            meta = json.loads(str(data["meta"]))
+        except ValueError as error:
+            raise _load_error(path, "meta", f"expected JSON, got an unreadable value "
+                                            f"({error})") from None
+        if not isinstance(meta, dict):
+            raise _load_error(path, "meta", f"expected a JSON object, got "
+                                            f"{type(meta).__name__}")
+        names = meta.get("view_names")
+        if not isinstance(names, list) or not names \
+                or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise _load_error(path, "meta.view_names",
+                              f"expected a non-empty list of distinct strings, got {names!r}")
+        names = tuple(names)
+        config = meta.get("config")
+        _checked_config(path, config, names)
+        rank = config["rank"]
         F = data["F"]
+        if F.ndim != 2:
+            raise _load_error(path, "F", f"expected shape (rank={rank}, N), got {F.shape}")
+        F = _checked_factor(path, "F", F, (rank, F.shape[1]))
+        loadings = {}
+        for i, name in enumerate(names):
+            field = f"loading_{i}"
+            if field not in files:
+                raise _load_error(path, field, f"missing (loadings of view {name!r})")
+            W = data[field]
+            rows = W.shape[0] if W.ndim == 2 else -1
+            loadings[name] = _checked_factor(path, f"{field} ({name!r})", W, (rows, rank))
+        n_iter = meta.get("n_iter")
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+            raise _load_error(path, "meta.n_iter", f"expected an int >= 0, got {n_iter!r}")
+        objective_history = _checked_array(path, "objective_history",
+                                           data["objective_history"], (n_iter,))
+        rel = _checked_array(path, "rel_error_history", data["rel_error_history"],
+                             (len(names), n_iter))
+    history = {"objective": objective_history,
+               "rel_error": {name: rel[i] for i, name in enumerate(names)}}
+    if not isinstance(meta.get("converged"), bool):
+        raise _load_error(path, "meta.converged", f"expected a bool, got "
+                                                  f"{meta.get('converged')!r}")
+    errors = meta.get("relative_errors")
+    if not isinstance(errors, dict) or sorted(errors) != sorted(names) or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and np.isfinite(e)
+            and e >= 0 for e in errors.values()):
+        raise _load_error(path, "meta.relative_errors",
+                          f"expected a finite non-negative number per view, got {errors!r}")
+    objective = meta.get("objective")
+    if isinstance(objective, bool) or not isinstance(objective, (int, float)) \
+            or not np.isfinite(objective):
+        raise _load_error(path, "meta.objective", f"expected a finite number, got "
+                                                  f"{objective!r}")
+    stability = meta.get("stability")
+    if stability is not None and (isinstance(stability, bool)
+                                  or not isinstance(stability, (int, float))):
+        raise _load_error(path, "meta.stability", f"expected a number or null, got "
+                                                  f"{stability!r}")
     return FitResult(F=F, loadings=loadings, view_names=names, history=history,
-                     n_iter=meta["n_iter"], converged=meta["converged"],
-                     relative_errors=meta["relative_errors"], config=meta["config"],
-                     objective=meta["objective"], stability=meta["stability"])
+                     n_iter=n_iter, converged=meta["converged"], relative_errors=errors,
+                     config=config, objective=float(objective), stability=stability)
 
 
-def _result(state, names, config_dict):
+def _float32_if_representable(F):
+    """float32, or float64 where the data's own scale (e.g. 1e40) is beyond float32."""
+    return F.astype(np.float32) if np.max(F, initial=0.0) < _FLOAT32_MAX else F
+
+
+def _result(state, names, config_dict, problem, final):
+    """Host :class:`FitResult` of one state, mapped back to the caller's scale.
+
+    ``problem`` holds the internal rescaling (``F = scale * F'``, objective ``= norm *``
+    internal objective); ``final`` the residual-based internal objective and relative
+    errors of this state.
+    """
     # One transfer for the whole state, not one blocking read per field.
-    state = jax.device_get(state)
+    state, final = jax.device_get((state, final))
     n_iter = int(state.iteration)
-    objective = np.asarray(state.objective_history, np.float64)[:n_iter]
-    rel = np.asarray(state.rel_error_history, np.float64)[:, :n_iter]
+    objective = np.asarray(state.objective_history, np.float64)[:n_iter] * problem.norm
+    rel = np.asarray(state.rel_error_history, np.float64)[:, :n_iter].copy()
+    value = float(final[0]) * problem.norm
+    final_rel = np.asarray(final[1], np.float64)
+    if n_iter:
+        objective[-1] = value
+        rel[:, -1] = final_rel
+    F = np.asarray(state.F, np.float64) * problem.scale
     return FitResult(
-        F=np.asarray(state.F, np.float32),
+        F=_float32_if_representable(F),
         loadings={name: np.asarray(W, np.float32) for name, W in zip(names, state.loadings)},
         view_names=names,
         history={"objective": objective,
                  "rel_error": {name: rel[i] for i, name in enumerate(names)}},
         n_iter=n_iter,
-        converged=bool(state.converged),
-        relative_errors={name: float(rel[i, -1]) for i, name in enumerate(names)},
+        converged=bool(state.converged) and not bool(state.failed),
+        relative_errors={name: float(final_rel[i]) for i, name in enumerate(names)},
         config=config_dict,
-        objective=float(objective[-1]),
+        objective=value,
     )
 
 
@@ -442,13 +703,17 @@ def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts,
 
 def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsvda",
         weights=None, unit_columns=False, l1_F=0.0, l2_F=0.0, l2_W=0.0, groups=None,
-        group_lam=0.0, restarts=1, negative="raise", dtype="float32", storage_dtype=None,
-        progress=True):
+        group_lam=0.0, group_lam_fraction=None, restarts=1, negative="raise",
+        dtype="float32", storage_dtype=None, progress=True):
     """Coupled NMF of views sharing their columns: ``X_v ~ W_v F`` for every view ``v``.
 
     Minimises ``sum_v w_v ||X_v - W_v F||^2 + l1_F |F|_1 + l2_F ||F||^2
     + l2_W sum_v ||W_v||^2 + group_lam sum_k sum_g ||F[k, group g]||_2`` over
-    non-negative factors.
+    non-negative factors (with ``unit_columns=True``: subject to unit stacked loading
+    columns). Internally the views are divided by their largest entry and the objective
+    by ``sum_v w_v ||X_v||^2`` (weights and penalties follow, so the minimiser is the
+    same); results are mapped back, so a fit of ``c * X`` is ``c`` times the fit of ``X``
+    and no data scale overflows, underflows or lets ``eps`` dominate.
 
     Args:
         views: dict name -> ``(rows_v, N)`` non-negative array (pixel channels, layer
@@ -456,7 +721,8 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         rank: number of concepts, ``1 <= rank <= min(N, total rows)``.
         method: ``"mu"`` (the paper's multiplicative updates) or ``"hals"`` (faster).
         max_iter: most iterations; reaching it warns with :class:`ConvergenceWarning`.
-        tol: stop when the objective changes by less than ``tol`` relative.
+        tol: stop when the KKT violation (projected-gradient norm of both blocks) falls
+            to ``tol`` times its value at the first step; rounding cannot meet it early.
         seed: seed of the initialisation; restart ``i`` uses ``seed + i``.
         init: ``"nndsvda"``, ``"nndsvd"``, ``"random"`` or
             ``{"F": (rank, N), "loadings": {name: (rows_v, rank)}}``.
@@ -467,12 +733,22 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
             fit are unchanged; the authors' code discards the scale, which changes the fit.
             With several views one scale per concept cannot make every view's columns
             unit at once without changing some ``W_v F``, hence the stacked norm. With
-            ``l1_F``/``l2_F``/``l2_W`` the rescaling can raise those penalty terms.
+            ``l1_F``/``l2_F``/``group_lam`` the objective is minimised subject to unit
+            stacked columns (the ``F`` penalties act on the normalised ``F``): the loading
+            step is a projected step onto columns of norm <= 1, then live columns are
+            scaled up to 1, and the objective decreases monotonically to a stationary
+            point; ``l2_W`` is then the constant ``l2_W * rank`` and has no effect.
         l1_F, l2_F, l2_W: penalties (>= 0).
         groups: ``(N,)`` int group ids (e.g. class labels) for the group lasso.
-        group_lam: group-lasso weight (> 0 needs ``groups``); ``F`` is then updated by
-            monotone FISTA. Combine it with ``unit_columns=True`` (or ``l2_W``): otherwise
+        group_lam: absolute group-lasso weight (> 0 needs ``groups``); ``F`` is then
+            updated by monotone FISTA. Combine it with ``unit_columns=True`` (or ``l2_W``): otherwise
             the loadings can grow to let ``F`` shrink without zeroing any group.
+        group_lam_fraction: the group penalty as a fraction in ``(0, 1]`` of
+            :func:`lambda_max` at the starting loadings scaled to unit stacked columns
+            (the smallest penalty that makes ``F = 0`` optimal there), as glmnet's and
+            scikit-learn's ``alpha_max``; fractions of 0.01-0.3 are the useful range on
+            any data scale. Give it or ``group_lam``, not both. The config records
+            ``group_lam`` (absolute), ``group_lam_fraction`` and ``group_lam_max``.
         restarts: number of initialisations run in one vmapped call; restart ``i`` starts
             from seed ``seed + i``. With ``init="nndsvd(a)"`` or user arrays restart 0 uses
             them and the others start at random (so they genuinely differ). The lowest
@@ -489,12 +765,124 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         :class:`FitResult`.
 
     Raises:
-        ValueError / TypeError: invalid views or parameters (the message names which).
+        ValueError / TypeError: invalid views or parameters (the message names which);
+            views whose scales cannot share one float32 problem; every concept zero at
+            the end (e.g. too large a group penalty: the message suggests a smaller
+            ``group_lam_fraction``).
+        FloatingPointError: a non-finite value appeared in the loop (it stops at once).
+
+    Warns:
+        ConvergenceWarning: ``max_iter`` reached.
+        DeadConceptWarning: some (not all) concepts are zero at the end.
 
     Example:
         >>> res = fit({"red": D, "conv": A}, rank=10, method="hals")  # doctest: +SKIP
         >>> res.F.shape, res.loadings["conv"].shape, res.relative_errors["red"]
     """
+    best = _fit(views, rank, method=method, max_iter=max_iter, tol=tol, seed=seed,
+                init=init, weights=weights, unit_columns=unit_columns, l1_F=l1_F,
+                l2_F=l2_F, l2_W=l2_W, groups=groups, group_lam=group_lam,
+                group_lam_fraction=group_lam_fraction, restarts=restarts,
+                negative=negative, dtype=dtype, storage_dtype=storage_dtype,
+                progress=progress)
+    _check_live(best, stacklevel=3)
+    if not best.converged:
+        warnings.warn(f"jaxcnmf.fit stopped at max_iter={best.config['max_iter']} before "
+                      f"the KKT violation fell to tol={best.config['tol']} of its start; "
+                      f"increase max_iter or tol", ConvergenceWarning, stacklevel=2)
+    return best
+
+
+class _Problem(NamedTuple):
+    """Internal rescaling: ``X = scale * X'``, ``F = scale * F'``, objective ``= norm * J'``."""
+
+    scale: float
+    norm: float
+
+
+def _live_mask(res):
+    """``(rank,)`` bool: concepts whose weighted term ``||W_k|| ||F_k||`` is not negligible."""
+    strength = concept_scale(res.loadings, res.config["weights"]) \
+        * np.linalg.norm(np.asarray(res.F, np.float64), axis=1)
+    total = np.sqrt(res.config.get("weighted_data_sq_norm", 0.0))
+    return strength > _DEAD_SHARE * total if total > 0 else np.ones_like(strength, bool)
+
+
+def _check_live(res, stacklevel):
+    live = _live_mask(res)
+    if live.all():
+        return
+    rank = live.size
+    if res.config.get("group_lam", 0.0) > 0:
+        hint = (f"the group penalty (group_lam={res.config['group_lam']:.4g}, "
+                f"group_lam_fraction={res.config.get('group_lam_fraction')}) is too large "
+                f"for these data; use a smaller group_lam_fraction (see group_path)")
+    else:
+        hint = "check the data and the starting point"
+    if not live.any():
+        raise ValueError(f"jaxcnmf.fit: every one of the {rank} concepts is zero at the "
+                         f"end, so the fit explains nothing of the (non-zero) data: {hint}")
+    dead = [int(k) for k in np.flatnonzero(~live)]
+    warnings.warn(f"jaxcnmf.fit: {len(dead)} of {rank} concepts are zero at the end "
+                  f"(concepts {dead}): {hint}", DeadConceptWarning, stacklevel=stacklevel)
+
+
+def _internal_problem(names, arrays, view_weights, dtype):
+    """The rescaling that makes the problem O(1), checked to fit the compute dtype."""
+    stats = [_max_and_sq_norm(X) for X in arrays]
+    scale = max(top for top, _ in stats)
+    if scale <= 0:
+        return _Problem(1.0, 1.0), tuple(view_weights), 0.0
+    smallest = _SMALLEST_VIEW_RATIO[dtype]
+    largest_name = names[int(np.argmax([top for top, _ in stats]))]
+    for name, (top, _) in zip(names, stats):
+        if 0 < top < smallest * scale:
+            raise ValueError(
+                f"view {name!r}: its largest entry {top:.3g} is {top / scale:.3g} times the "
+                f"largest entry of view {largest_name!r} ({scale:.3g}); expected views within "
+                f"a factor {1 / smallest:.0e} of each other in {dtype} (their squares would "
+                f"underflow): rescale the view and its weight, or use dtype='float64'")
+    data_norm2 = sum(w * sq * top * top for w, (top, sq) in zip(view_weights, stats))
+    norm = data_norm2
+    internal = tuple(w * scale * scale / norm for w in view_weights)
+    largest = _LARGEST_INTERNAL[dtype]
+    ratio = max(internal) / min(internal)
+    if ratio > largest:
+        raise ValueError(f"weights: the weighted views span a factor {ratio:.3g}; expected "
+                         f"at most {largest:.0e} in {dtype}, got weights "
+                         f"{dict(zip(names, view_weights))}")
+    return _Problem(scale, norm), internal, data_norm2
+
+
+def _internal_config(config, problem, internal_weights, dtype):
+    """Weights and penalties of the rescaled problem (see :class:`_Problem`)."""
+    s, z = problem.scale, problem.norm
+    values = {"l1_F": config.l1_F * s / z, "l2_F": config.l2_F * s * s / z,
+              "l2_W": config.l2_W / z, "group_lam": config.group_lam * s / z}
+    largest = _LARGEST_INTERNAL[dtype]
+    for label, value in values.items():
+        if not np.isfinite(value) or value > largest:
+            raise ValueError(f"{label}: {getattr(config, label):.4g} is out of range for "
+                             f"data of scale {s:.3g} in {dtype}; expected a penalty whose "
+                             f"rescaled value {value:.3g} is below {largest:.0e}")
+    return config._replace(weights=tuple(internal_weights), **values)
+
+
+def _group_lam_max_internal(jviews, loadings, groups, n_groups, config):
+    """:func:`lambda_max` of the rescaled problem at the given loadings (unit columns)."""
+    norms = jnp.sqrt(sum(jnp.sum(W * W, axis=0) for W in loadings))
+    loadings = tuple(W / jnp.where(norms > 0, norms, 1.0) for W in loadings)
+    B, _ = core.f_grams(jviews, loadings, config)
+    positive = jnp.maximum(2.0 * B - config.l1_F, 0.0)
+    block = jnp.sqrt(jax.ops.segment_sum((positive * positive).T, groups,
+                                         num_segments=n_groups).T)
+    return float(jnp.max(block))
+
+
+def _fit(views, rank, *, method, max_iter, tol, seed, init, weights, unit_columns, l1_F,
+         l2_F, l2_W, groups, group_lam, group_lam_fraction, restarts, negative, dtype,
+         storage_dtype, progress):
+    """:func:`fit` without the final warnings and dead-concept checks (for paths)."""
     _check_choice("negative", negative, _NEGATIVE_MODES)
     names, arrays = _check_views(views, negative)
     n = arrays[0].shape[1]
@@ -513,46 +901,90 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     l1_F, l2_F, l2_W = (_check_number(label, value) for label, value in
                         (("l1_F", l1_F), ("l2_F", l2_F), ("l2_W", l2_W)))
     group_lam = _check_number("group_lam", group_lam)
+    if group_lam_fraction is not None:
+        fraction = _check_number("group_lam_fraction", group_lam_fraction)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"group_lam_fraction: expected a number in (0, 1], got "
+                             f"{group_lam_fraction!r}")
+        if group_lam > 0:
+            raise ValueError(f"group_lam_fraction: expected either group_lam or "
+                             f"group_lam_fraction, got both (group_lam={group_lam})")
+        group_lam_fraction = fraction
     view_weights = _view_weights(weights, names, arrays)
-    groups, n_groups = _check_groups(groups, n, group_lam)
+    wants_groups = group_lam if group_lam_fraction is None else group_lam_fraction
+    groups, n_groups = _check_groups(groups, n, wants_groups)
     storage = _check_dtypes(dtype, storage_dtype)
+    problem, internal_weights, data_norm2 = _internal_problem(names, arrays, view_weights,
+                                                              dtype)
 
     config = core.SolverConfig(
         method=method, rank=rank, weights=view_weights, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
         unit_columns=bool(unit_columns), group_lam=group_lam, n_groups=n_groups,
         max_iter=max_iter, tol=tol, dtype=dtype)
-    config_dict = {
-        "method": method, "rank": rank, "seed": seed,
-        "init": init if isinstance(init, str) else "user",
-        "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
-        "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": group_lam,
-        "n_groups": n_groups if groups is not None else 0, "max_iter": max_iter, "tol": tol,
-        "restarts": restarts, "negative": negative, "dtype": dtype,
-        "storage_dtype": storage, "eps": config.eps, "inner_iter": config.inner_iter,
-    }
-    jviews = tuple(jnp.asarray(X, storage) for X in arrays)
+    config = _internal_config(config, problem, internal_weights, dtype)
+    jviews = tuple(_scaled(X, problem.scale, storage) for X in arrays)
     jgroups = None if groups is None else jnp.asarray(groups)
+    if isinstance(init, dict) and "F" in init:
+        # The caller's F is on the data's scale; the solver's is on the rescaled one.
+        init = {**init, "F": np.asarray(init["F"], np.float64) / problem.scale}
 
     if progress:
         print(f"jaxcnmf: fitting {len(names)} views, N={n}, rank {rank}, method {method}, "
               f"{restarts} restart(s), max_iter {max_iter} (compiling, then one run)",
               file=sys.stderr, flush=True)
     start = time.perf_counter()
-    F0, loadings0 = _initial_factors(init, names, arrays, jviews, rank, view_weights, seed,
-                                     restarts, dtype)
+    F0, loadings0 = _initial_factors(init, names, arrays, jviews, rank, internal_weights,
+                                     seed, restarts, dtype)
+    lam_max = None
+    if group_lam_fraction is not None:
+        lam_max_internal = _group_lam_max_internal(
+            jviews, tuple(W[0] for W in loadings0), jgroups, n_groups, config)
+        config = config._replace(group_lam=group_lam_fraction * lam_max_internal)
+        lam_max = lam_max_internal * problem.norm / problem.scale
+        group_lam = group_lam_fraction * lam_max
+    config_dict = {
+        "method": method, "rank": rank, "seed": seed,
+        "init": init if isinstance(init, str) else "user",
+        "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
+        "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": group_lam,
+        "group_lam_fraction": group_lam_fraction, "group_lam_max": lam_max,
+        "n_groups": n_groups if groups is not None else 0, "max_iter": max_iter, "tol": tol,
+        "restarts": restarts, "negative": negative, "dtype": dtype,
+        "storage_dtype": storage, "eps": config.eps, "inner_iter": config.inner_iter,
+        "weighted_data_sq_norm": data_norm2,
+    }
     if restarts == 1:
-        state = _solve(jviews, F0[0], tuple(W[0] for W in loadings0), jgroups, config=config)
-        results = [_result(state, names, config_dict)]
+        states = jax.tree_util.tree_map(
+            lambda a: a[None], _solve(jviews, F0[0], tuple(W[0] for W in loadings0),
+                                      jgroups, config=config))
     else:
         states = _solve_restarts(jviews, F0, loadings0, jgroups, config)
-        states = jax.device_get(states)
-        results = [_result(jax.tree_util.tree_map(lambda a, i=i: a[i], states), names,
-                           {**config_dict, "seed": seed + i}) for i in range(restarts)]
-    objectives = np.array([r.objective if np.isfinite(r.objective) else np.inf
-                           for r in results])
+    finals = _final_restarts(jviews, states.F, states.loadings, jgroups, config)
+    states, finals = jax.device_get((states, finals))
+    results, failures = [], []
+    for i in range(restarts):
+        state = jax.tree_util.tree_map(lambda a, i=i: a[i], states)
+        final = jax.tree_util.tree_map(lambda a, i=i: a[i], finals)
+        if bool(state.failed) or not np.isfinite(final[0]):
+            failures.append((i, int(state.iteration)))
+        results.append(_result(state, names, {**config_dict, "seed": seed + i}, problem,
+                               final))
+    if len(failures) == restarts:
+        i, step = failures[0]
+        raise FloatingPointError(
+            f"jaxcnmf.fit: the solver produced NaN or Inf at iteration {step} (restart {i}) "
+            f"and stopped; the inputs were finite and rescaled by {problem.scale:.3g} "
+            f"(objective by {problem.norm:.3g}), so a step overflowed: internal weights "
+            f"{dict(zip(names, config.weights))}, l1_F {config.l1_F:.3g}, l2_F "
+            f"{config.l2_F:.3g}, l2_W {config.l2_W:.3g}, group_lam {config.group_lam:.3g}")
+    objectives = np.array([np.inf if (i in {f for f, _ in failures})
+                           or not np.isfinite(r.objective) else r.objective
+                           for i, r in enumerate(results)])
     best_index = int(np.argmin(objectives))
     best = results[best_index]
-    if restarts > 1:
+    if restarts == 1:
+        best = dataclasses.replace(best, config=config_dict)
+    else:
         others = [r for r in results if r is not best]
         best = dataclasses.replace(
             best, config={**config_dict, "best_restart": best_index}, restarts=results,
@@ -564,8 +996,138 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         status = "converged" if best.converged else "max_iter reached"
         print(f"jaxcnmf: done in {elapsed:.1f} s, {best.n_iter} iterations ({status}), "
               f"rel. errors {errors}", file=sys.stderr, flush=True)
-    if not best.converged:
-        warnings.warn(f"jaxcnmf.fit stopped at max_iter={max_iter} before the relative "
-                      f"objective change fell below tol={tol}; increase max_iter or tol",
-                      ConvergenceWarning, stacklevel=2)
     return best
+
+
+def lambda_max(views, loadings, groups, *, weights=None, l1_F=0.0):
+    """The smallest group penalty that makes ``F = 0`` optimal for the given loadings.
+
+    With the loadings fixed (scaled to unit stacked columns, the scale at which
+    ``unit_columns=True`` pins the penalty), ``F = 0`` minimises the ``F`` sub-problem iff
+    ``group_lam >= max_{k, g} ||max(2 B[k, group g] - l1_F, 0)||_2`` with
+    ``B = sum_v w_v W_v^T X_v``: the non-negative group soft-threshold of the negative
+    gradient at ``F = 0``.
+
+    Args:
+        views: dict name -> ``(rows_v, N)`` non-negative array.
+        loadings: dict name -> ``(rows_v, rank)`` non-negative loadings (same names).
+        groups: ``(N,)`` int group ids.
+        weights: as in :func:`fit`.
+        l1_F: the L1 penalty of the fit.
+
+    Returns:
+        float, on the scale of the given data.
+
+    Example:
+        >>> lam = lambda_max(views, res.loadings, labels)  # doctest: +SKIP
+    """
+    names, arrays = _check_views(views, "raise")
+    if not isinstance(loadings, dict) or sorted(loadings) != sorted(names):
+        got = sorted(loadings) if isinstance(loadings, dict) else type(loadings).__name__
+        raise ValueError(f"loadings: expected a dict with the views' names {list(names)}, "
+                         f"got {got}")
+    n = arrays[0].shape[1]
+    groups, n_groups = _check_groups(groups, n, 1.0)
+    view_weights = _view_weights(weights, names, arrays)
+    l1_F = _check_number("l1_F", l1_F)
+    B = 0.0
+    norms = np.sqrt(sum(np.sum(np.asarray(loadings[name], np.float64) ** 2, axis=0)
+                        for name in names))
+    norms = np.where(norms > 0, norms, 1.0)
+    for w, name, X in zip(view_weights, names, arrays):
+        W = np.asarray(loadings[name], np.float64) / norms
+        B = B + w * (W.T @ np.asarray(X, np.float64))
+    positive = np.maximum(2.0 * B - l1_F, 0.0)
+    sums = np.zeros((positive.shape[0], n_groups))
+    np.add.at(sums.T, groups, (positive ** 2).T)
+    return float(np.sqrt(sums.max()))
+
+
+@dataclasses.dataclass
+class PathStep:
+    """One fit of :func:`group_path`.
+
+    Attributes:
+        fraction: the ``group_lam_fraction`` of this step.
+        group_lam: the absolute penalty used.
+        live_concepts: concepts that are not zero.
+        zero_groups: ``(concept, group)`` blocks of ``F`` that are exactly zero.
+        objective: final objective.
+        relative_errors: dict view -> relative error.
+        result: the :class:`FitResult`.
+    """
+
+    fraction: float
+    group_lam: float
+    live_concepts: int
+    zero_groups: int
+    objective: float
+    relative_errors: dict
+    result: FitResult
+
+
+def group_path(views, rank, groups, fractions=(0.003, 0.01, 0.03, 0.1, 0.3), **options):
+    """Fits along a path of group penalties, each warm-started from the previous one.
+
+    Fractions are of one :func:`lambda_max`, that of the first fit's starting loadings,
+    so the steps are comparable; they run from small to large (a concept zeroed by a
+    penalty stays zero under a larger one), and the path stops after the first fraction
+    at which every concept is zero. Read ``live_concepts`` and ``zero_groups`` (and your
+    own purity or fidelity of ``result``) to pick a fraction.
+
+    Args:
+        views: as in :func:`fit`.
+        rank: number of concepts.
+        groups: ``(N,)`` int group ids.
+        fractions: increasing fractions in ``(0, 1]``.
+        **options: any other :func:`fit` keyword (``unit_columns=True`` is the default
+            here, since it pins the scale the penalty acts on).
+
+    Returns:
+        list of :class:`PathStep`.
+
+    Example:
+        >>> for s in group_path(views, 10, labels):  # doctest: +SKIP
+        ...     print(s.fraction, s.live_concepts, s.zero_groups, s.relative_errors)
+    """
+    fractions = [_check_number("fractions", f) for f in fractions]
+    increasing = all(b > a for a, b in itertools.pairwise(fractions))
+    if not fractions or any(not 0 < f <= 1 for f in fractions) or not increasing:
+        raise ValueError(f"fractions: expected increasing numbers in (0, 1], got "
+                         f"{list(fractions)}")
+    for key in ("group_lam", "group_lam_fraction", "groups"):
+        if key in options:
+            raise ValueError(f"{key}: set by group_path, expected it not among the options")
+    options = {"unit_columns": True, "progress": False, **options}
+    steps, previous, lam_max_value = [], None, None
+    for fraction in fractions:
+        if previous is None:
+            res = _fit_quietly(views, rank, groups=groups, group_lam_fraction=fraction,
+                               **options)
+            lam_max_value = res.config["group_lam_max"]
+        else:
+            warm = {**options, "init": {"F": previous.F, "loadings": previous.loadings},
+                    "restarts": 1}
+            res = _fit_quietly(views, rank, groups=groups,
+                               group_lam=fraction * lam_max_value, **warm)
+            res.config.update(group_lam_fraction=fraction, group_lam_max=lam_max_value)
+        live = int(_live_mask(res).sum())
+        ids = np.asarray(groups)
+        zero = sum(int(np.all(res.F[k, ids == g] == 0)) for k in range(res.F.shape[0])
+                   for g in np.unique(ids))
+        steps.append(PathStep(fraction, float(res.config["group_lam"]), live, zero,
+                              res.objective, dict(res.relative_errors), res))
+        if live == 0:
+            break
+        previous = res
+    return steps
+
+
+def _fit_quietly(views, rank, **options):
+    # fit's keyword defaults, so that a path step takes exactly the options fit does.
+    defaults = {name: p.default for name, p in inspect.signature(fit).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"group_path: unknown fit option(s) {unknown}")
+    return _fit(views, rank, **{**defaults, **options})

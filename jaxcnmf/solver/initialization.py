@@ -175,7 +175,8 @@ def user(init, view_names, shapes, rank, dtype="float32"):
         ``(F, loadings)`` as JAX arrays.
 
     Raises:
-        ValueError: a key is missing, a shape is wrong, or an entry is negative or not finite.
+        ValueError: a key is missing, a shape is wrong, an entry is negative or not finite,
+            or ``F`` or all loadings are zero.
 
     Example:
         >>> F, L = user({"F": F0, "loadings": {"a": W0}}, ("a",), [(5, 8)], 2)  # doctest: +SKIP
@@ -211,5 +212,13 @@ def user(init, view_names, shapes, rank, dtype="float32"):
         if np.any(array < 0):
             raise ValueError(f"{label}: expected non-negative entries, got minimum "
                              f"{array.min():.4g}")
+    # Every update multiplies by the current factors (MU) or starts from their products
+    # (HALS's first F step sees W^T X = 0): an all-zero start can only stay zero.
+    labels = list(arrays)
+    if not np.any(arrays[labels[0]][0]):
+        raise ValueError("init['F']: expected a non-zero starting point, got all zeros")
+    if not any(np.any(arrays[label][0]) for label in labels[1:]):
+        raise ValueError("init['loadings']: expected a non-zero starting point, got all "
+                         "zeros in every view")
     values = [jnp.asarray(a, dtype) for a, _ in arrays.values()]
     return values[0], tuple(values[1:])

@@ -138,3 +138,26 @@ def test_cluster_purity_scores_hard_assignments_and_skips_unassigned_images():
     F = np.array([[5.0, 4.0, 0.1, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0, 3.0, 1.0]])
     assert cluster_purity(strongest_concept(F), labels) == pytest.approx(
         (1.0 + 0.5) / 2)
+
+
+def test_scaled_F_gives_the_same_assignment_for_every_scale_split():
+    from jaxcnmf.concepts.labels import scaled_F
+
+    rng = np.random.default_rng(0)
+    F = rng.random((4, 60))
+    loadings = {"a": rng.random((10, 4)), "b": rng.random((6, 4))}
+    weights = {"a": 0.5, "b": 2.0}
+    labels = rng.integers(0, 3, 60)
+    D = np.array([1e-3, 5.0, 0.2, 40.0])
+    split = {name: W * D for name, W in loadings.items()}
+    F_split = F / D[:, None]
+    # The raw argmax changes with the split; the scaled one must not.
+    assert not np.array_equal(strongest_concept(F), strongest_concept(F_split))
+    a, b = scaled_F(F, loadings, weights), scaled_F(F_split, split, weights)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    np.testing.assert_array_equal(strongest_concept(a), strongest_concept(b))
+    assert purity(a, labels) == pytest.approx(purity(b, labels))
+    norms = np.sqrt(0.5 * np.sum(loadings["a"] ** 2, 0) + 2.0 * np.sum(loadings["b"] ** 2, 0))
+    np.testing.assert_allclose(a, norms[:, None] * F)
+    with pytest.raises(ValueError, match=r"loadings: expected 4 columns \(the rank of F\), got 3"):
+        scaled_F(F, {"a": loadings["a"][:, :3]})

@@ -263,3 +263,92 @@ def test_bad_input_raises_a_message_naming_it(views, kwargs, message):
 def test_non_numeric_view_is_a_type_error():
     with pytest.raises(TypeError, match="view 'red': expected real numbers, got dtype"):
         jaxcnmf.fit({"red": np.full((4, 5), "a")}, 1, progress=False)
+
+
+# ------------------------------------------------------- group penalty on a usable scale
+
+
+def _grouped():
+    views, F = _planted(noise=0.05)
+    return views, np.arange(N) % 4
+
+
+def test_lambda_max_is_the_smallest_penalty_that_zeroes_every_group():
+    views, groups = _grouped()
+    rng = np.random.default_rng(0)
+    loadings = {name: rng.random((X.shape[0], RANK)) for name, X in views.items()}
+    lam = jaxcnmf.solver.fit.lambda_max(views, loadings, groups)
+    # Prox-gradient from F = 0 with the loadings fixed (unit stacked columns).
+    norms = np.sqrt(sum(np.sum(W ** 2, 0) for W in loadings.values()))
+    B = sum((W / norms).T @ views[name].astype(np.float64) for name, W in loadings.items())
+    for factor, stays_zero in ((1.001, True), (0.95, False)):
+        V = np.maximum(2 * B, 0)  # minus the gradient at F = 0
+        block = [np.linalg.norm(V[:, groups == g], axis=1) for g in range(4)]
+        assert (np.max(block) <= factor * lam) == stays_zero
+
+
+def test_group_fraction_of_one_zeroes_everything_and_says_so():
+    views, groups = _grouped()
+    with pytest.raises(ValueError, match=r"every one of the 3 concepts is zero at the end.*"
+                                         r"use a smaller group_lam_fraction"):
+        _fit(views, method="hals", unit_columns=True, groups=groups, group_lam_fraction=1.0,
+             max_iter=50)
+    with pytest.raises(ValueError, match=r"group_lam_fraction: expected a number in \(0, 1\]"):
+        _fit(views, groups=groups, group_lam_fraction=1.5)
+    with pytest.raises(ValueError, match="expected either group_lam or group_lam_fraction"):
+        _fit(views, groups=groups, group_lam=1.0, group_lam_fraction=0.1)
+
+
+def test_group_fraction_is_scale_free_and_recorded():
+    views, groups = _grouped()
+    a = _fit(views, method="hals", unit_columns=True, groups=groups, group_lam_fraction=0.1,
+             max_iter=60)
+    b = _fit({k: v * np.float32(1e6) for k, v in views.items()}, method="hals",
+             unit_columns=True, groups=groups, group_lam_fraction=0.1, max_iter=60)
+    assert a.config["group_lam"] == pytest.approx(0.1 * a.config["group_lam_max"])
+    assert b.config["group_lam_max"] == pytest.approx(1e6 * a.config["group_lam_max"], rel=1e-3)
+    # Same penalty relative to the data: the same fit up to rounding-driven drift of an
+    # unconverged 60-step FISTA run (an absolute group_lam would zero everything at 1e6).
+    np.testing.assert_allclose(b.F / 1e6, a.F, rtol=2e-2, atol=2e-3 * a.F.max())
+    for name in views:
+        assert b.relative_errors[name] == pytest.approx(a.relative_errors[name], rel=1e-2)
+
+
+def test_group_path_reports_each_step_and_warns_about_dead_concepts():
+    views, groups = _grouped()
+    steps = jaxcnmf.solver.fit.group_path(views, RANK, groups, fractions=(0.01, 0.3, 0.9),
+                                          method="hals", max_iter=60)
+    assert [s.fraction for s in steps][:2] == [0.01, 0.3]
+    lives = [s.live_concepts for s in steps]
+    assert lives[0] == RANK and lives == sorted(lives, reverse=True)
+    zeros = [s.zero_groups for s in steps]
+    assert zeros == sorted(zeros) and zeros[-1] > zeros[0]
+    assert all(set(s.relative_errors) == {"red", "conv"} for s in steps)
+    lam_max = steps[0].result.config["group_lam_max"]
+    for s in steps:
+        assert s.group_lam == pytest.approx(s.fraction * lam_max)
+
+
+def test_a_fit_with_dead_concepts_warns():
+    views, _ = _planted(noise=0.05)
+    rng = np.random.default_rng(0)
+    F0 = rng.random((RANK, N)) + 0.1
+    F0[2] = 0.0   # MU never moves an exact zero: concept 2 stays dead
+    init = {"F": F0, "loadings": {k: rng.random((v.shape[0], RANK)) + 0.1
+                                  for k, v in views.items()}}
+    with pytest.warns(jaxcnmf.solver.fit.DeadConceptWarning,
+                      match=r"1 of 3 concepts are zero at the end \(concepts \[2\]\)"):
+        _fit(views, method="mu", init=init, max_iter=20)
+
+
+def test_transform_defaults_to_exact_nnls(hals_fit):
+    from scipy.optimize import nnls
+
+    views, _, res = hals_fit
+    F_new = res.transform({"conv": views["conv"][:, :20]})
+    W = res.loadings["conv"].astype(np.float64)
+    reference = np.stack([nnls(W, views["conv"][:, j].astype(np.float64))[0]
+                          for j in range(20)], axis=1)
+    assert np.linalg.norm(F_new - reference) < 1e-3 * np.linalg.norm(reference)
+    iterative = res.transform({"conv": views["conv"][:, :20]}, method="fit")
+    assert iterative.shape == F_new.shape
