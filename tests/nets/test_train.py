@@ -207,7 +207,7 @@ def test_predict_pads_the_last_batch(straight, digits):
 
 
 def test_experiment_script_writes_checkpoint_and_summary(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "experiments"))
     sys.modules.pop("train", None)
     import train as script
 
