@@ -233,7 +233,10 @@ def test_experiment_script_writes_checkpoint_and_summary(tmp_path, monkeypatch):
     [
         (dict(epochs=0), "epochs: expected an integer >= 1, got 0"),
         (dict(epochs=1.5), "epochs: expected an integer >= 1"),
-        (dict(epochs=1, lr=0), "lr: expected a number > 0"),
+        (dict(epochs=1, lr=0), "lr: expected a finite number > 0, got 0"),
+        (dict(epochs=1, lr=float("inf")), "lr: expected a finite number > 0, got inf"),
+        (dict(epochs=1, lr=float("nan")), "lr: expected a finite number > 0, got nan"),
+        (dict(epochs=1, weight_decay=float("inf")), "weight_decay: expected a finite number >= 0"),
         (dict(epochs=1, schedule="linear"), "schedule: expected one of"),
         (dict(epochs=1, warmup=1.0), "warmup: expected a fraction"),
         (dict(epochs=1, momentum=1.0), "momentum: expected a number in"),
@@ -292,6 +295,13 @@ def test_corrupt_checkpoints_are_reported(straight, tmp_path):
     truncated = copy_checkpoint(ckpt, tmp_path / "truncated")
     state = truncated / "state.msgpack"
     state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="state.msgpack' does not match the state_sha256"):
+        train.load_checkpoint(truncated)
+    # A version-1 checkpoint has no checksum: msgpack itself finds the truncation.
+    meta = json.loads((truncated / "meta.json").read_text())
+    del meta["state_sha256"]
+    meta["version"] = 1
+    (truncated / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="state.msgpack' is corrupt or truncated"):
         train.load_checkpoint(truncated)
 
