@@ -1,16 +1,35 @@
-"""Hostile and unlucky inputs (issue 11): each case once failed silently; keep them fixed.
+"""Hostile and unlucky inputs (issue 11): each case once exhausted memory, crashed deep inside
+a library or passed silently; kept here so they stay fixed. Sections follow the parts of the
+library they exercise.
 
-Sections are owned by the parts of the library they exercise; add yours under a heading.
+Every memory-bomb case is a file of a few hundred bytes at most: the point of each test
+is that the declared size is refused before anything that large is allocated. The bombs
+also run in a child process under a 1 GiB address-space limit, where allocating what they
+declare would fail with MemoryError instead of the expected one-line ValueError.
 """
 
+import gzip
+import json
+import pickle
+import re
+import struct
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
 import warnings
+import zipfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import jaxcnmf
+from jaxcnmf.nets import data
 from jaxcnmf.solver import core
 from jaxcnmf.solver.fit import ConvergenceWarning
 
@@ -201,7 +220,6 @@ def test_load_result_refuses_wrong_shapes_and_non_finite(reference, tmp_path):
 
 
 def test_load_result_refuses_a_tampered_config(reference, tmp_path):
-    import json
 
     path = _saved(reference, tmp_path)
     with np.load(path) as data:
@@ -211,3 +229,245 @@ def test_load_result_refuses_a_tampered_config(reference, tmp_path):
     with pytest.raises(ValueError, match=r"field 'config.method': expected one of \['mu', "
                                          r"'hals'\], got 'als'"):
         jaxcnmf.load_result(path)
+
+
+# =========================================================================================
+# loaders and checkpoints
+# =========================================================================================
+
+CIFAR10_NAMES = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog",
+                                      "frog", "horse", "ship", "truck")]
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _binunicode(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _dict_pickle(key: str, value_ops: bytes) -> bytes:
+    """Protocol-2 pickle of ``{key: <value built by value_ops>}``, assembled by hand."""
+    return b"\x80\x02}" + _binunicode(key) + value_ops + b"s."
+
+
+# bytes(2_000_000_000): 2 GB from a 40-byte file.
+BYTES_BOMB = _global("builtins", "bytes") + b"J" + struct.pack("<i", 2_000_000_000) + b"\x85R"
+# numpy's _reconstruct(ndarray, (350000, 3072), b"B"): 1 GiB from a 100-byte file.
+RECONSTRUCT_BOMB = (
+    _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+    + b"J" + struct.pack("<i", 350_000) + b"M" + struct.pack("<H", 3072) + b"\x86"
+    + b"C\x01B" + b"\x87R"
+)
+# ndarray((350000, 3072)) called directly.
+NDARRAY_BOMB = (
+    _global("numpy", "ndarray")
+    + b"J" + struct.pack("<i", 350_000) + b"M" + struct.pack("<H", 3072) + b"\x86" + b"\x85R"
+)
+
+
+def _cifar10_folder(root: Path) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": CIFAR10_NAMES}, 2))
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, 2)
+    )
+    return folder
+
+
+def _load_test(folder):
+    return data.load("cifar10", source=folder, split="test", progress=False)
+
+
+BOMBS = {
+    "bytes": ("batches.meta", _dict_pickle("label_names", BYTES_BOMB),
+              r"refusing bytes\(\.\.\.\) with arguments"),
+    "reconstruct": ("test_batch", _dict_pickle("data", RECONSTRUCT_BOMB),
+                    r"refusing to reconstruct an array of shape \(350000, 3072\)"),
+    "ndarray": ("test_batch", _dict_pickle("data", NDARRAY_BOMB),
+                r"refusing numpy.ndarray\(\.\.\.\)"),
+}
+
+
+def test_tiny_cifar_pickles_declaring_gigabytes_are_refused_at_once(tmp_path):
+    # In a child under a 1 GiB address-space limit: allocating what a file declares fails
+    # there with MemoryError (a traceback) instead of the loader's one-line ValueError,
+    # and this test process never holds the memory whatever the loader does.
+    for name, (member, payload, _) in BOMBS.items():
+        assert len(payload) <= 128
+        folder = _cifar10_folder(tmp_path / name)
+        (folder / member).write_bytes(payload)
+    script = textwrap.dedent(f"""
+        import resource, sys, time
+        from jaxcnmf.nets import data
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        for name in {sorted(BOMBS)!r}:
+            start = time.perf_counter()
+            try:
+                data.load("cifar10", source=sys.argv[1] + "/" + name + "/cifar-10-batches-py",
+                          split="test", progress=False)
+            except ValueError as err:
+                print(name, f"{{time.perf_counter() - start:.3f}}", repr(str(err)))
+    """)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, cwd=root, env={"PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == sorted(BOMBS)
+    for line in lines:
+        name, seconds, message = line.split(" ", 2)
+        member, _, match = BOMBS[name]
+        assert float(seconds) < 1.0
+        assert len(message) < 400
+        assert re.search(rf"{member}: corrupt or truncated CIFAR pickle \({match}", message), message
+
+
+def test_python2_cifar_pickle_still_loads(tmp_path):
+    # The official files were written by Python 2: str payloads (SHORT_BINSTRING) and
+    # numpy.dtype('u1', 0, 1). Assembled by hand, two images of 3072 bytes each.
+    pixels = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    raw = pixels.tobytes()
+    array = (
+        _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+        + b"K\x00\x85" + b"U\x01b" + b"\x87R"
+        + b"(K\x01" + b"K\x02M\x00\x0c\x86"
+        + _global("numpy", "dtype") + b"U\x02u1K\x00K\x01\x87R"
+        + b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        + b"\x89T" + struct.pack("<i", len(raw)) + raw + b"tb"
+    )
+    batch = b"\x80\x02}(U\x04data" + array + b"U\x06labels]q\x00(K\x03K\x07eu."
+    folder = _cifar10_folder(tmp_path)
+    (folder / "test_batch").write_bytes(batch)
+    ds = _load_test(folder)
+    assert ds.labels.tolist() == [3, 7]
+    np.testing.assert_array_equal(ds.images[1].transpose(2, 0, 1).reshape(-1), pixels[1])
+
+
+def test_cifar_file_larger_than_the_format_is_not_read(tmp_path):
+    folder = _cifar10_folder(tmp_path)
+    with open(folder / "test_batch", "wb") as f:
+        f.truncate(40_000_000)  # sparse: no disk and no memory used
+    with pytest.raises(ValueError, match=r"test_batch'?: expected at most \d+ bytes for the official cifar10 test_batch, got 40000000"):
+        _load_test(folder)
+
+
+def test_archive_member_declaring_a_gigabyte_is_refused_before_inflating(tmp_path):
+    header = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+    header.size = 1 << 30
+    meta = pickle.dumps({b"label_names": CIFAR10_NAMES}, 2)
+    meta_info = tarfile.TarInfo("cifar-10-batches-py/batches.meta")
+    meta_info.size = len(meta)
+    stream = meta_info.tobuf() + meta + b"\0" * (-len(meta) % 512) + header.tobuf() + b"\0" * 512
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(gzip.compress(stream))
+    assert archive.stat().st_size < 1024
+    with pytest.raises(ValueError, match=r"member 'cifar-10-batches-py/test_batch': expected at most \d+ bytes for the official cifar10 test_batch, got 1073741824"):
+        _load_test(archive)
+
+
+@pytest.mark.parametrize(
+    "meta, match",
+    [
+        ({b"label_names": 5}, r"batches.meta: label_names: expected a list of names, got int 5"),
+        ({b"label_names": None}, r"batches.meta: label_names: expected a list of names, got NoneType None"),
+        ({b"label_names": "x" * 100_000}, r"label_names: expected a list of names, got str 'xxxx.*\(100000 str long\)"),
+        ({b"label_names": [b"a", None]}, r"label_names\[1\]: expected a name \(str\), got NoneType None"),
+        ({b"label_names": [b"\xff"]}, r"label_names\[0\]: expected UTF-8 text"),
+    ],
+)
+def test_wrong_typed_cifar_metadata_is_one_error_naming_the_field(tmp_path, meta, match):
+    folder = _cifar10_folder(tmp_path)
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, 2))
+    with pytest.raises(ValueError, match=match) as err:
+        _load_test(folder)
+    assert len(str(err.value)) < 400  # the 100 kB name is not formatted whole
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        ([0.5, 1.0], r"test_batch: labels\[0\]: expected an integer label, got float 0.5"),
+        (["3", "a"], r"test_batch: labels\[0\]: expected an integer label, got str '3'"),
+        ([True, 0], r"test_batch: labels\[0\]: expected an integer label, got bool True"),
+        (np.array([0.0, 1.0]), r"test_batch: labels: expected integer labels, got dtype float64"),
+        ("ab", r"test_batch: labels: expected a list of integer labels, got str 'ab'"),
+        ([0, 2**70], r"test_batch: labels\[1\]: expected a class id"),
+    ],
+)
+def test_cifar_labels_that_are_not_integers_are_refused(tmp_path, labels, match):
+    folder = _cifar10_folder(tmp_path)
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, 2)
+    )
+    with pytest.raises(ValueError, match=match):
+        _load_test(folder)
+
+
+def _npy(header_shape, descr="|u1", payload=b"\0" * 8) -> bytes:
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {header_shape}, }}"
+    header = header + " " * (-(len(header) + 11) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + payload
+
+
+def test_npz_header_claiming_279_gib_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("images.npy", _npy((100_000, 1_000, 1_000, 3)))
+        z.writestr("labels.npy", _npy((1,), "<i8", struct.pack("<q", 0)))
+    assert path.stat().st_size < 1024
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"bomb.npz'?: images: the header declares shape \(100000, 1000, 1000, 3\) of uint8 \(300000000000 bytes\), but the file holds 8 bytes"):
+        data.load(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_npz_member_stating_an_impossible_inflated_size_is_refused(tmp_path):
+    path = tmp_path / "forged.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("images.npy", _npy((2,)))
+    raw = bytearray(path.read_bytes())
+    # Rewrite the uncompressed size in the central directory to 1 TB.
+    central = raw.rindex(b"PK\x01\x02")
+    raw[central + 24:central + 28] = struct.pack("<I", 0xFFFFFFF0)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"forged.npz'?: images: the archive states 4294967280 bytes for \d+ compressed bytes"):
+        data.load(path)
+
+
+@pytest.mark.parametrize("key", ["labels", "coarse_labels"])
+def test_one_huge_class_id_is_refused_not_turned_into_millions_of_classes(tmp_path, key):
+    path = tmp_path / "big.npz"
+    arrays = dict(images=np.zeros((4, 2, 2, 1), np.uint8), labels=np.array([0, 1, 0, 1]))
+    arrays[key] = np.array([0, 1, 10**7, 1]) if key == "labels" else np.array([0, 10**7, 0, 10**7])
+    np.savez(path, **arrays)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"big.npz'?: {key}: class id {arrays[key].max()} would make {arrays[key].max() + 1} classes for 4 images; expected ids below 1000"):
+        data.load(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_npz_ids_within_bounds_still_number_classes(tmp_path):
+    path = tmp_path / "ok.npz"
+    np.savez(path, images=np.zeros((4, 2, 2, 1), np.uint8), labels=np.array([0, 999, 0, 999]))
+    assert data.load(path).num_classes == 1000
+
+
+def test_npz_string_labels_are_one_error(tmp_path):
+    path = tmp_path / "s.npz"
+    np.savez(path, images=np.zeros((2, 2, 2, 1), np.uint8), labels=np.array(["cat", "dog"]))
+    with pytest.raises(ValueError, match=r"s.npz'?: labels: expected integer class ids, got dtype <U3"):
+        data.load(path)
+
+
+@pytest.mark.parametrize("limit", [100, 200])  # an error (> 2x limit) and Pillow's warning band
+def test_decompression_bomb_image_names_the_file(tmp_path, monkeypatch, limit):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("L", (16, 16)).save(tmp_path / "imgs" / cls / "big.png")
+    with pytest.raises(ValueError, match=rf"a/big.png'?: image too large to decode safely, over Pillow's decompression-bomb limit of {limit} pixels"):
+        data.load(tmp_path / "imgs", progress=False)

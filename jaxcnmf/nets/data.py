@@ -42,7 +42,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
@@ -53,6 +53,7 @@ __all__ = [
     "balanced_subset",
     "channel_names",
     "load",
+    "same_channels",
     "select_classes",
     "to_float",
 ]
@@ -75,6 +76,7 @@ _CIFAR = {
         "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
         "test": ("test_batch",),
         "meta": "batches.meta",
+        "rows": {**{f"data_batch_{i}": 10000 for i in range(1, 6)}, "test_batch": 10000},
     },
     "cifar100": {
         "folder": "cifar-100-python",
@@ -82,6 +84,7 @@ _CIFAR = {
         "train": ("train",),
         "test": ("test",),
         "meta": "meta",
+        "rows": {"train": 50000, "test": 10000},
     },
 }
 
@@ -261,6 +264,37 @@ def channel_names(num_channels: int) -> tuple[str, ...]:
     if num_channels == 1:
         return ("gray",)
     raise ValueError(f"num_channels: expected 1 or 3, got {num_channels!r}")
+
+
+def same_channels(images) -> bool:
+    """Whether every pixel of every image has equal channels: gray pictures stored as RGB.
+
+    Such images make three identical pixel views, which would give the duplicated data
+    three times the weight of one gray view in a factorization.
+
+    Args:
+        images: (N, H, W, C) array, uint8 or float; C is 1 or 3.
+
+    Returns:
+        True when C is 1, or C is 3 and red == green == blue everywhere (exactly); False
+        otherwise, and for an empty array of 3 channels.
+
+    Example:
+        >>> gray = np.repeat(np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1), 3, axis=-1)
+        >>> same_channels(gray), same_channels(gray[..., ::-1] + np.array([0, 0, 1], np.uint8))
+        (True, False)
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"images: expected shape (N, H, W, C) with C in {{1, 3}}, got {images.shape}"
+        )
+    if images.shape[-1] == 1:
+        return True
+    if images.shape[0] == 0:
+        return False
+    first = images[..., 0]
+    return bool(np.array_equal(first, images[..., 1]) and np.array_equal(first, images[..., 2]))
 
 
 def to_float(images) -> np.ndarray:
@@ -507,12 +541,30 @@ def load(
 
 
 def _as_names(names, where: str) -> tuple[str, ...]:
-    if isinstance(names, (str, bytes)):
-        raise TypeError(f"{where}: expected a sequence of names, got a single string {names!r}")
-    out = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    if isinstance(names, np.ndarray) and names.ndim == 1:
+        names = names.tolist()
+    if not isinstance(names, (list, tuple)):
+        raise ValueError(
+            f"{where}: expected a list of names, got {type(names).__name__} {_short(names)}"
+        )
+    out = []
+    for i, n in enumerate(names):
+        if isinstance(n, bytes):
+            try:
+                n = n.decode()
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}[{i}]: expected UTF-8 text, got {_short(n)}") from None
+        elif isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+            n = str(n)
+        elif not isinstance(n, str):
+            raise ValueError(
+                f"{where}[{i}]: expected a name (str), got {type(n).__name__} {_short(n)}"
+            )
+        out.append(str(n))
+    out = tuple(out)
     if len(set(out)) != len(out):
         dupes = sorted({n for n in out if out.count(n) > 1})
-        raise ValueError(f"{where}: expected unique names, got duplicates {dupes}")
+        raise ValueError(f"{where}: expected unique names, got duplicates {_short(dupes)}")
     return out
 
 
@@ -522,6 +574,8 @@ def _as_labels(labels, where: str, n: int, num: int) -> np.ndarray:
         labels = labels.astype(np.int64)
     if labels.dtype.kind not in "iu":
         raise ValueError(f"{where}: expected an integer array, got dtype {labels.dtype}")
+    if labels.dtype == np.uint64 and labels.size and labels.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{where}: expected values in [0, {num}), got {labels.max()}")
     if labels.shape != (n,):
         raise ValueError(f"{where}: expected shape ({n},) to match images, got {labels.shape}")
     if n and (labels.min() < 0 or labels.max() >= num):
@@ -588,43 +642,170 @@ def _load_digits(test_fraction: float, seed: int) -> DatasetSplits:
 # ----------------------------------------------------------------------------- CIFAR
 
 
+# Declared sizes are checked against these before anything is read or allocated: a few
+# bytes of pickle can otherwise ask for gigabytes (``bytes(2**31)``, an array header of
+# shape (350000, 3072)) and a small .tar.gz can inflate to any size.
+_CIFAR_ROW = 3072
+# Bytes per image beyond its pixels: the official files spend about 32 on the label and
+# file name; the rest is headroom for other writers of the format.
+_ROW_EXTRA = 256
+_FILE_SLACK = 1 << 20
+_META_MAX_BYTES = 1 << 20
+# The official archives hold 5 (CIFAR-100) or 9 (CIFAR-10) members.
+_ARCHIVE_MAX_MEMBERS = 64
+
+
+def _member_limit(name: str, member: str) -> tuple[int, int]:
+    """(largest file size in bytes, largest number of images) of an official member."""
+    spec = _CIFAR[name]
+    if member == spec["meta"]:
+        return _META_MAX_BYTES, 0
+    rows = spec["rows"][member]
+    return rows * (_CIFAR_ROW + _ROW_EXTRA) + _FILE_SLACK, rows
+
+
+def _short(value, limit: int = 60) -> str:
+    """A repr of ``value`` for an error message, cut to ``limit`` characters.
+
+    Only a prefix of a long str/bytes/sequence is formatted, so a value of gigabytes costs
+    no more than a short one.
+    """
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {type(value).__name__} long)"
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        head = ", ".join(_short(v, 20) for v in value[:4])
+        return f"[{head}, ...] ({type(value).__name__} of {len(value)})"
+    if isinstance(value, np.ndarray) and value.size > 8:
+        return f"array of shape {value.shape} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """Plain text for an error message, cut to ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class _NdarrayType:
+    """Stands in for ``numpy.ndarray`` in a CIFAR pickle.
+
+    numpy pickles name the type only as the first argument of ``_reconstruct``; calling it
+    directly would allocate any shape the file declares.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("refusing numpy.ndarray(...): not how numpy pickles arrays")
+
+
+# Plain numbers only: object arrays would allocate one entry per declared element before
+# checking the data, and void dtypes take their size from the file.
+_PICKLE_DTYPE_KINDS = frozenset("biuf")
+
+
+def _safe_dtype(obj, align=False, copy=True):
+    dtype = np.dtype(obj, align=bool(align), copy=True)
+    if dtype.kind not in _PICKLE_DTYPE_KINDS or dtype.itemsize > 16:
+        raise pickle.UnpicklingError(f"refusing numpy dtype {_clip(str(dtype), 40)}: not a CIFAR array")
+    return dtype
+
+
+def _safe_reconstruct(subtype, shape, typecode):
+    # numpy's own pickles reconstruct an empty array and then fill it from the bytes in
+    # the file (``__setstate__`` checks the byte count), so nothing else is needed.
+    if subtype is not _NdarrayType or tuple(shape) != (0,):
+        raise pickle.UnpicklingError(
+            f"refusing to reconstruct an array of shape {_short(shape)}: numpy pickles "
+            "start from shape (0,)"
+        )
+    return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+
+
+def _safe_frombuffer(buffer, dtype, shape, order):
+    dtype = _safe_dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    if not isinstance(buffer, (bytes, bytearray)) or count * dtype.itemsize != len(buffer):
+        raise pickle.UnpicklingError(
+            f"refusing an array of shape {_short(shape)}: its data holds "
+            f"{len(buffer) if isinstance(buffer, (bytes, bytearray)) else '?'} bytes"
+        )
+    return np.frombuffer(buffer, dtype).reshape(shape, order=order).copy()
+
+
+def _safe_scalar(dtype, data=None):
+    dtype = _safe_dtype(dtype)
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError("refusing a numpy scalar whose bytes do not fit its dtype")
+    return np.frombuffer(data, dtype)[0]
+
+
+def _safe_bytes(*args):
+    # Python 3 pickles (protocol < 3) write b"" as bytes(); bytes(n) would allocate n.
+    if args:
+        raise pickle.UnpicklingError("refusing bytes(...) with arguments: not a CIFAR value")
+    return b""
+
+
+def _safe_encode(text, encoding="utf-8", errors="strict"):
+    # Protocol < 3 writes bytes as _codecs.encode(text, "latin1"): the text is in the file.
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refusing codecs.encode other than of text to latin1")
+    return text.encode("latin1")
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles the official CIFAR files (dicts, lists, numpy arrays) and nothing else.
 
     The official format is a pickle; refusing every other global keeps a tampered file from
-    running code on load.
+    running code on load, and the allowed ones are wrapped so that a declared size is
+    checked against the bytes actually in the file before anything is allocated.
     """
 
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),
-        ("__builtin__", "bytes"),
-        ("builtins", "bytes"),
-        ("codecs", "encode"),
+    _ALLOWED: ClassVar[dict] = {
+        ("numpy", "ndarray"): _NdarrayType,
+        ("numpy", "dtype"): _safe_dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+        ("numpy.core.multiarray", "scalar"): _safe_scalar,
+        ("numpy._core.multiarray", "scalar"): _safe_scalar,
+        ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
+        ("_codecs", "encode"): _safe_encode,
+        ("codecs", "encode"): _safe_encode,
+        ("__builtin__", "bytes"): _safe_bytes,
+        ("builtins", "bytes"): _safe_bytes,
     }
 
     def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a CIFAR array")
-        return super().find_class(module, name)
+        found = self._ALLOWED.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"refusing to load {_clip(module, 40)}.{_clip(name, 40)}: not a CIFAR array"
+            )
+        return found
 
 
 def _unpickle(raw: bytes, where: str) -> dict:
     try:
         obj = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, ImportError) as err:
-        raise ValueError(f"{where}: corrupt or truncated CIFAR pickle ({err})") from err
+            IndexError, KeyError, ImportError, MemoryError, OverflowError) as err:
+        raise ValueError(
+            f"{where}: corrupt or truncated CIFAR pickle ({_clip(str(err))})"
+        ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a pickled dict, got {type(obj).__name__}")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_cifar_file(file: Path, name: str, member: str) -> dict:
+    limit, _ = _member_limit(name, member)
+    size = file.stat().st_size
+    if size > limit:
+        raise ValueError(
+            f"{str(file)!r}: expected at most {limit} bytes for the official {name} "
+            f"{member}, got {size}"
+        )
+    return _unpickle(file.read_bytes(), str(file))
 
 
 def _cifar_name_of(path: Path) -> str | None:
@@ -688,9 +869,9 @@ def _read_cifar_python(name: str, path: Path, splits) -> DatasetSplits:
                 raise FileNotFoundError(
                     f"{str(file)!r}: missing file of the official {name} layout"
                 )
-            files[member] = _unpickle(file.read_bytes(), str(file))
+            files[member] = _read_cifar_file(file, name, member)
     else:
-        files = _read_cifar_archive(path, spec["folder"], wanted)
+        files = _read_cifar_archive(name, path, wanted)
 
     meta = files[spec["meta"]]
     where = f"{path}:{spec['meta']}"
@@ -713,11 +894,14 @@ def _read_cifar_python(name: str, path: Path, splits) -> DatasetSplits:
             fine_key = "labels" if name == "cifar10" else "fine_labels"
             for key in ("data", fine_key) + (() if name == "cifar10" else ("coarse_labels",)):
                 if key not in batch:
-                    raise ValueError(f"{where}: expected key {key!r}, got keys {sorted(batch)}")
-            images.append(_cifar_rows_to_nhwc(batch["data"], where))
-            labels.append(np.asarray(batch[fine_key], dtype=np.int64).reshape(-1))
+                    raise ValueError(
+                        f"{where}: expected key {key!r}, got keys {_short(sorted(map(str, batch)))}"
+                    )
+            _, rows = _member_limit(name, member)
+            images.append(_cifar_rows_to_nhwc(batch["data"], where, rows))
+            labels.append(_cifar_labels(batch[fine_key], f"{where}: {fine_key}", rows))
             if name == "cifar100":
-                coarse.append(np.asarray(batch["coarse_labels"], dtype=np.int64).reshape(-1))
+                coarse.append(_cifar_labels(batch["coarse_labels"], f"{where}: coarse_labels", rows))
         try:
             datasets[split] = Dataset(
                 images=np.concatenate(images),
@@ -733,18 +917,35 @@ def _read_cifar_python(name: str, path: Path, splits) -> DatasetSplits:
     return DatasetSplits(name=name, **datasets)
 
 
-def _read_cifar_archive(path: Path, folder: str, wanted: set[str]) -> dict:
-    """Unpickle the ``wanted`` members of an official .tar.gz in one pass, in memory."""
+def _read_cifar_archive(name: str, path: Path, wanted: set[str]) -> dict:
+    """Unpickle the ``wanted`` members of an official .tar.gz in one pass, in memory.
+
+    Each member's size comes from its tar header, so it is checked against the format
+    before a byte of it is decompressed.
+    """
+    folder = _CIFAR[name]["folder"]
     files = {}
     try:
         with tarfile.open(path, "r:*") as archive:
-            for member in archive:
+            for count, member in enumerate(archive, 1):
+                if count > _ARCHIVE_MAX_MEMBERS:
+                    raise ValueError(
+                        f"{str(path)!r}: expected the few members of the official archive, "
+                        f"got more than {_ARCHIVE_MAX_MEMBERS}"
+                    )
                 base = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and base in wanted and base not in files:
-                    raw = archive.extractfile(member).read()
-                    files[base] = _unpickle(raw, f"{path}:{member.name}")
-                    if len(files) == len(wanted):
-                        break
+                if not (member.isfile() and base in wanted and base not in files):
+                    continue
+                limit, _ = _member_limit(name, base)
+                if member.size > limit:
+                    raise ValueError(
+                        f"{str(path)!r}: member {_short(member.name)}: expected at most "
+                        f"{limit} bytes for the official {name} {base}, got {member.size}"
+                    )
+                raw = archive.extractfile(member).read()
+                files[base] = _unpickle(raw, f"{path}:{member.name}")
+                if len(files) == len(wanted):
+                    break
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise ValueError(f"{str(path)!r}: corrupt or truncated archive ({err})") from err
     missing = sorted(wanted - set(files))
@@ -758,17 +959,52 @@ def _read_cifar_archive(path: Path, folder: str, wanted: set[str]) -> dict:
 
 def _names_from(meta: dict, key: str, where: str) -> tuple[str, ...]:
     if key not in meta:
-        raise ValueError(f"{where}: expected key {key!r}, got keys {sorted(meta)}")
+        raise ValueError(f"{where}: expected key {key!r}, got keys {_short(sorted(map(str, meta)))}")
     return _as_names(meta[key], f"{where}: {key}")
 
 
-def _cifar_rows_to_nhwc(data, where: str) -> np.ndarray:
-    data = np.asarray(data)
+def _cifar_labels(values, where: str, rows: int) -> np.ndarray:
+    """Labels of a CIFAR batch as int64, refusing anything but a list or array of ints.
+
+    ``np.asarray(..., dtype=int64)`` would turn 0.5 into 0 and "3" into 3 silently.
+    """
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "iu" and not (values.size == 0 and values.ndim == 1):
+            raise ValueError(f"{where}: expected integer labels, got dtype {values.dtype}")
+        return values.astype(np.int64).reshape(-1)
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(
+            f"{where}: expected a list of integer labels, got {type(values).__name__} "
+            f"{_short(values)}"
+        )
+    if len(values) > rows:
+        raise ValueError(f"{where}: expected at most {rows} labels, got {len(values)}")
+    for i, v in enumerate(values):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+            raise ValueError(
+                f"{where}[{i}]: expected an integer label, got {type(v).__name__} {_short(v)}"
+            )
+        if not -(2**63) <= v < 2**63:
+            raise ValueError(f"{where}[{i}]: expected a class id, got {_short(v)}")
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+def _cifar_rows_to_nhwc(data, where: str, rows: int) -> np.ndarray:
+    if not isinstance(data, np.ndarray):
+        raise ValueError(
+            f"{where}: data: expected a uint8 array of shape (N, 3072), got "
+            f"{type(data).__name__} {_short(data)}"
+        )
     if data.size == 0:
         return np.zeros((0, 32, 32, 3), np.uint8)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _CIFAR_ROW:
         raise ValueError(
             f"{where}: data: expected uint8 of shape (N, 3072), got {data.dtype} {data.shape}"
+        )
+    if data.shape[0] > rows:
+        raise ValueError(
+            f"{where}: data: expected at most {rows} images of the official file, got "
+            f"{data.shape[0]}"
         )
     # Each row is the red plane, then green, then blue, each 32x32 row-major.
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
@@ -959,27 +1195,46 @@ def _load_image_folder(root, splits, test_fraction, seed, channels, progress) ->
 
 
 def _read_images(paths, channels, progress, desc) -> np.ndarray:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     first_size, out, all_gray = None, None, True
     for i, path in enumerate(_progress(paths, progress, desc, total=len(paths))):
         try:
-            with Image.open(path) as img:
-                img.load()
+            # Pillow only warns between its pixel limit and twice it; either way a
+            # picture that large is no probe image, and decoding it could take gigabytes.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(path)
+            with img:
+                # The size is in the header: compare it before decoding any pixels.
                 size = img.size
-                if first_size is None:
-                    first_size = size
-                    out = np.zeros((len(paths), size[1], size[0], 3), np.uint8)
-                elif size != first_size:
+                if first_size is not None and size != first_size:
                     raise ValueError(
                         f"{str(path)!r}: expected every image to be {first_size[0]}x"
                         f"{first_size[1]} (width x height) like {str(paths[0])!r}, got "
                         f"{size[0]}x{size[1]}"
                     )
+                img.load()
+                if first_size is None:
+                    first_size = size
+                    out = np.zeros((len(paths), size[1], size[0], 3), np.uint8)
                 all_gray &= img.mode in ("1", "L", "LA", "I", "I;16", "F")
                 out[i] = np.asarray(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ValueError(f"{str(path)!r}: unreadable or corrupt image ({err})") from err
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ValueError(
+                f"{str(path)!r}: image too large to decode safely, over Pillow's "
+                f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels "
+                f"({_clip(str(err), 120)})"
+            ) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            if isinstance(err, ValueError) and str(err).startswith(repr(str(path))):
+                raise  # ours, already naming the file
+            # Pillow raises ValueError too, e.g. for a PNG text chunk that inflates too far.
+            raise ValueError(
+                f"{str(path)!r}: unreadable or corrupt image ({_clip(str(err))})"
+            ) from None
     gray = channels == 1 if channels is not None else all_gray
     if gray:
         # Converting gray to RGB repeats the value, so one channel keeps it exactly; a
@@ -994,12 +1249,57 @@ def _read_images(paths, channels, progress, desc) -> np.ndarray:
 # ----------------------------------------------------------------------------- npz
 
 
+# Deflate cannot inflate by more than about 1032:1, so a larger stated size is forged.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse members whose .npy header declares more bytes than the member holds.
+
+    ``np.load`` allocates the declared shape before reading the data, so a header
+    claiming (10**6, 10**6, 3) in a file of a few hundred bytes would ask for terabytes.
+    """
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            key = info.filename.removesuffix(".npy")
+            stored = info.compress_type == zipfile.ZIP_STORED
+            most = info.compress_size if stored else info.compress_size * _DEFLATE_MAX_RATIO + 1024
+            if info.file_size > most:
+                raise ValueError(
+                    f"{str(path)!r}: {_clip(key, 60)}: the archive states {info.file_size} "
+                    f"bytes for {info.compress_size} compressed bytes, more than compression "
+                    "allows; the file is corrupt"
+                )
+            with archive.open(info) as member:
+                version = npy.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = npy.read_array_header_1_0(member)
+                else:
+                    shape, _, dtype = npy.read_array_header_2_0(member)
+                header = member.tell()
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared > info.file_size - header:
+                raise ValueError(
+                    f"{str(path)!r}: {_clip(key, 60)}: the header declares shape "
+                    f"{_short(shape)} of {dtype} ({declared} bytes), but the file holds "
+                    f"{info.file_size - header} bytes of data; the file is corrupt or truncated"
+                )
+
+
 def _load_npz(path: Path, test_fraction: float, seed: int) -> DatasetSplits:
     try:
+        _check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as err:
-        raise ValueError(f"{str(path)!r}: corrupt or truncated .npz file ({err})") from err
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error, MemoryError) as err:
+        message = err.args[0] if isinstance(err, ValueError) and err.args else ""
+        if isinstance(message, str) and message.startswith(repr(str(path))):
+            raise
+        raise ValueError(
+            f"{str(path)!r}: corrupt or truncated .npz file ({_clip(str(err))})"
+        ) from None
     name = path.stem
 
     def pick(prefix: str):
@@ -1016,7 +1316,14 @@ def _load_npz(path: Path, test_fraction: float, seed: int) -> DatasetSplits:
         images = arrays[images_key]
         if images.ndim == 3:
             images = images[..., None]
-        return images, arrays[labels_key], arrays.get(f"{prefix}coarse_labels"), images_key
+        coarse_key = f"{prefix}coarse_labels"
+        for key in (labels_key, coarse_key):
+            if key in arrays and arrays[key].dtype.kind not in "iu" and arrays[key].size:
+                raise ValueError(
+                    f"{str(path)!r}: {key}: expected integer class ids, got dtype "
+                    f"{arrays[key].dtype}"
+                )
+        return images, arrays[labels_key], arrays.get(coarse_key), images_key
 
     parts = {s: pick(f"{s}_") for s in _SPLITS}
     whole = pick("")
@@ -1027,9 +1334,12 @@ def _load_npz(path: Path, test_fraction: float, seed: int) -> DatasetSplits:
         )
     all_labels = [p[1] for p in ([whole] if whole else parts.values())]
     all_coarse = [p[2] for p in ([whole] if whole else parts.values())]
-    class_names = _npz_names(arrays, "class_names", all_labels)
+    n_images = sum(len(p[0]) for p in ([whole] if whole else parts.values()))
+    class_names = _npz_names(arrays, "class_names", all_labels, n_images, path)
     has_coarse = any(c is not None for c in all_coarse)
-    superclass_names = _npz_names(arrays, "superclass_names", all_coarse) if has_coarse else None
+    superclass_names = (
+        _npz_names(arrays, "superclass_names", all_coarse, n_images, path) if has_coarse else None
+    )
 
     def make(part, split_name):
         images, labels, coarse, images_key = part
@@ -1052,9 +1362,28 @@ def _load_npz(path: Path, test_fraction: float, seed: int) -> DatasetSplits:
     )
 
 
-def _npz_names(arrays, key, label_arrays) -> tuple[str, ...]:
+# Without names, classes are numbered 0..largest id; ids beyond this many (or beyond the
+# number of images, if larger) are refused rather than turned into millions of classes.
+_MAX_UNNAMED_CLASSES = 1000
+
+
+def _npz_names(arrays, key, label_arrays, n_images: int, path: Path) -> tuple[str, ...]:
     if key in arrays:
-        return tuple(str(n) for n in np.asarray(arrays[key]).reshape(-1))
+        names = arrays[key]
+        if names.ndim > 1:
+            raise ValueError(
+                f"{str(path)!r}: {key}: expected a 1-d array of names, got shape {names.shape}"
+            )
+        return _as_names(names.reshape(-1).tolist(), f"{str(path)!r}: {key}")
     # Without names, name classes by number up to the largest label seen.
-    largest = max((int(np.max(a)) for a in label_arrays if a is not None and np.size(a)), default=0)
+    label_arrays = [a for a in label_arrays if a is not None and np.size(a)]
+    largest = max((int(np.max(a)) for a in label_arrays), default=0)
+    limit = max(_MAX_UNNAMED_CLASSES, n_images)
+    if largest >= limit:
+        ids = "labels" if key == "class_names" else "coarse_labels"
+        raise ValueError(
+            f"{str(path)!r}: {ids}: class id {largest} would make {largest + 1} classes for "
+            f"{n_images} images; expected ids below {limit}: number the classes "
+            f"0..K-1, or store a {key} array naming every id"
+        )
     return tuple(str(i) for i in range(largest + 1))

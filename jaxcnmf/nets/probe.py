@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -51,9 +52,14 @@ from tqdm.auto import tqdm
 
 from jaxcnmf.nets import data, models
 
+logger = logging.getLogger(__name__)
+
 POOLINGS = ("flatten", "mean", "max")
 OUTPUTS = ("numpy", "device")
+PIXELS = ("rgb", "gray", "auto", "none")
 PIXEL_NAMES = {c: data.channel_names(c) for c in (1, 3)}
+# ITU-R BT.601 luma, Pillow's convert("L") weights, for one gray view of colour images.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 # Fewer batches than this finish too fast for a progress bar to help.
 _PROGRESS_MIN_BATCHES = 4
 
@@ -433,24 +439,62 @@ def _map_batches(fn: Callable, batch_size: int, images: np.ndarray, *extra: np.n
     return [np.concatenate(parts) for parts in zip(*outs)]
 
 
-def pixel_views(images: np.ndarray) -> dict[str, np.ndarray]:
-    """Pixel matrices of ``images``: one ``(H*W, N)`` float32 matrix per channel.
+def _pixel_mode(pixels: Any, images: np.ndarray) -> str:
+    """Resolve ``pixels`` to ``"rgb"``, ``"gray"`` or ``"none"`` for these images."""
+    if pixels is True:
+        return "rgb"
+    if pixels is False or pixels is None:
+        return "none"
+    if pixels not in PIXELS:
+        raise ValueError(f"pixels: expected True, False or one of {PIXELS}, got {pixels!r}")
+    if images.shape[-1] == 1 and pixels != "none":
+        return "rgb"  # one channel is already the one gray view
+    if pixels != "auto":
+        return pixels
+    if data.same_channels(images):
+        logger.info(
+            "pixels: red, green and blue are equal in all %d images (gray pictures stored "
+            "as RGB); using one 'gray' pixel view instead of three identical ones",
+            images.shape[0],
+        )
+        return "gray"
+    return "rgb"
+
+
+def pixel_views(images: np.ndarray, pixels: str = "rgb") -> dict[str, np.ndarray]:
+    """Pixel matrices of ``images``: one ``(H*W, N)`` float32 matrix per channel, or one gray.
 
     Args:
         images: ``(N, H, W, C)`` uint8, or float in [0, 1]; ``C`` is 1 or 3.
+        pixels: ``"rgb"``: a view per channel; ``"gray"``: one ``"gray"`` view, the
+            channel itself when the channels are equal (gray pictures stored as RGB) and
+            otherwise the luma ``0.299 R + 0.587 G + 0.114 B``; ``"auto"``: ``"gray"`` when
+            every pixel's channels are equal (saying so in an INFO log line), else
+            ``"rgb"``. One-channel images always give the one ``"gray"`` view.
 
     Returns:
-        ``{"red", "green", "blue"}`` (or ``{"gray"}``) -> ``(H*W, N)`` float32, row
+        ``{"red", "green", "blue"}`` or ``{"gray"}`` -> ``(H*W, N)`` float32, row
         ``h*W + w``, values in [0, 1].
 
     Example:
         >>> pixel_views(np.zeros((2, 32, 32, 1), np.uint8))["gray"].shape
         (1024, 2)
+        >>> list(pixel_views(np.zeros((2, 32, 32, 3), np.uint8), pixels="auto"))
+        ['gray']
     """
     arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] not in PIXEL_NAMES:
+        raise ValueError(
+            f"images: expected shape (N, H, W, C) with C in {{1, 3}}, got {arr.shape}"
+        )
+    mode = _pixel_mode(pixels, arr)
+    if mode == "none":
+        raise ValueError("pixels: expected 'rgb', 'gray' or 'auto' for pixel views, got 'none'")
     n, h, w, c = arr.shape
-    flat = arr.reshape(n, h * w, c)
-    flat = float_pixels(flat)
+    flat = float_pixels(arr.reshape(n, h * w, c))
+    if mode == "gray":
+        gray = flat[:, :, 0] if data.same_channels(arr) else flat @ _LUMA
+        return {"gray": np.ascontiguousarray(gray.T)}
     return {name: np.ascontiguousarray(flat[:, :, i].T) for i, name in enumerate(PIXEL_NAMES[c])}
 
 
@@ -482,7 +526,10 @@ def collect(
         images: ``(N, H, W, C)`` uint8 (scaled by ``/ 255``) or float in [0, 1]; ``C`` is
             1 or 3; 32x32 for ``jaxcnmf.models``.
         layers: layer name or names, see ``available_layers``.
-        pixels: put the pixel views first.
+        pixels: which pixel views to put first: ``True`` or ``"rgb"`` (one per channel),
+            ``"gray"`` (one gray view), ``"auto"`` (one gray view when every image's
+            channels are equal, else one per channel), ``False`` or ``"none"`` (no pixel
+            views); see ``pixel_views``.
         pooling: ``"flatten"`` (every unit), ``"mean"`` or ``"max"`` (one row per
             channel, for large probe sets).
         batch_size: images per forward pass.
@@ -501,8 +548,8 @@ def collect(
         the module docstring.
 
     Raises:
-        ValueError: bad ``images``, unknown layer, unknown ``pooling``, ``batch_size`` < 1,
-            unknown ``output``, or a layer with negative values while ``allow_negative``
+        ValueError: bad ``images``, unknown layer, unknown ``pooling`` or ``pixels``,
+            ``batch_size`` < 1, unknown ``output``, or a layer with negative values while ``allow_negative``
             is False.
 
     Example:
@@ -523,15 +570,19 @@ def collect(
     arr = _check_images(images, model)
     image_shape = arr.shape[1:]
     layers = _check_layers(model, layers, image_shape)
-    if not layers and not pixels:
+    mode = _pixel_mode(pixels, arr)
+    if not layers and mode == "none":
         raise ValueError("layers: expected at least one layer when pixels=False, got none")
     if layers:
         _check_input_channels(model, variables, image_shape)
 
     n = arr.shape[0]
     if not layers:
-        views = pixel_views(arr)
+        views = pixel_views(arr, mode)
         return views if output == "numpy" else {k: jnp.asarray(v) for k, v in views.items()}
+    # A gray view is made on the host; per-channel views are copied inside the forward pass.
+    host_pixels = pixel_views(arr, "gray") if mode == "gray" else {}
+    pixels = mode == "rgb"
 
     shapes = _layer_shapes(model, image_shape)
     h, w, c = image_shape
@@ -560,7 +611,7 @@ def collect(
     # jax hands dicts back in sorted key order; restore the documented one.
     buffers = {name: buffers[name] for name in rows}
     if output == "device":
-        return buffers
+        return {**{k: jnp.asarray(v) for k, v in host_pixels.items()}, **buffers}
     # Every view crosses to the host once, at the end: per-batch copies into column blocks
     # of host arrays cost far more than the forward passes on an accelerator. All
     # transfers start together; then each view is copied into a writable array (fetched
@@ -568,7 +619,7 @@ def collect(
     # plus one view.
     for buf in buffers.values():
         buf.copy_to_host_async()
-    return {name: np.array(buffers.pop(name)) for name in rows}
+    return {**host_pixels, **{name: np.array(buffers.pop(name)) for name in rows}}
 
 
 def _replace_output(layer: str, activations: jnp.ndarray):

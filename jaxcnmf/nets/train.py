@@ -8,7 +8,8 @@ without mean/std normalisation, as in the paper.
 After every epoch ``fit`` writes a checkpoint directory (``state.msgpack`` with params,
 batch statistics, optimizer state, step, epoch and PRNG key; ``meta.json`` with the model
 spec, dataset, class names, accuracy and history). The directory is replaced atomically,
-so an interrupted run leaves the last complete epoch behind, and ``fit(..., resume=True)``
+so an interrupted run leaves the last complete epoch behind (``meta.json`` records the
+SHA-256 of ``state.msgpack``, checked on every load), and ``fit(..., resume=True)``
 continues from it with the same result as an uninterrupted run: the shuffling of epoch
 ``e`` is seeded by ``(seed, e)`` and the augmentation key of step ``t`` is
 ``fold_in(key, t)``, so neither depends on where the run started.
@@ -28,8 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -51,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 CHECKPOINT_FORMAT = "jaxcnmf.train checkpoint"
-CHECKPOINT_VERSION = 1
+# Version 2 adds ``state_sha256`` to meta.json, required from then on.
+CHECKPOINT_VERSION = 2
 STATE_FILE = "state.msgpack"
 META_FILE = "meta.json"
 # Refreshing the bar's loss/accuracy reads device values, so do it only this often.
@@ -102,9 +106,10 @@ class TrainConfig:
         is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
         check(is_int(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1")
         check(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1")
-        check(self.lr > 0, "lr", "a number > 0")
+        # An infinite rate or decay passes "> 0" and turns every weight into NaN at step 1.
+        check(0 < self.lr < math.inf, "lr", "a finite number > 0")
         check(0 <= self.momentum < 1, "momentum", "a number in [0, 1)")
-        check(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        check(0 <= self.weight_decay < math.inf, "weight_decay", "a finite number >= 0")
         check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         check(0 <= self.warmup < 1, "warmup", "a fraction of the steps in [0, 1)")
         if self.schedule == "onecycle":
@@ -115,6 +120,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class TrainingDiverged(ValueError):
+    """Training produced a non-finite loss or non-finite weights; nothing of it was saved."""
 
 
 class TrainState(train_state.TrainState):
@@ -419,14 +428,30 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / META_FILE).is_file() and (path / STATE_FILE).is_file()
 
 
-def _resolve_checkpoint(path) -> Path:
+def find_checkpoint(path) -> Path | None:
+    """The checkpoint directory that ``load_checkpoint`` and ``fit(resume=True)`` read.
+
+    That is ``path`` itself, or ``<path>.old`` when a crash between the two renames of
+    the atomic replacement left only the previous copy; None when neither is a checkpoint.
+
+    Example:
+        >>> find_checkpoint("runs/never-written") is None   # doctest: +SKIP
+        True
+    """
     path = Path(path)
     if _is_checkpoint(path):
         return path
-    # A crash between the two renames of the atomic swap leaves only the previous copy.
     previous = path.with_name(path.name + ".old")
     if not path.exists() and _is_checkpoint(previous):
         return previous
+    return None
+
+
+def _resolve_checkpoint(path) -> Path:
+    path = Path(path)
+    found = find_checkpoint(path)
+    if found is not None:
+        return found
     if not path.exists():
         raise FileNotFoundError(f"checkpoint: no such directory {str(path)!r}")
     if not path.is_dir():
@@ -448,13 +473,82 @@ def _read_meta(path: Path) -> dict[str, Any]:
             f"checkpoint: {str(file)!r} is not the meta file of a jaxcnmf checkpoint "
             f"(expected format {CHECKPOINT_FORMAT!r} and a model spec)"
         )
+    version = meta.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CHECKPOINT_VERSION:
+        raise ValueError(
+            f"checkpoint: {str(file)!r}: version: expected an integer in [1, "
+            f"{CHECKPOINT_VERSION}], got {_short(version)}"
+        )
+    if version >= 2:
+        digest = meta.get("state_sha256")
+        if not (isinstance(digest, str) and len(digest) == 64):
+            raise ValueError(
+                f"checkpoint: {str(file)!r}: state_sha256: expected the 64 hex digits of "
+                f"{STATE_FILE}'s SHA-256, got {_short(digest)}"
+            )
     return meta
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    file = path / STATE_FILE
+def _short(value: Any, limit: int = 60) -> str:
+    # Edited files can hold anything; an error message shows only the start of it.
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
+
+
+def _model_from_meta(meta: dict, file: Path) -> nn.Module:
+    spec = meta["model"]
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"checkpoint: {str(file)!r}: model: expected a model spec (an object), got "
+            f"{type(spec).__name__} {_short(spec)}"
+        )
     try:
-        raw = serialization.msgpack_restore(file.read_bytes())
+        return models.from_spec(spec)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"checkpoint: {str(file)!r}: model: {err}") from None
+
+
+def _input_shape(meta: dict, file: Path) -> tuple[int, int, int]:
+    shape = meta.get("input_shape")
+    if shape is None:
+        return (32, 32, 3)  # checkpoints written before input_shape was recorded
+    ok = (
+        isinstance(shape, list) and len(shape) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
+        and shape[2] in (1, 3)
+    )
+    if not ok:
+        raise ValueError(
+            f"checkpoint: {str(file)!r}: input_shape: expected [H, W, C] of positive integers "
+            f"with C 1 or 3, got {_short(shape)}"
+        )
+    return tuple(shape)
+
+
+def _nonfinite(tree) -> list[str]:
+    """Paths of the floating-point leaves of ``tree`` that hold a NaN or an infinity."""
+    paths, flags = [], []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        paths.append(jax.tree_util.keystr(path))
+        # Device leaves are reduced where they live and fetched together, once.
+        flags.append(np.isfinite(leaf).all() if isinstance(leaf, np.ndarray)
+                     else jnp.all(jnp.isfinite(leaf)))
+    return [p for p, ok in zip(paths, jax.device_get(flags)) if not ok]
+
+
+def _read_state(path: Path, meta: dict) -> dict[str, Any]:
+    file = path / STATE_FILE
+    payload = file.read_bytes()
+    expected = meta.get("state_sha256")
+    if expected is not None and hashlib.sha256(payload).hexdigest() != expected:
+        raise ValueError(
+            f"checkpoint: {str(file)!r} does not match the state_sha256 recorded in "
+            f"{META_FILE}: the file was changed or damaged after it was written"
+        )
+    try:
+        raw = serialization.msgpack_restore(payload)
     except Exception as err:  # msgpack raises several unrelated types on bad bytes
         raise ValueError(f"checkpoint: {str(file)!r} is corrupt or truncated ({err})") from None
     if not isinstance(raw, dict) or not {"state", "epoch", "key"} <= set(raw):
@@ -495,10 +589,12 @@ def _write_dir_atomically(path: Path, files: dict[str, bytes]) -> None:
             os.fsync(f.fileno())
     # A non-empty directory cannot be renamed over, so the old copy steps aside first.
     previous = path.with_name(path.name + ".old")
-    if previous.exists():
-        shutil.rmtree(previous)
     if path.exists():
+        if previous.exists():
+            shutil.rmtree(previous)
         os.replace(path, previous)
+    # Without ``path``, an existing ``.old`` is the last good copy (a crash came between
+    # the renames): it stays until the new copy is in place.
     os.replace(tmp, path)
     shutil.rmtree(previous, ignore_errors=True)
 
@@ -539,12 +635,17 @@ def save_checkpoint(
     path = Path(path)
     _check_writable_checkpoint_dir(path)
     spec = _model_spec(model)
+    bad = _nonfinite({"params": state.params, "batch_stats": state.batch_stats})
+    if bad:
+        raise TrainingDiverged(
+            f"state: expected finite weights, got NaN or infinity in {bad[:3]}; not saving "
+            f"a checkpoint to {str(path)!r}"
+        )
     payload = serialization.to_bytes(
         {"state": state, "epoch": int(epoch), "key": np.asarray(jax.random.key_data(key))}
     )
     full_meta = {
         "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
         "model": spec,
         "model_name": spec["name"],
         "width": spec.get("width"),
@@ -552,6 +653,9 @@ def save_checkpoint(
         "epoch": int(epoch),
         "step": int(state.step),
         **(meta or {}),
+        # Last, so that no entry of ``meta`` can replace it.
+        "version": CHECKPOINT_VERSION,
+        "state_sha256": hashlib.sha256(payload).hexdigest(),
     }
     try:
         meta_bytes = json.dumps(full_meta, indent=1).encode()
@@ -573,7 +677,9 @@ def load_checkpoint(path) -> Checkpoint:
     Raises:
         FileNotFoundError: no directory, or a directory without ``meta.json`` /
             ``state.msgpack``.
-        ValueError: a corrupt or truncated file, or weights that do not fit the model.
+        ValueError: a corrupt or truncated file, a ``state.msgpack`` that does not match
+            the SHA-256 in ``meta.json``, a bad model spec or ``input_shape``, weights
+            that do not fit the model, or weights holding NaN or infinity.
 
     Example:
         >>> ckpt = load_checkpoint("/work/runs/c10_small/ckpt")   # doctest: +SKIP
@@ -582,28 +688,98 @@ def load_checkpoint(path) -> Checkpoint:
     """
     path = _resolve_checkpoint(path)
     meta = _read_meta(path)
-    model = models.from_spec(meta["model"])
-    raw = _read_state(path)
+    model = _model_from_meta(meta, path / META_FILE)
+    shape = _input_shape(meta, path / META_FILE)
+    raw = _read_state(path, meta)
     state = raw["state"]
     if not isinstance(state, dict) or "params" not in state:
         raise ValueError(f"checkpoint: {str(path / STATE_FILE)!r} is corrupt: no params")
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    shape = tuple(meta.get("input_shape") or (32, 32, 3))
     x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-    expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    try:
+        expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    except Exception as err:  # flax's shape errors; restate them with the file
+        raise ValueError(
+            f"checkpoint: {str(path / META_FILE)!r}: the model does not run on input_shape "
+            f"{list(shape)} ({str(err)[:200]})"
+        ) from None
     expected = {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})}
     _check_tree_matches(variables, expected, "the weights", path / STATE_FILE)
+    _check_finite(variables, "the weights", path / STATE_FILE)
     return Checkpoint(model, jax.tree_util.tree_map(jnp.asarray, variables), meta, path)
 
 
-def _restore_train_state(path: Path, template: TrainState) -> tuple[TrainState, int, jax.Array]:
-    raw = _read_state(path)
+def resume_settings(path) -> dict[str, Any]:
+    """The model and ``fit`` settings of the run checkpointed in ``path``, to continue it.
+
+    ``fit(model, train_ds, checkpoint_dir=path, resume=True, **settings["fit"])`` with the
+    same data picks up after ``settings["epochs_done"]``; a larger ``epochs`` extends the
+    run only where the schedule allows (it is part of the config, so changing it is
+    refused as a different run). Reads ``<path>.old`` when a crash left only that copy.
+
+    Args:
+        path: a checkpoint directory written by ``fit``.
+
+    Returns:
+        ``{"checkpoint": Path read, "model": the rebuilt module, "fit": keyword arguments
+        of fit (epochs, batch_size, lr, momentum, nesterov, weight_decay, schedule, warmup,
+        label_smoothing, augment, flip, seed), "epochs_done": int, "dataset": str,
+        "meta": the whole meta.json}``.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: a meta.json without a valid training config (named in the message).
+
+    Example:
+        >>> s = resume_settings("runs/c10/ckpt")                         # doctest: +SKIP
+        >>> fit(s["model"], ds.train, checkpoint_dir="runs/c10/ckpt", **s["fit"])  # doctest: +SKIP
+    """
+    found = _resolve_checkpoint(path)
+    meta = _read_meta(found)
+    file = found / META_FILE
+    model = _model_from_meta(meta, file)
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"checkpoint: {str(file)!r}: config: expected the training settings fit records, "
+            f"got {_short(config)}"
+        )
+    try:
+        config = TrainConfig(**config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint: {str(file)!r}: config: {_short(str(err), 200)}") from None
+    epochs_done = meta.get("epoch")
+    if not isinstance(epochs_done, int) or isinstance(epochs_done, bool) or epochs_done < 0:
+        raise ValueError(
+            f"checkpoint: {str(file)!r}: epoch: expected an integer >= 0, got {_short(epochs_done)}"
+        )
+    settings = config.to_dict()
+    # fit has no crop_padding argument: it always pads by the TrainConfig default.
+    settings.pop("crop_padding")
+    return {"checkpoint": found, "model": model, "fit": settings, "epochs_done": epochs_done,
+            "dataset": str(meta.get("dataset", "")), "meta": meta}
+
+
+def _check_finite(tree, what: str, file: Path) -> None:
+    bad = _nonfinite(tree)
+    if bad:
+        raise ValueError(
+            f"checkpoint: {what} in {str(file)!r} hold NaN or infinity (in {bad[:3]}"
+            f"{' and more' if len(bad) > 3 else ''}); was it written by a diverged run?"
+        )
+
+
+def _restore_train_state(
+    path: Path, template: TrainState, meta: dict
+) -> tuple[TrainState, int, jax.Array]:
+    raw = _read_state(path, meta)
     target = {
         "state": serialization.to_state_dict(template),
         "epoch": 0,
         "key": np.zeros_like(jax.random.key_data(jax.random.key(0))),
     }
     _check_tree_matches(raw, target, "the training state", path / STATE_FILE)
+    _check_finite(raw["state"], "the training state", path / STATE_FILE)
     state = serialization.from_state_dict(template, raw["state"])
     return state, int(raw["epoch"]), jax.random.wrap_key_data(jnp.asarray(raw["key"]))
 
@@ -623,6 +799,9 @@ def run_epoch(
 ) -> tuple[TrainState, dict[str, float], float]:
     """One pass over ``ds`` in ``steps`` batches shuffled by ``(config.seed, epoch)``.
 
+    With ``progress`` the running loss is read every few steps anyway, and the epoch stops
+    early once it is NaN or infinite (``fit`` then raises ``TrainingDiverged``).
+
     Returns:
         The new state, the epoch's sums ``{"loss", "correct", "count"}`` and its seconds.
     """
@@ -638,8 +817,10 @@ def run_epoch(
         totals = jax.tree_util.tree_map(jnp.add, totals, metrics)
         if progress and (i + 1) % _POSTFIX_EVERY == 0:
             count = float(totals["count"])
-            bar.set_postfix(loss=f"{float(totals['loss']) / count:.3f}",
-                            acc=f"{float(totals['correct']) / count:.3f}")
+            loss = float(totals["loss"]) / count
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{float(totals['correct']) / count:.3f}")
+            if not math.isfinite(loss):
+                break  # diverged: the caller sees the non-finite sum and stops
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     bar.close()
     return state, totals, time.perf_counter() - start
@@ -742,6 +923,24 @@ def _as_number(name: str, value: Any) -> float:
         raise ValueError(f"{name}: expected a number, got {value!r}") from None
 
 
+def _check_converging(totals, variables, epoch, epochs, config, ckpt_path) -> None:
+    """Raise TrainingDiverged when the epoch's loss or the weights are not finite."""
+    loss = totals["loss"] / max(totals["count"], 1)
+    bad = [] if math.isfinite(loss) else ["the loss"]
+    bad += _nonfinite(variables)[:3]
+    if not bad:
+        return
+    kept = (
+        f"; {str(ckpt_path)!r} still holds epoch {epoch - 1}"
+        if ckpt_path is not None and epoch > 1 else "; nothing was saved"
+    )
+    raise TrainingDiverged(
+        f"training diverged in epoch {epoch}/{epochs}: NaN or infinity in "
+        f"{', '.join(bad)} (mean loss {loss:.4g}); lr={config.lr:g} is probably too large "
+        f"for this model and schedule{kept}"
+    )
+
+
 def _empty_history() -> dict[str, list]:
     keys = ("epoch", "train_loss", "train_acc", "eval_acc", "lr", "seconds", "eval_seconds")
     return {k: [] for k in keys}
@@ -785,13 +984,20 @@ def fit(
         eval_ds: optional Dataset evaluated after each epoch.
         checkpoint_dir: directory rewritten after every epoch; None for no checkpoints.
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one (it
-            must come from the same model, data and settings); False starts over.
+            must come from the same model, data and settings; ``<checkpoint_dir>.old`` is
+            used when a crash during its replacement left only that copy); False starts
+            over.
         seed: seeds initialisation, shuffling and augmentation.
         progress: a progress bar per epoch and one summary line per epoch on stderr.
         meta: extra JSON-serialisable entries for the checkpoint's ``meta.json``.
 
     Returns:
         TrainResult(model, variables, history, accuracy, epochs, state, config, checkpoint).
+
+    Raises:
+        TrainingDiverged: (a ValueError) an epoch ended with a NaN or infinite loss or
+            weights; that epoch is not saved, the checkpoint keeps the one before.
+        ValueError: bad settings or data, or a checkpoint of a different run.
 
     Example:
         >>> ds = data.load("digits")                                    # doctest: +SKIP
@@ -835,13 +1041,14 @@ def fit(
     state = create_train_state(model, init_key, train_ds.images.shape[1:], tx)
     history = _empty_history()
     done = 0
-    if ckpt_path is not None and resume and _is_checkpoint(ckpt_path):
-        previous = _read_meta(ckpt_path)
-        _check_resumable(previous, run_meta, ckpt_path)
-        state, done, aug_key = _restore_train_state(ckpt_path, state)
+    found = find_checkpoint(ckpt_path) if ckpt_path is not None and resume else None
+    if found is not None:
+        previous = _read_meta(found)
+        _check_resumable(previous, run_meta, found)
+        state, done, aug_key = _restore_train_state(found, state, previous)
         history = {k: list(previous.get("history", {}).get(k, [])) for k in _empty_history()}
         if progress:
-            tqdm.write(f"resuming from {ckpt_path} after epoch {done}/{epochs}")
+            tqdm.write(f"resuming from {found} after epoch {done}/{epochs}")
 
     schedule_fn = make_schedule(config, steps_per_epoch)
     for epoch in range(done + 1, epochs + 1):
@@ -850,6 +1057,7 @@ def fit(
             desc=f"epoch {epoch}/{epochs}", progress=progress,
         )
         variables = {"params": state.params, "batch_stats": state.batch_stats}
+        _check_converging(totals, variables, epoch, epochs, config, ckpt_path)
         eval_acc, eval_seconds = None, None
         if eval_ds is not None:
             t0 = time.perf_counter()

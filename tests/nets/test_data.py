@@ -167,6 +167,19 @@ def test_to_float_scales_without_normalisation():
         data.to_float(out)
 
 
+def test_same_channels_detects_gray_pictures_stored_as_rgb(rng):
+    gray = rng.integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
+    assert data.same_channels(np.repeat(gray, 3, axis=-1))
+    assert data.same_channels(gray)
+    almost = np.repeat(gray, 3, axis=-1)
+    almost[2, 3, 3, 2] ^= 1  # one pixel of one image differs in blue
+    assert not data.same_channels(almost)
+    assert not data.same_channels(np.zeros((0, 4, 4, 3), np.uint8))
+    assert data.same_channels(np.full((1, 2, 2, 3), 0.5, np.float32))
+    with pytest.raises(ValueError, match=r"images: expected shape \(N, H, W, C\) with C in \{1, 3\}, got \(4, 4, 2\)"):
+        data.same_channels(np.zeros((4, 4, 2)))
+
+
 def test_channel_names():
     assert data.channel_names(3) == ("red", "green", "blue")
     assert data.channel_names(1) == ("gray",)

@@ -410,3 +410,38 @@ def test_layer_shapes_agree_with_available_layers(small):
     model, variables = small
     assert list(probe.layer_shapes(model, variables, (32, 32, 3)).items()) == list(
         probe.available_layers(model, (32, 32, 3)).items())
+
+
+# --------------------------------------------------------------------------- gray pictures stored as RGB
+
+
+def test_auto_pixels_collapse_identical_channels_to_one_gray_view(small, images, caplog):
+    model, variables = small
+    gray_rgb = np.repeat(images[..., :1], 3, axis=-1)
+    with caplog.at_level("INFO", logger="jaxcnmf.nets.probe"):
+        views = probe.collect(model, variables, gray_rgb, ["conv3"], pixels="auto",
+                              batch_size=3, progress=False)
+    assert list(views) == ["gray", "conv3"]
+    np.testing.assert_array_equal(views["gray"], probe.pixel_views(images[..., :1])["gray"])
+    assert "red, green and blue are equal in all 7 images" in caplog.text
+    rgb = probe.collect(model, variables, gray_rgb, ["conv3"], batch_size=3, progress=False)
+    assert list(rgb) == ["red", "green", "blue", "conv3"]
+    np.testing.assert_array_equal(views["conv3"], rgb["conv3"])
+    device = probe.collect(model, variables, gray_rgb, ["conv3"], pixels="auto", batch_size=3,
+                           progress=False, output="device")
+    assert list(device) == ["gray", "conv3"]
+    np.testing.assert_array_equal(np.asarray(device["gray"]), views["gray"])
+
+
+def test_auto_pixels_keep_colour_and_gray_gives_luma(small, images):
+    model, variables = small
+    assert list(probe.collect(model, variables, images, ["pool"], pixels="auto",
+                              progress=False)) == ["red", "green", "blue", "pool"]
+    gray = probe.pixel_views(images, pixels="gray")["gray"]
+    expected = (images.astype(np.float32) / 255) @ np.array([0.299, 0.587, 0.114], np.float32)
+    _assert_close(gray, expected.reshape(N, -1).T)
+    assert list(probe.collect(model, variables, images, ["pool"], pixels="none",
+                              progress=False)) == ["pool"]
+    assert list(probe.pixel_views(images[..., :1], pixels="auto")) == ["gray"]
+    with pytest.raises(ValueError, match=r"pixels: expected True, False or one of \('rgb', 'gray', 'auto', 'none'\), got 'grey'"):
+        probe.collect(model, variables, images, ["pool"], pixels="grey", progress=False)

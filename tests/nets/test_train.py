@@ -83,11 +83,21 @@ def test_checkpoint_rebuilds_model_with_identical_logits(straight, digits):
     assert train.evaluate(loaded.model, loaded.variables, digits[1]) == result.accuracy
 
 
-def test_resume_after_interruption_equals_straight_run(straight, digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("half_swapped", [False, True])
+def test_resume_after_interruption_equals_straight_run(straight, digits, tmp_path, monkeypatch,
+                                                       half_swapped):
     result, _ = straight
     train_ds, test_ds = digits
     ckpt = tmp_path / "ckpt"
     save = train.save_checkpoint
+    run_epoch = train.run_epoch
+    epochs_run = []
+
+    def counted(*args, **kwargs):
+        epochs_run.append(args[2])
+        return run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "run_epoch", counted)
 
     def save_then_crash(*args, **kwargs):
         save(*args, **kwargs)
@@ -98,9 +108,14 @@ def test_resume_after_interruption_equals_straight_run(straight, digits, tmp_pat
         train.fit(tiny(), train_ds, epochs=EPOCHS, eval_ds=test_ds, checkpoint_dir=ckpt,
                   meta={"note": "test"}, **SETTINGS)
     assert json.loads((ckpt / "meta.json").read_text())["epochs"] == 1
+    if half_swapped:
+        # A crash between the two renames of the replacement leaves only ckpt.old.
+        ckpt.rename(tmp_path / "ckpt.old")
     monkeypatch.setattr(train, "save_checkpoint", save)
     resumed = train.fit(tiny(), train_ds, epochs=EPOCHS, eval_ds=test_ds, checkpoint_dir=ckpt,
                         meta={"note": "test"}, **SETTINGS)
+    assert epochs_run == [1, *range(2, EPOCHS + 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert_trees_equal(resumed.variables, result.variables)
     assert_trees_equal(resumed.state.opt_state, result.state.opt_state)
     assert resumed.history["train_loss"] == result.history["train_loss"]
@@ -233,7 +248,10 @@ def test_experiment_script_writes_checkpoint_and_summary(tmp_path, monkeypatch):
     [
         (dict(epochs=0), "epochs: expected an integer >= 1, got 0"),
         (dict(epochs=1.5), "epochs: expected an integer >= 1"),
-        (dict(epochs=1, lr=0), "lr: expected a number > 0"),
+        (dict(epochs=1, lr=0), "lr: expected a finite number > 0, got 0"),
+        (dict(epochs=1, lr=float("inf")), "lr: expected a finite number > 0, got inf"),
+        (dict(epochs=1, lr=float("nan")), "lr: expected a finite number > 0, got nan"),
+        (dict(epochs=1, weight_decay=float("inf")), "weight_decay: expected a finite number >= 0"),
         (dict(epochs=1, schedule="linear"), "schedule: expected one of"),
         (dict(epochs=1, warmup=1.0), "warmup: expected a fraction"),
         (dict(epochs=1, momentum=1.0), "momentum: expected a number in"),
@@ -292,6 +310,13 @@ def test_corrupt_checkpoints_are_reported(straight, tmp_path):
     truncated = copy_checkpoint(ckpt, tmp_path / "truncated")
     state = truncated / "state.msgpack"
     state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="state.msgpack' does not match the state_sha256"):
+        train.load_checkpoint(truncated)
+    # A version-1 checkpoint has no checksum: msgpack itself finds the truncation.
+    meta = json.loads((truncated / "meta.json").read_text())
+    del meta["state_sha256"]
+    meta["version"] = 1
+    (truncated / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="state.msgpack' is corrupt or truncated"):
         train.load_checkpoint(truncated)
 
@@ -318,3 +343,143 @@ def test_checkpoints_need_a_model_of_jaxcnmf_models(digits, tmp_path):
 
     with pytest.raises(ValueError, match="checkpoint_dir: .*jaxcnmf.models"):
         train.fit(Linear(), digits[0], epochs=1, checkpoint_dir=tmp_path / "c", progress=False)
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def _rewrite_state(ckpt: Path, change) -> None:
+    """Apply ``change`` to the restored state dict and write it back with a valid checksum."""
+    import hashlib
+
+    from flax import serialization
+
+    raw = serialization.msgpack_restore((ckpt / "state.msgpack").read_bytes())
+    change(raw)
+    payload = serialization.msgpack_serialize(raw)
+    (ckpt / "state.msgpack").write_bytes(payload)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["state_sha256"] = hashlib.sha256(payload).hexdigest()
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_flipped_bit_and_nonfinite_weights_are_refused_on_load(straight, tmp_path):
+    _, ckpt = straight
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["version"] == 2 and len(meta["state_sha256"]) == 64
+
+    flipped = copy_checkpoint(ckpt, tmp_path / "flipped")
+    raw = bytearray((flipped / "state.msgpack").read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    (flipped / "state.msgpack").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"state.msgpack' does not match the state_sha256 recorded in meta.json"):
+        train.load_checkpoint(flipped)
+
+    def poison(raw):
+        kernel = np.array(raw["state"]["params"]["fc"]["kernel"])
+        kernel.flat[0] = np.nan
+        raw["state"]["params"]["fc"]["kernel"] = kernel
+
+    nan = copy_checkpoint(ckpt, tmp_path / "nan")
+    _rewrite_state(nan, poison)
+    with pytest.raises(ValueError, match=r"the weights in '.*state.msgpack' hold NaN or infinity \(in \[\"\['params'\]\['fc'\]\['kernel'\]\"\]\)"):
+        train.load_checkpoint(nan)
+
+    unsigned = copy_checkpoint(ckpt, tmp_path / "unsigned")
+    meta_file = unsigned / "meta.json"
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "state_sha256"}))
+    with pytest.raises(ValueError, match=r"meta.json'?: state_sha256: expected the 64 hex digits"):
+        train.load_checkpoint(unsigned)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("input_shape", "abc", r"meta.json'?: input_shape: expected \[H, W, C\] of positive integers with C 1 or 3, got 'abc'"),
+        ("input_shape", [32, 32], r"input_shape: expected \[H, W, C\].*got \[32, 32\]"),
+        ("model", "abc", r"meta.json'?: model: expected a model spec \(an object\), got str 'abc'"),
+        ("model", {"name": ["x"]}, r"meta.json'?: model: "),
+        ("version", 99, r"meta.json'?: version: expected an integer in \[1, 2\], got 99"),
+    ],
+)
+def test_edited_meta_is_one_error_naming_the_field(straight, tmp_path, field, value, match):
+    _, ckpt = straight
+    edited = copy_checkpoint(ckpt, tmp_path / "edited")
+    meta = json.loads((edited / "meta.json").read_text())
+    meta[field] = value
+    (edited / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
+        train.load_checkpoint(edited)
+
+
+def test_diverged_training_stops_with_an_error_and_keeps_the_last_good_epoch(digits, tmp_path,
+                                                                          monkeypatch):
+    run_epoch = train.run_epoch
+
+    def diverging(state, *args, **kwargs):
+        state, totals, seconds = run_epoch(state, *args, **kwargs)
+        if args[1] == 2:  # the epoch number: weights blow up in epoch 2
+            params = jax.tree_util.tree_map(lambda x: x * jnp.inf, state.params)
+            state = state.replace(params=params)
+        return state, totals, seconds
+
+    monkeypatch.setattr(train, "run_epoch", diverging)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(train.TrainingDiverged, match=r"training diverged in epoch 2/3: NaN or infinity in \['params'\].*lr=0.05 is probably too large.*ckpt' still holds epoch 1"):
+        train.fit(tiny(), digits[0], epochs=EPOCHS, checkpoint_dir=ckpt, **SETTINGS)
+    assert json.loads((ckpt / "meta.json").read_text())["epochs"] == 1
+    assert issubclass(train.TrainingDiverged, ValueError)  # the CLI's one-line errors
+
+
+def test_nonfinite_loss_stops_training(digits, monkeypatch):
+    run_epoch = train.run_epoch
+
+    def nan_loss(*args, **kwargs):
+        state, totals, seconds = run_epoch(*args, **kwargs)
+        return state, dict(totals, loss=float("nan")), seconds
+
+    monkeypatch.setattr(train, "run_epoch", nan_loss)
+    with pytest.raises(train.TrainingDiverged, match=r"epoch 1/3: NaN or infinity in the loss \(mean loss nan\).*nothing was saved"):
+        train.fit(tiny(), digits[0], epochs=EPOCHS, **SETTINGS)
+
+
+def test_replacing_a_checkpoint_keeps_the_only_copy_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    import os
+
+    old = tmp_path / "ckpt.old"
+    old.mkdir()
+    (old / "meta.json").write_text("previous")
+    replace = os.replace
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(train.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        train._write_dir_atomically(tmp_path / "ckpt", {"meta.json": b"new"})
+    assert (old / "meta.json").read_text() == "previous"
+    monkeypatch.setattr(train.os, "replace", replace)
+    train._write_dir_atomically(tmp_path / "ckpt", {"meta.json": b"new"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (tmp_path / "ckpt" / "meta.json").read_bytes() == b"new"
+
+
+def test_resume_settings_rebuild_the_run(straight, digits, tmp_path, monkeypatch):
+    result, ckpt = straight
+    half = tmp_path / "ckpt"
+    copy_checkpoint(ckpt, tmp_path / "ckpt.old")
+    settings = train.resume_settings(half)
+    assert settings["checkpoint"] == tmp_path / "ckpt.old" and settings["epochs_done"] == EPOCHS
+    assert settings["model"] == tiny() and settings["dataset"] == digits[0].name
+    fit_kwargs = {k: v for k, v in SETTINGS.items() if k != "progress"}
+    assert {k: settings["fit"][k] for k in fit_kwargs} == fit_kwargs
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run should not train again")
+
+    monkeypatch.setattr(train, "run_epoch", no_training)
+    again = train.fit(settings["model"], digits[0], eval_ds=digits[1], checkpoint_dir=half,
+                      meta={"note": "test"}, progress=False, **settings["fit"])
+    assert_trees_equal(again.variables, result.variables)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        train.resume_settings(tmp_path / "nowhere")
