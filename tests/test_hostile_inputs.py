@@ -8,8 +8,6 @@ declare would fail with MemoryError instead of the expected one-line ValueError.
 """
 
 import gzip
-import io
-import json
 import pickle
 import re
 import struct
