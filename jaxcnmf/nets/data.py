@@ -468,7 +468,10 @@ def load(
         FileNotFoundError: a named file or folder is missing, or a CIFAR dataset is found
             neither locally nor prepared in tensorflow-datasets.
         ValueError: unknown name, corrupt or truncated file (named in the message), images
-            of the wrong shape, dtype or size, labels out of range.
+            of the wrong shape, dtype or size, labels out of range or not integers, a file
+            or array header declaring more than the format allows or the file holds
+            (refused before anything that size is allocated), unnamed class ids far beyond
+            the number of images, an image over Pillow's decompression-bomb limit.
 
     Example:
         >>> ds = load("digits")
