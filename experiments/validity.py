@@ -71,7 +71,7 @@ def network(args, splits):
     model = models.build("small", splits.num_classes, args.width)
     result = train.fit(model, splits.train, epochs=args.epochs, batch_size=64 if args.dataset == "digits" else 128,
                        flip=args.dataset != "digits", eval_ds=splits.test, seed=args.seed,
-                       checkpoint_dir=Path(args.out) / "ckpt")
+                       checkpoint_dir=Path(args.work) / f"{args.dataset}-ckpt")
     return model, result.variables
 
 
@@ -127,6 +127,7 @@ def main(argv=None):
     parser.add_argument("--restarts", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="experiments/results/validity/digits")
+    parser.add_argument("--work", default="runs/validity", help="where the trained network is kept")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
