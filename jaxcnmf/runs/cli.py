@@ -286,13 +286,13 @@ def _add_demo(commands):
     demo.add_argument(
         "--quick",
         action="store_true",
-        help="a reduced run for smoke tests (1 epoch, 10 images per class, at most 100 "
-        "iterations)",
+        help="a reduced run for smoke tests (1 epoch, 10 images per class)",
     )
     _add_method(demo)
     demo.add_argument(
         "--max-iter", metavar="N", type=_positive_int, default=None,
-        help=f"most solver iterations (default: {_DEFAULT_MAX_ITER}, 100 with --quick)",
+        help=f"most solver iterations; the solver stops earlier on its KKT rule "
+        f"(default: {_DEFAULT_MAX_ITER})",
     )
     _add_pixels(demo)
     _add_tcav_step(demo)
@@ -698,13 +698,18 @@ def _cli_words(message: str) -> str:
     return message
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """warnings.showwarning for the CLI: one line, no file path or source line."""
+def _format_warning(message, category, filename, lineno, line=None):
+    """warnings.formatwarning for the CLI: one line, no file path or source line.
+
+    Replacing the format rather than ``showwarning`` keeps warnings visible to whoever
+    records them around ``main`` (``warnings.catch_warnings(record=True)``,
+    ``pytest.warns``).
+    """
     from jaxcnmf.solver.fit import DeadConceptWarning
 
     kind = "note" if issubclass(category, DeadConceptWarning) else "warning"
     text = " ".join(_cli_words(str(message)).split())
-    print(f"jaxcnmf: {kind}: {text}", file=sys.stderr, flush=True)
+    return f"jaxcnmf: {kind}: {text}\n"
 
 
 def _dataset_error(err: FileNotFoundError, args) -> str:
@@ -732,16 +737,17 @@ def _cli_environment():
     one stream and stdout carries only the result path main() prints after.
     """
     absl = logging.getLogger("absl")
-    absl_level = absl.level
+    absl_level, previous_format = absl.level, warnings.formatwarning
     absl.setLevel(logging.ERROR)
     previous_term = None
     if threading.current_thread() is threading.main_thread():
         previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-            warnings.showwarning = _show_warning
+        with contextlib.redirect_stdout(sys.stderr):
+            warnings.formatwarning = _format_warning
             yield
     finally:
+        warnings.formatwarning = previous_format
         absl.setLevel(absl_level)
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)

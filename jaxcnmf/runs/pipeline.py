@@ -230,9 +230,9 @@ def demo_config(*, quick: bool = False, method: str = DEFAULT_METHOD,
 
     Args:
         quick: a reduced run for smoke tests (1 epoch, narrow network, 10 images per class,
-            at most 100 iterations, no fidelity fits).
+            no fidelity fits).
         method: "hals" (default) or "mu".
-        max_iter: most solver iterations; None takes 500 (100 with ``quick``).
+        max_iter: most solver iterations; None takes 500.
         pixels: as :class:`RunConfig`'s ``pixels``.
         seed: seeds everything.
 
@@ -247,7 +247,7 @@ def demo_config(*, quick: bool = False, method: str = DEFAULT_METHOD,
         return RunConfig(
             command="demo", dataset="digits", model="small", width=0.25, epochs=1,
             train_batch_size=64, layers=DEMO_LAYERS, per_class=10, rank=10, method=method,
-            max_iter=100 if max_iter is None else max_iter, pixels=pixels,
+            max_iter=DEFAULT_MAX_ITER if max_iter is None else max_iter, pixels=pixels,
             fidelity_ranks=(), top_images=4, neighbours=5, seed=seed,
         )
     return RunConfig(
@@ -585,7 +585,7 @@ def train_model(*, model: str | None = None, dataset: str | None = None, source=
             "accuracy": result.accuracy, "history": result.history,
             "seconds": stages.seconds, "resumed": resume, "environment": environment(),
         })
-    stages.log(f"test accuracy {result.accuracy:.4f}; checkpoint: {checkpoint_dir}")
+    stages.log(f"test accuracy {result.accuracy:.4f}")  # the path itself goes to stdout
     return checkpoint_dir
 
 
