@@ -5,7 +5,11 @@ the command line (an unknown layer, a rank larger than the probe set, a missing 
 or data folder, a run directory that already exists or is incomplete, an unknown dataset)
 end with one line
 on stderr, ``jaxcnmf: error: ...``, and exit status 2; library errors are caught here and
-nowhere else.
+nowhere else. Python warnings (``ConvergenceWarning``, ``DeadConceptWarning``,
+``TcavWarning``, ...) print as one line each, ``jaxcnmf: warning: ...`` (a dead-concept
+warning as ``jaxcnmf: note: ...``), in command-line words. Progress, stage and epoch lines
+go to stderr; stdout receives only the final result path. SIGTERM is handled like Ctrl-C:
+the run directory's ``run.json`` ends ``"interrupted"``.
 
 Example:
     >>> from jaxcnmf.cli import main
@@ -14,8 +18,14 @@ Example:
 """
 
 import argparse
+import contextlib
+import logging
+import re
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -36,8 +46,8 @@ Run 'jaxcnmf COMMAND --help' for the options of one command.
 _EPILOG_DEMO = """\
 The demo trains a small CNN on the digits bundled with scikit-learn (no files, no network),
 probes the pixels and the layers conv2, conv3 and pool of 30 test images per class,
-factorizes them with rank 10 and writes OUT/report.html, in one to two minutes on a
-laptop CPU.
+factorizes them with rank 10 (HALS, at most 500 iterations: it stops on its KKT rule well
+before) and writes OUT/report.html.
 
 If --out already holds files, the demo writes to a new directory OUT-YYYYmmdd-HHMMSS
 beside it instead, so that repeating the demo never destroys an earlier run; pass --force
@@ -48,7 +58,7 @@ to overwrite OUT itself.
 examples:
   jaxcnmf demo
   jaxcnmf demo --quick --out /tmp/demo
-  jaxcnmf demo --method hals --force
+  jaxcnmf demo --method mu --max-iter 1000 --force
   jaxcnmf demo --tcav --tcav-runs 20
 """
 
@@ -57,12 +67,20 @@ Writes the checkpoint to OUT/ckpt (the path 'jaxcnmf analyze --checkpoint' takes
 per-epoch history to OUT/train.json.
 
 datasets: digits (bundled, offline), cifar10 and cifar100 (from --source, the folder holding
-the official python archives, or tensorflow-datasets), an image folder (one sub-folder per
-class) or an .npz file with 'images' and 'labels'.
+the official python archives, or tensorflow-datasets), an image folder or an .npz file with
+'images' and 'labels'. An image folder holds one sub-folder per class (ROOT/CLASS/IMAGE), or
+superclass/class folders (ROOT/SUPERCLASS/CLASS/IMAGE: the superclasses become coarse labels,
+for 'analyze --groups superclass'), optionally under ROOT/train and ROOT/test.
+
+If OUT/ckpt already holds a checkpoint, train refuses it unless --resume (continue that
+training where it stopped, with the checkpoint's own settings) or --force (start over).
 
 examples:
   jaxcnmf train --model small --dataset digits --out runs/digits --epochs 5
-  jaxcnmf train --model small --dataset cifar10 --source ~/data --out runs/c10 --epochs 30
+  jaxcnmf train --model small --dataset cifar10 --source ~/data --out runs/c10 --epochs 30 \\
+                --schedule onecycle --warmup 0.15 --label-smoothing 0.1
+  jaxcnmf train --dataset cifar10 --source ~/data --out runs/c10 --resume
+  jaxcnmf train --dataset ~/photos --out runs/photos --epochs 20     # superclass/class folders
   jaxcnmf train --model resnet18 --dataset cifar100 --source ~/data --out runs/r18 --width 0.5
 """
 
@@ -78,10 +96,16 @@ examples:
   jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
                   --layers conv2,conv3,pool --per-class 300 --rank 20 --out runs/c10/concepts
   jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
-                  --layers pool --no-pixels --method hals --restarts 5 --out runs/c10/hals
+                  --layers pool --pixels none --restarts 5 --no-baseline --out runs/c10/pool
   jaxcnmf analyze --checkpoint runs/r18/ckpt --dataset cifar100 --source DIR \\
-                  --layers conv4_x,conv5_x,avgpool --per-class 30 --rank 20 --max-iter 50 \\
+                  --layers conv4_x,conv5_x,avgpool --per-class 30 --rank 20 \\
                   --group-sparse 0.1 --groups superclass --out runs/r18/concepts
+
+--group-sparse F sets the group penalty as a fraction F in (0, 1] of the smallest penalty
+that zeroes every group, whatever the data's scale; concepts that end empty are reported
+in a note line and in run.json ("dead_concepts"); if every concept dies the run fails.
+--group-lam sets the absolute weight instead (for experts). --pixels auto (the default)
+uses one gray pixel view when the probe images are gray pictures stored as RGB.
   jaxcnmf analyze --checkpoint runs/c10/ckpt --dataset cifar10 --source DIR \\
                   --layers conv2,conv3 --rank 20 --tcav --tcav-runs 50 --out runs/c10/tcav
 """
@@ -161,6 +185,10 @@ _positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
 _at_least_two = _checked(int, lambda value: value >= 2, "an integer >= 2")
 _level = _checked(float, lambda value: 0 < value < 1, "a level in (0, 1)")
 _non_negative_float = _checked(float, lambda value: value >= 0, "a number >= 0")
+_fraction = _checked(float, lambda value: 0 < value <= 1, "a fraction in (0, 1]")
+_unit_interval = _checked(float, lambda value: 0 <= value < 1, "a number in [0, 1)")
+_positive_float = _checked(float, lambda value: 0 < value < float("inf"),
+                           "a finite number > 0")
 _positive_int_list = _checked(
     lambda text: tuple(int(item) for item in text.split(",")),
     lambda values: all(value >= 1 for value in values),
@@ -193,11 +221,36 @@ def _classes(text):
     return None if text.strip() == "all" else _comma_list(text)
 
 
-def _add_data(parser):
+_DEFAULT_MAX_ITER = 500  # pipeline.DEFAULT_MAX_ITER; repeated so --help imports no jax
+
+
+def _add_method(parser):
+    parser.add_argument(
+        "--method", choices=("hals", "mu"), default="hals",
+        help="solver: hals (default; converges in a few hundred iterations) or mu "
+        "(multiplicative updates, much slower to converge)",
+    )
+
+
+def _add_pixels(parser):
+    parser.add_argument(
+        "--pixels", choices=("auto", "rgb", "gray", "none"), default="auto",
+        help="pixel views factorized with the layers: rgb (one per channel), gray (one), "
+        "none, or auto: gray when every probe image has equal red, green and blue "
+        "(default: auto)",
+    )
+    parser.add_argument(  # the earlier spelling of --pixels none
+        "--no-pixels", dest="pixels", action="store_const", const="none",
+        help=argparse.SUPPRESS,
+    )
+
+
+def _add_data(parser, default="digits"):
     parser.add_argument(
         "--dataset",
-        default="digits",
-        help="digits, cifar10, cifar100, an image folder or an .npz file (default: digits)",
+        default=default,
+        help="digits, cifar10, cifar100, an image folder or an .npz file (default: digits"
+        + (", or the checkpoint's with --resume)" if default is None else ")"),
     )
     parser.add_argument(
         "--source",
@@ -233,11 +286,15 @@ def _add_demo(commands):
     demo.add_argument(
         "--quick",
         action="store_true",
-        help="a reduced run for smoke tests (1 epoch, 10 images per class, 30 iterations)",
+        help="a reduced run for smoke tests (1 epoch, 10 images per class)",
     )
+    _add_method(demo)
     demo.add_argument(
-        "--method", choices=("mu", "hals"), default="mu", help="solver (default: mu)"
+        "--max-iter", metavar="N", type=_positive_int, default=None,
+        help=f"most solver iterations; the solver stops earlier on its KKT rule "
+        f"(default: {_DEFAULT_MAX_ITER})",
     )
+    _add_pixels(demo)
     _add_tcav_step(demo)
     _add_common(demo)
 
@@ -249,22 +306,44 @@ def _add_train(commands):
         description="Train one of the bundled CNNs and save a checkpoint for 'analyze'.",
         epilog=_EPILOG_TRAIN,
     )
+    # Training settings default to None: with --resume only the ones given are checked
+    # against the checkpoint's; without it None takes the default named in the help.
     train.add_argument(
-        "--model", default="small", help="small, resnet18 or vgg11 (default: small)"
+        "--model", default=None, help="small, resnet18 or vgg11 (default: small)"
     )
-    _add_data(train)
+    _add_data(train, default=None)
     train.add_argument("--out", required=True, help="output directory; checkpoint in OUT/ckpt")
-    train.add_argument("--epochs", type=_positive_int, default=10, help="default: 10")
+    train.add_argument("--epochs", type=_positive_int, default=None, help="default: 10")
     train.add_argument(
-        "--width", type=float, default=1.0, help="channel width multiplier (default: 1.0)"
+        "--width", type=_positive_float, default=None,
+        help="channel width multiplier (default: 1.0)",
     )
-    train.add_argument("--batch-size", type=_positive_int, default=128, help="default: 128")
+    train.add_argument("--batch-size", type=_positive_int, default=None, help="default: 128")
     train.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: the trainer's)"
+        "--lr", type=_positive_float, default=None,
+        help="peak learning rate (default: the trainer's, 0.05)",
     )
     train.add_argument(
-        "--no-augment", dest="augment", action="store_false",
+        "--schedule", choices=("cosine", "onecycle", "constant"), default=None,
+        help="learning-rate schedule: cosine (warm-up, then cosine to 0), onecycle or "
+        "constant (default: cosine)",
+    )
+    train.add_argument(
+        "--warmup", metavar="FRACTION", type=_unit_interval, default=None,
+        help="fraction of the steps spent warming up to --lr (default: 0, 0.25 for onecycle)",
+    )
+    train.add_argument(
+        "--label-smoothing", metavar="EPS", type=_unit_interval, default=None,
+        help="label smoothing in [0, 1) (default: 0)",
+    )
+    train.add_argument(
+        "--no-augment", dest="augment", action="store_false", default=None,
         help="no random crops and flips",
+    )
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue the training checkpointed in OUT/ckpt (or the ckpt.old a crash "
+        "left), with its own settings",
     )
     _add_common(train)
 
@@ -288,12 +367,7 @@ def _add_probe_options(parser):
         default=100,
         help="probe images per class, balanced (default: 100)",
     )
-    parser.add_argument(
-        "--pixels",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="factorize the pixel channels together with the layers (default: yes)",
-    )
+    _add_pixels(parser)
     parser.add_argument(
         "--pooling",
         choices=("flatten", "mean", "max"),
@@ -309,12 +383,11 @@ def _add_solver_options(parser):
         "--rank", metavar="K", type=_positive_int, default=20,
         help="number of concepts (default: 20)",
     )
+    _add_method(parser)
     parser.add_argument(
-        "--method", choices=("mu", "hals"), default="mu", help="solver (default: mu)"
-    )
-    parser.add_argument(
-        "--max-iter", metavar="N", type=_positive_int, default=200,
-        help="most solver iterations (default: 200)",
+        "--max-iter", metavar="N", type=_positive_int, default=_DEFAULT_MAX_ITER,
+        help=f"most solver iterations; the solver stops earlier on its KKT rule "
+        f"(default: {_DEFAULT_MAX_ITER})",
     )
     parser.add_argument(
         "--restarts",
@@ -335,18 +408,32 @@ def _add_solver_options(parser):
         action="store_true",
         help="normalise each loadings column to unit norm (scale lives in F)",
     )
-    parser.add_argument(
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
         "--group-sparse",
+        metavar="F",
+        type=_fraction,
+        default=None,
+        help="group lasso on F over the --groups, as a fraction in (0, 1] of the smallest "
+        "penalty that zeroes every group (try 0.01-0.1; default: off)",
+    )
+    group.add_argument(
+        "--group-lam",
         metavar="LAM",
         type=_non_negative_float,
         default=0.0,
-        help="group-lasso weight on F over the --groups (default: 0, off)",
+        help="the group-lasso weight as an absolute number instead (experts; its useful "
+        "range depends on the data's scale)",
     )
     parser.add_argument(
         "--groups",
         choices=("class", "superclass"),
         default="class",
         help="groups of images for --group-sparse (default: class)",
+    )
+    parser.add_argument(
+        "--no-baseline", dest="baseline", action="store_false",
+        help="skip the k-means baseline the report compares the concepts with",
     )
 
 
@@ -472,13 +559,23 @@ def _demo(args):
     # Settings are checked before the run directory is chosen, so a bad argument ends
     # with its error line alone.
     tcav = _tcav_settings(args)
-    out = Path(args.out)
+    out = _check_out_arg(args.out)
     if not args.force and pipeline.holds_files(out):
         requested = out
         out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _note(f"{requested} already holds a run; writing to {out} (--force overwrites it)")
-    config = pipeline.demo_config(quick=args.quick, method=args.method, seed=args.seed)
+    config = pipeline.demo_config(quick=args.quick, method=args.method,
+                                  max_iter=args.max_iter, pixels=args.pixels, seed=args.seed)
     return pipeline.run(config, out, force=args.force, progress=not args.quiet, tcav=tcav)
+
+
+def _check_out_arg(out) -> Path:
+    """``--out`` as a Path; an existing non-directory (a file, a device) is an error."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory; expected a new or "
+                         "existing directory")
+    return out
 
 
 def _tcav_settings(args):
@@ -501,18 +598,24 @@ def _tcav_settings(args):
 def _train(args):
     from jaxcnmf.runs import pipeline
 
+    if args.resume and args.force:
+        raise UsageError("--resume and --force: expected one of them (--force starts over)")
     return pipeline.train_model(
         model=args.model,
         dataset=args.dataset,
         source=args.source,
-        out=args.out,
+        out=_check_out_arg(args.out),
         epochs=args.epochs,
         width=args.width,
         batch_size=args.batch_size,
         lr=args.lr,
         augment=args.augment,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        label_smoothing=args.label_smoothing,
         seed=args.seed,
         force=args.force,
+        resume=args.resume,
         progress=not args.quiet,
     )
 
@@ -536,15 +639,17 @@ def _analyze(args):
         restarts=args.restarts,
         weights=None if args.weights == "none" else args.weights,
         unit_columns=args.unit_columns,
-        group_lam=args.group_sparse,
+        group_lam=args.group_lam,
+        group_lam_fraction=args.group_sparse,
         groups=args.groups,
+        baseline=args.baseline,
         fidelity_ranks=args.fidelity_ranks,
         batch_size=args.batch_size,
         seed=args.seed,
     )
     tcav = _tcav_settings(args)
-    return pipeline.run(config, args.out, force=args.force, progress=not args.quiet,
-                        tcav=tcav)
+    return pipeline.run(config, _check_out_arg(args.out), force=args.force,
+                        progress=not args.quiet, tcav=tcav)
 
 
 def _tcav(args):
@@ -577,6 +682,81 @@ def _fail(message):
     return EXIT_USAGE
 
 
+# Library parameter names in warnings and errors, as the command line spells them.
+_CLI_WORDS = (
+    (r"\bgroup_lam_fraction[ =]", "--group-sparse "),
+    (r"\bgroup_lam[ =]", "--group-lam "),
+    (r"\bmax_iter[ =]", "--max-iter "),
+    (r"\bmax_iter\b", "--max-iter"),
+    (r"\bsource=DIR\b", "--source DIR"),
+)
+
+
+def _cli_words(message: str) -> str:
+    for pattern, words in _CLI_WORDS:
+        message = re.sub(pattern, words, message)
+    return message
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    """warnings.formatwarning for the CLI: one line, no file path or source line.
+
+    Replacing the format rather than ``showwarning`` keeps warnings visible to whoever
+    records them around ``main`` (``warnings.catch_warnings(record=True)``,
+    ``pytest.warns``).
+    """
+    from jaxcnmf.solver.fit import DeadConceptWarning
+
+    kind = "note" if issubclass(category, DeadConceptWarning) else "warning"
+    text = " ".join(_cli_words(str(message)).split())
+    return f"jaxcnmf: {kind}: {text}\n"
+
+
+def _dataset_error(err: FileNotFoundError, args) -> str:
+    """A CIFAR that is nowhere to be found, in command-line words: what to pass."""
+    from jaxcnmf.nets import data
+
+    dataset, message = getattr(args, "dataset", None), str(err)
+    spec = getattr(data, "_CIFAR", {}).get(dataset)
+    if spec is None or getattr(args, "source", None) or \
+            not message.startswith(f"{dataset}: not found"):
+        return _cli_words(message)
+    looked = re.search(r"Looked in: (.*?)\.\s", message)
+    return (f"{dataset}: not found; pass --source DIR, where DIR holds {spec['archive']} "
+            f"or its extracted {spec['folder']}/ (or set $JAXCNMF_DATA=DIR)"
+            + (f"; looked in {looked.group(1)}" if looked else ""))
+
+
+@contextlib.contextmanager
+def _cli_environment():
+    """What main() changes for the duration of a command, and restores after it.
+
+    Warnings print as one line; absl's logging (tensorflow-datasets') is quieted below
+    errors; SIGTERM raises KeyboardInterrupt like Ctrl-C, so the run directory is marked
+    "interrupted"; stdout goes to stderr, so that progress, stage and epoch lines share
+    one stream and stdout carries only the result path main() prints after.
+    """
+    absl = logging.getLogger("absl")
+    absl_level, previous_format = absl.level, warnings.formatwarning
+    absl.setLevel(logging.ERROR)
+    previous_term = None
+    if threading.current_thread() is threading.main_thread():
+        previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            warnings.formatwarning = _format_warning
+            yield
+    finally:
+        warnings.formatwarning = previous_format
+        absl.setLevel(absl_level)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     """Run the ``jaxcnmf`` command.
 
@@ -585,8 +765,9 @@ def main(argv=None):
             ``sys.argv[1:]``.
 
     Returns:
-        int: 0 on success. Usage and input errors raise ``SystemExit(2)`` after one line
-        ``jaxcnmf: error: ...`` on stderr; Ctrl-C raises ``SystemExit(130)``.
+        int: 0 on success, after printing the result path (report, checkpoint) on
+        stdout. Usage and input errors raise ``SystemExit(2)`` after one line
+        ``jaxcnmf: error: ...`` on stderr; Ctrl-C and SIGTERM raise ``SystemExit(130)``.
 
     Example:
         >>> main(["demo", "--quick", "--out", "/tmp/demo"])  # doctest: +SKIP
@@ -601,10 +782,12 @@ def main(argv=None):
         parser.print_help(sys.stderr)
         raise SystemExit(EXIT_USAGE)
     try:
-        written = _COMMANDS[args.command](args)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError,
-            NotADirectoryError) as err:
-        raise SystemExit(_fail(err)) from None
+        with _cli_environment():
+            written = _COMMANDS[args.command](args)
+    except FileNotFoundError as err:
+        raise SystemExit(_fail(_dataset_error(err, args))) from None
+    except (UsageError, ValueError, FileExistsError, NotADirectoryError) as err:
+        raise SystemExit(_fail(_cli_words(str(err)))) from None
     except KeyboardInterrupt:
         _note("interrupted; the output directory is incomplete (no COMPLETE marker)")
         raise SystemExit(EXIT_INTERRUPTED) from None

@@ -28,6 +28,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,31 @@ from jaxcnmf.runs.rundir import (  # noqa: F401  (re-exported)
     SavedRun,
     check_out_dir,
     environment,
+    files_under,
     holds_files,
     load_run,
     load_tcav,
+    lock_run_dir,
     progress_bar,
     save_tcav,
     start_run_dir,
     write_bytes_atomic,
     write_json_atomic,
+    written_files,
 )
 
 DEMO_LAYERS = ("conv2", "conv3", "pool")
 DEFAULT_TCAV_TOP = 50
 LOGITS = "fc"
+PIXEL_MODES = ("auto", "rgb", "gray", "none")
+# Solver defaults of demo and analyze, from measurement: with the KKT stopping rule, HALS
+# at tol=1e-4 ends within 0.1% of its best objective in about 220 iterations on the demo's
+# and the experiments' activation problems, while MU is not within 1% after 1000.
+DEFAULT_METHOD = "hals"
+DEFAULT_MAX_ITER = 500
+# The RunConfig fields that describe a network to train: recorded only when one is trained.
+TRAINING_FIELDS = ("model", "width", "epochs", "train_batch_size", "lr", "augment",
+                   "schedule", "warmup", "label_smoothing")
 
 
 def _settings_json(settings) -> dict[str, Any]:
@@ -79,17 +92,25 @@ class RunConfig:
         dataset: "digits", "cifar10", "cifar100", an image folder or an .npz file.
         source: folder holding the dataset files, or None.
         checkpoint: a checkpoint from ``jaxcnmf train``; None trains ``model`` first.
-        model, width, epochs, train_batch_size, lr, augment: the network to train when
-            ``checkpoint`` is None (``lr=None`` takes the trainer's default).
+        model, width, epochs, train_batch_size, lr, augment, schedule, warmup,
+            label_smoothing: the network to train when ``checkpoint`` is None (``None``
+            takes the trainer's default); ``to_json`` leaves them out otherwise.
         layers: layers to probe, in order; None probes every probe-able layer.
         split: "test" or "train", where the probe set comes from.
         per_class: probe images per class (None: the whole split).
-        pixels: factorize the pixel channels as views too.
+        pixels: the pixel views: "auto" (one gray view when every probe image has equal
+            red, green and blue, else one view per channel), "rgb", "gray" or "none";
+            True means "rgb" and False "none".
         pooling: "flatten", "mean" or "max" for conv layers.
         rank, method, max_iter, tol, restarts, weights, unit_columns: passed to
             :func:`jaxcnmf.fit` (``weights`` is "balanced" or None).
-        group_lam: group-lasso weight on F; 0 switches it off.
-        groups: "class" or "superclass", the image groups for ``group_lam``.
+        group_lam: absolute group-lasso weight on F; 0 switches it off.
+        group_lam_fraction: the group penalty as a fraction in (0, 1] of the smallest
+            one that zeroes every group (``jaxcnmf.fit``'s ``group_lam_fraction``); the
+            scale-free way to set it. At most one of the two is set.
+        groups: "class" or "superclass", the image groups of the group penalty.
+        baseline: run the k-means baseline (``analysis.json`` records ``"kmeans": null``
+            without it).
         fidelity_ranks: ranks at which fidelity is measured besides ``rank``.
         batch_size: probing batch size.
         top_images: images shown per concept in the report.
@@ -107,20 +128,25 @@ class RunConfig:
     train_batch_size: int = 128
     lr: float | None = None
     augment: bool = True
+    schedule: str | None = None
+    warmup: float | None = None
+    label_smoothing: float | None = None
     layers: tuple[str, ...] | None = None
     split: str = "test"
     per_class: int | None = 100
-    pixels: bool = True
+    pixels: bool | str = "auto"
     pooling: str = "flatten"
     rank: int = 20
-    method: str = "mu"
-    max_iter: int = 200
+    method: str = DEFAULT_METHOD
+    max_iter: int = DEFAULT_MAX_ITER
     tol: float = 1e-4
     restarts: int = 1
     weights: str | None = "balanced"
     unit_columns: bool = False
     group_lam: float = 0.0
+    group_lam_fraction: float | None = None
     groups: str = "class"
+    baseline: bool = True
     fidelity_ranks: tuple[int, ...] = (2, 5, 10)
     batch_size: int = 256
     top_images: int = 8
@@ -128,8 +154,27 @@ class RunConfig:
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as a JSON-ready dict (tuples become lists)."""
-        return _settings_json(self)
+        """The settings as a JSON-ready dict (tuples become lists), without the training
+        settings when the network comes from a checkpoint (they were never used)."""
+        settings = _settings_json(self)
+        if self.checkpoint is not None:
+            for name in TRAINING_FIELDS:
+                settings.pop(name)
+        return settings
+
+    @property
+    def pixel_mode(self) -> str:
+        """``pixels`` as one of "auto", "rgb", "gray", "none"."""
+        if self.pixels is True:
+            return "rgb"
+        if self.pixels is False or self.pixels is None:
+            return "none"
+        return self.pixels
+
+    @property
+    def group_penalty(self) -> bool:
+        """Whether the fit has a group penalty."""
+        return self.group_lam > 0 or self.group_lam_fraction is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,13 +223,17 @@ class TcavConfig:
         return _settings_json(self)
 
 
-def demo_config(*, quick: bool = False, method: str = "mu", seed: int = 0) -> RunConfig:
+def demo_config(*, quick: bool = False, method: str = DEFAULT_METHOD,
+                max_iter: int | None = None, pixels: bool | str = "auto",
+                seed: int = 0) -> RunConfig:
     """Settings of ``jaxcnmf demo``: a small CNN on the bundled digits, rank 10.
 
     Args:
         quick: a reduced run for smoke tests (1 epoch, narrow network, 10 images per class,
-            30 iterations, fidelity at rank 10 only).
-        method: "mu" or "hals".
+            no fidelity fits).
+        method: "hals" (default) or "mu".
+        max_iter: most solver iterations; None takes 500.
+        pixels: as :class:`RunConfig`'s ``pixels``.
         seed: seeds everything.
 
     Returns:
@@ -198,12 +247,14 @@ def demo_config(*, quick: bool = False, method: str = "mu", seed: int = 0) -> Ru
         return RunConfig(
             command="demo", dataset="digits", model="small", width=0.25, epochs=1,
             train_batch_size=64, layers=DEMO_LAYERS, per_class=10, rank=10, method=method,
-            max_iter=30, fidelity_ranks=(), top_images=4, neighbours=5, seed=seed,
+            max_iter=DEFAULT_MAX_ITER if max_iter is None else max_iter, pixels=pixels,
+            fidelity_ranks=(), top_images=4, neighbours=5, seed=seed,
         )
     return RunConfig(
         command="demo", dataset="digits", model="small", width=0.5, epochs=4,
         train_batch_size=64, layers=DEMO_LAYERS, per_class=30, rank=10, method=method,
-        max_iter=200, fidelity_ranks=(5,), top_images=6, neighbours=10, seed=seed,
+        max_iter=DEFAULT_MAX_ITER if max_iter is None else max_iter, pixels=pixels,
+        fidelity_ranks=(5,), top_images=6, neighbours=10, seed=seed,
     )
 
 
@@ -253,6 +304,16 @@ def _check_config(config: RunConfig) -> None:
         raise ValueError(f"split: expected 'train' or 'test', got {config.split!r}")
     if config.groups not in ("class", "superclass"):
         raise ValueError(f"groups: expected 'class' or 'superclass', got {config.groups!r}")
+    if config.pixel_mode not in PIXEL_MODES:
+        raise ValueError(f"pixels: expected True, False or one of {', '.join(PIXEL_MODES)}, "
+                         f"got {config.pixels!r}")
+    if config.group_lam_fraction is not None:
+        if not 0 < config.group_lam_fraction <= 1:
+            raise ValueError(f"group_lam_fraction: expected a fraction in (0, 1], got "
+                             f"{config.group_lam_fraction!r}")
+        if config.group_lam > 0:
+            raise ValueError(f"group_lam_fraction: expected either group_lam or "
+                             f"group_lam_fraction, got both (group_lam={config.group_lam})")
     if config.layers is not None and not config.layers:
         # The analyses (k-means baseline, neurons per layer, fidelity) are about layers.
         raise ValueError("layers: expected at least one layer, got none")
@@ -329,7 +390,8 @@ def _check_probe_set(config: RunConfig, probe_set) -> None:
                     f"{name}: expected 1 <= rank <= {n_images} (the number of probe images), "
                     f"got {rank}; lower the rank or raise --per-class"
                 )
-    if config.group_lam > 0 and config.groups == "superclass" and probe_set.coarse_labels is None:
+    if config.group_penalty and config.groups == "superclass" \
+            and probe_set.coarse_labels is None:
         raise ValueError(
             f"groups: 'superclass' needs a dataset with coarse labels; "
             f"{config.dataset!r} has none (use --groups class)"
@@ -373,7 +435,9 @@ def _train(config: RunConfig, model, splits, checkpoint_dir: Path, progress: boo
     """Train ``model`` on the train split; returns its variables and the model record."""
     result = _fit_network(model, splits, checkpoint_dir, epochs=config.epochs,
                           batch_size=config.train_batch_size, lr=config.lr,
-                          augment=config.augment, seed=config.seed, progress=progress)
+                          augment=config.augment, schedule=config.schedule,
+                          warmup=config.warmup, label_smoothing=config.label_smoothing,
+                          seed=config.seed, progress=progress)
     return result.variables, {
         "model_name": config.model, "width": config.width, "checkpoint": str(checkpoint_dir),
         "num_classes": splits.num_classes, "accuracy": result.accuracy, "epochs": result.epochs,
@@ -381,14 +445,24 @@ def _train(config: RunConfig, model, splits, checkpoint_dir: Path, progress: boo
 
 
 def _fit_network(network, splits, checkpoint_dir: Path, *, epochs: int, batch_size: int,
-                 lr: float | None, augment: bool, seed: int, progress: bool):
-    """``train.fit`` on the train split, scored on the test split, from scratch."""
+                 lr: float | None, augment: bool, seed: int, progress: bool,
+                 schedule: str | None = None, warmup: float | None = None,
+                 label_smoothing: float | None = None, resume: bool = False, **extra):
+    """``train.fit`` on the train split, scored on the test split; None takes fit's default.
+
+    ``resume=False`` starts from scratch; ``resume=True`` continues the checkpoint in
+    ``checkpoint_dir`` (``extra`` then carries the rest of its recorded settings).
+    """
     from jaxcnmf.nets import train
 
+    optional = {"lr": lr, "schedule": schedule, "warmup": warmup,
+                "label_smoothing": label_smoothing}
+    extra.setdefault("flip", _flips(splits))
     return train.fit(
         network, splits.train, epochs=epochs, batch_size=batch_size, augment=augment,
-        flip=_flips(splits), eval_ds=splits.test, checkpoint_dir=checkpoint_dir,
-        resume=False, seed=seed, progress=progress, **({} if lr is None else {"lr": lr}),
+        eval_ds=splits.test, checkpoint_dir=checkpoint_dir, resume=resume, seed=seed,
+        progress=progress, **extra,
+        **{name: value for name, value in optional.items() if value is not None},
     )
 
 
@@ -397,53 +471,126 @@ def _flips(splits) -> bool:
     return splits.name != "digits"
 
 
-def train_model(*, model: str = "small", dataset: str = "digits", source=None, out,
-                epochs: int = 10, width: float = 1.0, batch_size: int = 128,
-                lr: float | None = None, augment: bool = True, seed: int = 0,
-                force: bool = False, progress: bool = True) -> Path:
+# train_model's settings and the values they take when neither given nor resumed.
+_TRAIN_DEFAULTS = {"model": "small", "epochs": 10, "width": 1.0, "batch_size": 128,
+                   "lr": None, "augment": True, "schedule": None, "warmup": None,
+                   "label_smoothing": None}
+
+
+def _resumed_settings(checkpoint_dir: Path, given: dict[str, Any]):
+    """The model and fit settings recorded in ``checkpoint_dir``; a given setting that
+    differs from the recorded one is an error (resuming continues the same run)."""
+    from jaxcnmf.nets import train
+
+    if train.find_checkpoint(checkpoint_dir) is None:
+        raise FileNotFoundError(
+            f"resume: no checkpoint to resume in {checkpoint_dir} (nor {checkpoint_dir}.old); "
+            "train without --resume to start one"
+        )
+    settings = train.resume_settings(checkpoint_dir)
+    recorded = {**settings["fit"], "model": settings["meta"].get("model_name"),
+                "width": settings["meta"].get("width")}
+    for name, value in given.items():
+        if value is not None and name in recorded and recorded[name] != value:
+            raise ValueError(
+                f"{name}: the checkpoint in {settings['checkpoint']} was trained with "
+                f"{recorded[name]!r}, got {value!r}; --resume continues that run with its "
+                "own settings (leave the option out, or start over with --force)"
+            )
+    return settings
+
+
+def train_model(*, model: str | None = None, dataset: str | None = None, source=None, out,
+                epochs: int | None = None, width: float | None = None,
+                batch_size: int | None = None, lr: float | None = None,
+                augment: bool | None = None, schedule: str | None = None,
+                warmup: float | None = None, label_smoothing: float | None = None,
+                seed: int = 0, force: bool = False, resume: bool = False,
+                progress: bool = True) -> Path:
     """Train a network and save it to ``out/ckpt`` (``jaxcnmf train``).
 
     Args:
-        model: "small", "resnet18" or "vgg11".
-        dataset, source: as for :func:`jaxcnmf.data.load`.
+        model: "small" (default), "resnet18" or "vgg11".
+        dataset, source: as for :func:`jaxcnmf.data.load` (dataset default: "digits", or
+            the checkpoint's when resuming).
         out: output directory; receives ``ckpt/`` and ``train.json`` (history, accuracy,
             wall time).
-        epochs, width, batch_size, lr, augment, seed: training settings (``lr=None`` takes
-            the trainer's default).
-        force: overwrite an ``out`` that holds files.
-        progress: progress bars and per-epoch lines on stderr.
+        epochs, width, batch_size, lr, augment, schedule, warmup, label_smoothing, seed:
+            training settings; None takes the default (epochs 10, width 1, batch 128,
+            augment on, the trainer's lr, schedule, warm-up and label smoothing), or with
+            ``resume`` the checkpoint's own.
+        force: start over in an ``out`` that holds files.
+        resume: continue the training checkpointed in ``out/ckpt`` (or the ``ckpt.old``
+            copy a crash left); a given setting must equal the recorded one.
+        progress: progress bars and per-epoch lines.
 
     Returns:
         Path of the checkpoint directory, for ``RunConfig(checkpoint=...)``.
+
+    Raises:
+        FileExistsError: ``out`` holds files (a checkpoint among them) without ``force``
+            or ``resume``, or another run holds its lock.
+        FileNotFoundError: ``resume`` without a checkpoint in ``out``.
 
     Example:
         >>> train_model(out="/tmp/digits", epochs=1)  # doctest: +SKIP
         PosixPath('/tmp/digits/ckpt')
     """
-    from jaxcnmf.nets import data, models
+    from jaxcnmf.nets import data, models, train
 
-    out = check_out_dir(out, force)
-    network = models.build(model, 1, width)  # fails on a bad name before any data is read
+    given = {"model": model, "epochs": epochs, "width": width, "batch_size": batch_size,
+             "lr": lr, "augment": augment, "schedule": schedule, "warmup": warmup,
+             "label_smoothing": label_smoothing}
+    out = Path(out)
+    checkpoint_dir = out / CHECKPOINT_DIR
+    if resume:
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"output directory: {out} exists and is not a directory")
+        settings = _resumed_settings(checkpoint_dir, given)
+        network, fit_settings = settings["model"], dict(settings["fit"])
+        model, width = settings["meta"].get("model_name", "?"), settings["meta"].get("width")
+        epochs = fit_settings.pop("epochs")
+        # The checkpoint names the split it trained on ("cifar10/train").
+        recorded = settings["dataset"].removesuffix("/train")
+        dataset = dataset or recorded or "digits"
+    else:
+        found = train.find_checkpoint(checkpoint_dir)
+        if found is not None and not force:
+            raise FileExistsError(
+                f"output directory {out} already holds a checkpoint ({found}); pass --resume "
+                "to continue its training, --force to start over, or choose another --out"
+            )
+        check_out_dir(out, force)
+        values = {name: _TRAIN_DEFAULTS[name] if value is None else value
+                  for name, value in given.items()}
+        model, epochs, width = values["model"], values["epochs"], values["width"]
+        network = models.build(model, 1, width)  # fails on a bad name before data is read
+        fit_settings = {name: values[name] for name in ("batch_size", "lr", "augment",
+                                                       "schedule", "warmup",
+                                                       "label_smoothing")}
+        fit_settings["seed"] = seed
+        dataset = dataset or "digits"
     stages = _Stages(progress)
     with stages("data", f"loading {dataset}"):
         splits = data.load(dataset, source=source, progress=progress)
-    network = network.clone(num_classes=splits.num_classes)
-    out.mkdir(parents=True, exist_ok=True)
-    with stages("train", f"{model} on {dataset}, {epochs} epochs"):
-        result = _fit_network(network, splits, out / CHECKPOINT_DIR, epochs=epochs,
-                              batch_size=batch_size, lr=lr, augment=augment, seed=seed,
-                              progress=progress)
-    write_json_atomic(out / "train.json", {
-        "model": model, "dataset": dataset, "width": width, "epochs": result.epochs,
-        "accuracy": result.accuracy, "history": result.history, "seconds": stages.seconds,
-        "environment": environment(),
-    })
-    stages.log(f"test accuracy {result.accuracy:.4f}; checkpoint: {out / CHECKPOINT_DIR}")
-    return out / CHECKPOINT_DIR
+    if not resume:
+        network = network.clone(num_classes=splits.num_classes)
+    with lock_run_dir(out):
+        verb = "resuming" if resume else "training"
+        with stages("train", f"{verb} {model} on {dataset}, {epochs} epochs"):
+            result = _fit_network(network, splits, checkpoint_dir, epochs=epochs,
+                                  resume=resume, progress=progress, **fit_settings)
+        write_json_atomic(out / "train.json", {
+            "model": model, "dataset": dataset, "width": width, "epochs": result.epochs,
+            "accuracy": result.accuracy, "history": result.history,
+            "seconds": stages.seconds, "resumed": resume, "environment": environment(),
+        })
+    stages.log(f"test accuracy {result.accuracy:.4f}")  # the path itself goes to stdout
+    return checkpoint_dir
 
 
 def _group_ids(config: RunConfig, probe_set):
-    if config.group_lam <= 0:
+    if not config.group_penalty:
         return None
     if config.groups == "superclass":
         return np.asarray(probe_set.coarse_labels)
@@ -466,18 +613,26 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         Path of ``report.html``.
 
     Raises:
-        FileExistsError: ``out`` holds files and ``force`` is False.
+        FileExistsError: ``out`` is not a directory, holds files and ``force`` is False,
+            or another run holds its lock (see :func:`jaxcnmf.runs.rundir.lock_run_dir`).
         FileNotFoundError: a missing checkpoint or dataset.
         ValueError: an unknown dataset or layer, a rank larger than the probe set, or any
-            other setting the library rejects. All of these are raised before training.
+            other setting the library rejects (all raised before training); or a group
+            penalty that zeroes every concept (the run is then marked "failed").
+
+    Warns:
+        DeadConceptWarning: some concepts are empty at the end of the fit (one warning,
+            in RunConfig words; ``run.json`` and ``analysis.json`` record
+            ``"dead_concepts"``).
+
+    ``run.json``'s status ends "complete", "failed" (with ``"error"``) or "interrupted"
+    (KeyboardInterrupt; the CLI turns SIGTERM into one).
 
     Example:
         >>> run(demo_config(quick=True), "/tmp/demo").name  # doctest: +SKIP
         'report.html'
     """
-    import jaxcnmf
-    from jaxcnmf.nets import data, probe
-    from jaxcnmf.runs import report
+    from jaxcnmf.nets import data
 
     _check_config(config)
     if tcav is not None:
@@ -501,6 +656,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         _check_tcav_probe(tcav, len(probe_set.labels), splits.class_names)
         tcav_layers = _tcav_layers(model, tcav, layers, probe_set.images.shape[1:])
 
+    pixels = _pixel_mode(config, probe_set.images, stages)
     record = {
         "status": "running",
         "started": started,
@@ -515,75 +671,148 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         },
         "model": {"name": type(model).__name__, **meta},
         "layers": list(layers),
+        "pixels": pixels,
         **({} if tcav is None else {"tcav": tcav.to_json()}),
         "seconds": stages.seconds,
         "environment": environment(),
     }
-    start_run_dir(out, record)
-    try:
-        if variables is None:
-            with stages("train", f"{config.model} on {config.dataset}, {config.epochs} epochs"):
-                variables, trained = _train(config, model, splits, out / CHECKPOINT_DIR,
-                                            progress)
-                record["model"].update(trained)
-        with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"):
-            # The logits come from the same forward pass; they are the one view that may
-            # be negative, and they are not factorized.
-            views = probe.collect(
-                model, variables, probe_set.images, layers + (LOGITS,), pixels=config.pixels,
-                pooling=config.pooling, batch_size=config.batch_size, progress=progress,
-                allow_negative=True,
-            )
-            predictions = views.pop(LOGITS).argmax(axis=0)
-        record["views"] = {name: list(view.shape) for name, view in views.items()}
-        record["probe_accuracy"] = float(np.mean(predictions == probe_set.labels))
+    with lock_run_dir(out):
+        start_run_dir(out, record)
+        before = files_under(out)  # the user's own files, which the run leaves alone
 
-        with stages("factorize", f"rank {config.rank}, {config.method}, {len(views)} views"):
-            result = jaxcnmf.fit(views, config.rank, progress=progress,
-                                 **_fit_settings(config, probe_set))
-        result.save(out / FACTORIZATION)
-        np.savez_compressed(
-            out / PROBE,
-            images=probe_set.images,
-            labels=probe_set.labels,
-            coarse_labels=(probe_set.coarse_labels if probe_set.coarse_labels is not None
-                           else np.full(len(probe_set.labels), -1)),
-            predictions=predictions,
-        )
-        record["factorization"] = {
-            "n_iter": int(result.n_iter),
-            "converged": bool(result.converged),
-            "relative_errors": {k: float(v) for k, v in result.relative_errors.items()},
-            "stability": None if result.stability is None else float(result.stability),
-        }
+        def save_record():
+            record["files"] = written_files(out, before, [RUN_JSON])
+            write_json_atomic(out / RUN_JSON, record)
 
-        with stages("analyze", "k-means baseline and fidelity per layer and rank"):
-            write_json_atomic(
-                out / ANALYSIS,
-                _network_analyses(config, model, variables, views, result, probe_set, layers,
-                                  progress),
-            )
-        if tcav is not None:
-            with stages("tcav", f"{config.rank} concepts at {', '.join(tcav_layers)}, "
-                                f"{tcav.random_runs} random runs"):
-                _tcav_step(tcav, tcav_layers, model, variables, result, probe_set.images,
-                           probe_set.labels, splits.class_names, out, progress)
-        write_json_atomic(out / RUN_JSON, record)
-
-        with stages("report", "figures, tables and report.html"):
-            # Drawn from the saved files, as `jaxcnmf report` does, so a re-draw is identical.
-            report_path = report.write_report(out, progress=progress)
-        record["status"] = "complete"
-        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json_atomic(out / RUN_JSON, record)
-        (out / COMPLETE).write_text(record["finished"] + "\n")
-    except BaseException as err:
-        record["status"] = "failed"
-        record["error"] = f"{type(err).__name__}: {err}"
-        write_json_atomic(out / RUN_JSON, record)
-        raise
-    stages.log(f"report: {report_path}")
+        try:
+            report_path = _run_stages(config, tcav, out, stages, record, save_record, model,
+                                      variables, splits, probe_set, layers, pixels,
+                                      tcav_layers if tcav is not None else None, progress)
+        except KeyboardInterrupt:
+            record["status"] = "interrupted"
+            record["error"] = "KeyboardInterrupt: interrupted (Ctrl-C or SIGTERM)"
+            save_record()
+            raise
+        except BaseException as err:
+            record["status"] = "failed"
+            record["error"] = f"{type(err).__name__}: {err}"
+            save_record()
+            raise
     return report_path
+
+
+def _pixel_mode(config: RunConfig, images, stages) -> str:
+    """The pixel views for these probe images: "rgb", "gray" or "none" ("auto" resolved,
+    with one log line when it collapses gray-as-RGB pictures to one gray view)."""
+    from jaxcnmf.nets import data
+
+    mode = config.pixel_mode
+    if images.shape[-1] == 1:
+        return "none" if mode == "none" else "rgb"  # one channel is the one gray view
+    if mode == "auto":
+        if data.same_channels(images):
+            stages.log("pixels: red, green and blue are equal in every probe image (gray "
+                       "pictures stored as RGB); using one gray pixel view (--pixels rgb "
+                       "keeps three)")
+            return "gray"
+        return "rgb"
+    return mode
+
+
+def _run_stages(config, tcav, out, stages, record, save_record, model, variables, splits,
+                probe_set, layers, pixels, tcav_layers, progress) -> Path:
+    """The stages after the run directory is set up; ``record`` is updated as they go."""
+    from jaxcnmf.nets import probe
+    from jaxcnmf.runs import report
+
+    if variables is None:
+        with stages("train", f"{config.model} on {config.dataset}, {config.epochs} epochs"):
+            variables, trained = _train(config, model, splits, out / CHECKPOINT_DIR,
+                                        progress)
+            record["model"].update(trained)
+    with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"):
+        # The logits come from the same forward pass; they are the one view that may
+        # be negative, and they are not factorized.
+        views = probe.collect(
+            model, variables, probe_set.images, layers + (LOGITS,), pixels=pixels,
+            pooling=config.pooling, batch_size=config.batch_size, progress=progress,
+            allow_negative=True,
+        )
+        predictions = views.pop(LOGITS).argmax(axis=0)
+    record["views"] = {name: list(view.shape) for name, view in views.items()}
+    record["probe_accuracy"] = float(np.mean(predictions == probe_set.labels))
+
+    with stages("factorize", f"rank {config.rank}, {config.method}, {len(views)} views"):
+        result, dead = _factorize(views, config, probe_set, progress)
+    result.save(out / FACTORIZATION)
+    np.savez_compressed(
+        out / PROBE,
+        images=probe_set.images,
+        labels=probe_set.labels,
+        coarse_labels=(probe_set.coarse_labels if probe_set.coarse_labels is not None
+                       else np.full(len(probe_set.labels), -1)),
+        predictions=predictions,
+    )
+    record["factorization"] = {
+        "n_iter": int(result.n_iter),
+        "converged": bool(result.converged),
+        "relative_errors": {k: float(v) for k, v in result.relative_errors.items()},
+        "stability": None if result.stability is None else float(result.stability),
+        "dead_concepts": dead,
+        "group_lam": float(result.config.get("group_lam", 0.0)),
+        "group_lam_fraction": result.config.get("group_lam_fraction"),
+    }
+
+    analyses = {"kmeans": None, "dead_concepts": dead}
+    if config.baseline:
+        with stages("baseline", f"k-means with k={config.rank} on "
+                                f"{', '.join(layers)}"):
+            analyses["kmeans"] = _kmeans(config, views, probe_set, layers)
+    with stages("fidelity", "fidelity per layer and rank"):
+        analyses.update(_fidelity(config, model, variables, views, result, probe_set,
+                                  layers, progress))
+    write_json_atomic(out / ANALYSIS, analyses)
+    if tcav is not None:
+        with stages("tcav", f"{config.rank} concepts at {', '.join(tcav_layers)}, "
+                            f"{tcav.random_runs} random runs"):
+            _tcav_step(tcav, tcav_layers, model, variables, result, probe_set.images,
+                       probe_set.labels, splits.class_names, out, progress)
+    save_record()
+
+    with stages("report", "figures, tables and report.html"):
+        # Drawn from the saved files, as `jaxcnmf report` does, so a re-draw is identical.
+        report_path = report.write_report(out, progress=progress)
+    record["status"] = "complete"
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    save_record()
+    write_bytes_atomic(out / COMPLETE, (record["finished"] + "\n").encode())
+    record["files"] = sorted(set(record["files"]) | {COMPLETE})
+    write_json_atomic(out / RUN_JSON, record)
+    return report_path
+
+
+def _factorize(views, config: RunConfig, probe_set, progress: bool):
+    """``jaxcnmf.fit`` with the run's settings; returns the result and how many of its
+    concepts are empty (then warned about once, in the run's words)."""
+    import jaxcnmf
+    from jaxcnmf.solver import fit as solver
+
+    with warnings.catch_warnings():
+        # fit's own warning names library internals; the one below names the setting.
+        warnings.simplefilter("ignore", solver.DeadConceptWarning)
+        result = jaxcnmf.fit(views, config.rank, progress=progress,
+                             **_fit_settings(config, probe_set))
+    dead = int(np.sum(~solver._live_mask(result)))
+    if dead:
+        if config.group_lam_fraction is not None:
+            where, hint = f"group_lam_fraction {config.group_lam_fraction:g}", "fraction"
+        elif config.group_lam > 0:
+            where, hint = f"group_lam {config.group_lam:g}", "value"
+        else:
+            where, hint = f"rank {config.rank}", "rank"
+        warnings.warn(f"{dead} of {config.rank} concepts are empty at {where}; try a "
+                      f"smaller {hint}", solver.DeadConceptWarning, stacklevel=3)
+    return result, dead
 
 
 def _fit_settings(config: RunConfig, probe_set) -> dict[str, Any]:
@@ -591,19 +820,26 @@ def _fit_settings(config: RunConfig, probe_set) -> dict[str, Any]:
         method=config.method, max_iter=config.max_iter, tol=config.tol, seed=config.seed,
         weights=config.weights, unit_columns=config.unit_columns,
         groups=_group_ids(config, probe_set), group_lam=config.group_lam,
-        restarts=config.restarts,
+        group_lam_fraction=config.group_lam_fraction, restarts=config.restarts,
     )
 
 
-def _network_analyses(config, model, variables, views, result, probe_set, layers, progress):
-    """The analyses the saved run cannot redo: they need the activations or the network."""
-    import jaxcnmf
-    from jaxcnmf.concepts.fidelity import fidelity
+def _kmeans(config, views, probe_set, layers) -> dict[str, Any]:
+    """The k-means baseline on the layer activations (it needs them: not redone later)."""
     from jaxcnmf.concepts.labels import kmeans_baseline
-    from jaxcnmf.nets import probe
 
     layer_views = {layer: views[layer] for layer in layers}
     baseline = kmeans_baseline(layer_views, probe_set.labels, k=config.rank, seed=config.seed)
+    return {"k": config.rank, "nmi": baseline.nmi, "purity": baseline.purity,
+            "views": list(layers)}
+
+
+def _fidelity(config, model, variables, views, result, probe_set, layers, progress):
+    """Fidelity per layer and rank (it needs the network: not redone later)."""
+    import jaxcnmf
+    from jaxcnmf.concepts.fidelity import fidelity
+    from jaxcnmf.nets import probe
+
     shapes = probe.available_layers(model, input_shape=tuple(probe_set.images.shape[1:]))
     # A pooled conv layer cannot be put back into the network, so it has no fidelity.
     replaceable = [l for l in layers if config.pooling == "flatten" or len(shapes[l]) == 1]
@@ -619,8 +855,6 @@ def _network_analyses(config, model, variables, views, result, probe_set, layers
                          layer, activations=views[layer], shape=shapes[layer])
         rows.extend(table.to_rows())
     return {
-        "kmeans": {"k": config.rank, "nmi": baseline.nmi, "purity": baseline.purity,
-                   "views": list(layers)},
         "fidelity": rows,
         "fidelity_skipped": [l for l in layers if l not in replaceable],
     }
@@ -712,15 +946,20 @@ def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(),
         layers = _tcav_layers(checkpoint.model, tcav_config, saved.record["layers"],
                               saved.images.shape[1:])
     rank = saved.result.F.shape[0]
-    with stages("tcav", f"{rank} concepts at {', '.join(layers)}, "
-                        f"{tcav_config.random_runs} random runs"):
-        _tcav_step(tcav_config, layers, checkpoint.model, checkpoint.variables, saved.result,
-                   saved.images, saved.labels, class_names, saved.path, progress)
-    record = saved.record
-    record["tcav"] = tcav_config.to_json()
-    record.setdefault("seconds", {})["tcav"] = stages.seconds["tcav"]
-    write_json_atomic(saved.path / RUN_JSON, record)
-    with stages("report", "re-drawing report.html with the TCAV section"):
-        path = report.write_report(saved.path, progress=progress)
-    stages.log(f"report: {path}")
+    with lock_run_dir(saved.path):
+        before = files_under(saved.path)
+        with stages("tcav", f"{rank} concepts at {', '.join(layers)}, "
+                            f"{tcav_config.random_runs} random runs"):
+            _tcav_step(tcav_config, layers, checkpoint.model, checkpoint.variables,
+                       saved.result, saved.images, saved.labels, class_names, saved.path,
+                       progress)
+        record = saved.record
+        record["tcav"] = tcav_config.to_json()
+        record.setdefault("seconds", {})["tcav"] = stages.seconds["tcav"]
+        record["files"] = written_files(saved.path, before, record.get("files", ()))
+        write_json_atomic(saved.path / RUN_JSON, record)
+        with stages("report", "re-drawing report.html with the TCAV section"):
+            path = report.write_report(saved.path, progress=progress)
+        record["files"] = written_files(saved.path, before, record["files"])
+        write_json_atomic(saved.path / RUN_JSON, record)
     return path

@@ -17,9 +17,13 @@ Run directory layout::
                         the per-run scores the report's heatmaps are drawn from
     ckpt/               the network, when this run trained it
     figures/*.png, tables/*.csv|json, report.html, COMPLETE
+    .jaxcnmf.lock       the lock a run holds while it writes here (see lock_run_dir)
 
 Every file is written through a temporary file in the same directory and renamed, so a
 reader never sees half of one; ``COMPLETE`` is written last, when the whole run is done.
+``run.json`` lists under ``"files"`` every file the run wrote (paths relative to the run
+directory); a forced re-run deletes those and nothing else (see :func:`start_run_dir`),
+so a user's own files in the directory survive ``--force``.
 
 Example:
     >>> from jaxcnmf.runs import rundir
@@ -30,7 +34,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import io
 import json
 import os
@@ -50,23 +57,31 @@ TCAV_ARRAYS = "tcav.npz"
 CHECKPOINT_DIR = "ckpt"
 COMPLETE = "COMPLETE"
 REPORT = "report.html"
+LOCK = ".jaxcnmf.lock"
+# What a run always writes under these names: a forced re-run removes them even when the
+# earlier run died before listing its files, so nothing of it can pass for the new run's.
+RUN_FILES = (COMPLETE, REPORT, FACTORIZATION, PROBE, ANALYSIS, TCAV, TCAV_ARRAYS)
 
 
 def holds_files(path: str | os.PathLike) -> bool:
-    """True when ``path`` exists and is not an empty directory."""
+    """True when ``path`` exists and is not a directory holding nothing but a run lock."""
     path = Path(path)
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if not path.exists():
+        return False
+    return not path.is_dir() or any(entry.name != LOCK for entry in path.iterdir())
 
 
 def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
     """Refuse an output directory that already holds files unless ``force``.
 
     Raises:
-        FileExistsError: ``out`` is a file, or holds files and ``force`` is False.
+        FileExistsError: ``out`` is not a directory (a file, even with ``force``), or
+            holds files and ``force`` is False.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output directory: {out} is a file, expected a directory")
+        raise FileExistsError(f"output directory: {out} exists and is not a directory; "
+                              "expected a directory (new or empty) for --out")
     if holds_files(out) and not force:
         raise FileExistsError(
             f"output directory {out} already exists and holds files; "
@@ -124,13 +139,102 @@ def environment() -> dict[str, str]:
     }
 
 
-def start_run_dir(out: Path, record: dict) -> None:
-    """Create ``out``, remove what a previous run left there, write ``record`` as ``run.json``."""
+@contextlib.contextmanager
+def lock_run_dir(out: str | os.PathLike):
+    """Hold an exclusive OS lock on the run directory ``out`` (created if missing).
+
+    The lock is ``fcntl.flock`` on ``out/.jaxcnmf.lock``: the kernel releases it when the
+    holder exits, however it exits, so a crashed run never leaves a stale lock. The file
+    itself stays (removing it would let a third process lock a new inode while a second
+    still holds the old one); :func:`holds_files` ignores it.
+
+    Raises:
+        FileExistsError: another process (or another open of the lock) holds it.
+
+    Example:
+        >>> with lock_run_dir("/tmp/run"):  # doctest: +SKIP
+        ...     pass  # a second writer into /tmp/run is refused meanwhile
+    """
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # A forced re-run must leave nothing of the previous run that could pass for its own:
-    # no finished report, and no saved results that `jaxcnmf report` would draw from.
-    for stale in (COMPLETE, REPORT, FACTORIZATION, PROBE, ANALYSIS, TCAV, TCAV_ARRAYS):
-        (out / stale).unlink(missing_ok=True)
+    path = out / LOCK
+    # Closing the only descriptor (leaving the with) releases the flock.
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise FileExistsError(
+                f"output directory {out} is in use by another jaxcnmf run (it holds the "
+                f"lock {path}); wait for that run to end or choose another --out"
+            ) from None
+        yield path
+
+
+def files_under(out: Path) -> set[str]:
+    """Relative POSIX paths of the regular files below ``out`` (the lock file excluded)."""
+    if not out.is_dir():
+        return set()
+    return {path.relative_to(out).as_posix() for path in out.rglob("*")
+            if path.is_file() and not path.is_symlink() and path.name != LOCK}
+
+
+def written_files(out: Path, before: set[str], earlier=()) -> list[str]:
+    """What a run wrote in ``out``: ``earlier`` entries and files not in ``before`` (sorted)."""
+    return sorted(set(earlier) | (files_under(out) - before))
+
+
+def recorded_files(out: Path) -> list[str]:
+    """The ``"files"`` list of ``out/run.json``, or [] when there is none or it is unreadable."""
+    try:
+        record = json.loads((out / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return []
+    files = record.get("files") if isinstance(record, dict) else None
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+
+
+def remove_written(out: Path) -> list[str]:
+    """Delete what the run recorded in ``out/run.json`` wrote, and its fixed file names.
+
+    Only files the earlier run listed under ``"files"`` (plus :data:`RUN_FILES`, which a
+    run that died before listing them may have left) are removed, and only when they lie
+    inside ``out``; folders are removed when that leaves them empty. A user's own files
+    stay, even in ``figures/`` or ``tables/``.
+
+    Returns:
+        The relative paths removed.
+    """
+    root = out.resolve()
+    removed = []
+    for name in sorted(set(recorded_files(out)) | set(RUN_FILES)):
+        path = out / name
+        try:
+            inside = path.resolve().is_relative_to(root) and path.resolve() != root
+        except OSError:
+            inside = False
+        if not inside or not path.is_file() or path.is_symlink() or path.name == LOCK:
+            continue
+        path.unlink()
+        removed.append(name)
+        for parent in path.parents:
+            if parent == out or not parent.is_relative_to(out):
+                break
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only when empty
+    return removed
+
+
+def start_run_dir(out: Path, record: dict) -> None:
+    """Create ``out``, remove what a previous run wrote there, write ``record`` as ``run.json``.
+
+    A forced re-run must leave nothing of the previous run that could pass for its own (no
+    finished report, no saved results that ``jaxcnmf report`` would draw from), and must
+    not touch anything else: see :func:`remove_written`.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    remove_written(out)
     write_json_atomic(out / RUN_JSON, record)
 
 

@@ -1,8 +1,11 @@
 """The ``jaxcnmf`` command line: help, ``train``, and one clear error line per bad argument."""
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -94,7 +97,7 @@ def test_checkpoint_that_is_a_file(tmp_path, capsys):
     not_a_checkpoint.write_bytes(b"0")
     line = _error_line(capsys, ["analyze", "--checkpoint", str(not_a_checkpoint),
                                 "--out", str(tmp_path / "run"), "--quiet"])
-    assert "expected a directory" in line
+    assert "expected a directory" in line and "--out" not in line
 
 
 def test_missing_data(checkpoint, tmp_path, capsys):
@@ -175,7 +178,8 @@ def test_demo_keeps_an_existing_run_and_writes_beside_it(tmp_path, monkeypatch, 
     seen = {}
 
     def fake_run(config, out, *, force, progress, tcav):
-        seen.update(out=Path(out), force=force, quick=config.per_class, tcav=tcav)
+        seen.update(out=Path(out), force=force, quick=config.per_class, tcav=tcav,
+                    config=config)
         return Path(out) / "report.html"
 
     monkeypatch.setattr(pipeline, "run", fake_run)
@@ -192,9 +196,148 @@ def test_demo_keeps_an_existing_run_and_writes_beside_it(tmp_path, monkeypatch, 
                      "--out", str(previous)]) == 0
     assert seen["tcav"] == pipeline.TcavConfig(random_runs=7, seed=3)
 
+    assert cli.main(["demo", "--force", "--out", str(previous)]) == 0
+    assert (seen["config"].method, seen["config"].max_iter) == ("hals", 500)
+    assert seen["config"].pixels == "auto"
+    assert cli.main(["demo", "--force", "--max-iter", "1000", "--method", "mu", "--pixels",
+                     "gray", "--out", str(previous)]) == 0
+    assert (seen["config"].method, seen["config"].max_iter) == ("mu", 1000)
+    assert seen["config"].pixels == "gray"
+
+
+def _capture_analyze(monkeypatch, argv):
+    seen = {}
+
+    def fake_run(config, out, *, force, progress, tcav):
+        seen["config"] = config
+        return Path(out) / "report.html"
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    assert cli.main(["analyze", "--checkpoint", "c", "--out", "o", *argv]) == 0
+    return seen["config"]
+
+
+def test_analyze_options_reach_the_config(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    config = _capture_analyze(monkeypatch, [])
+    assert (config.method, config.max_iter, config.pixels) == ("hals", 500, "auto")
+    assert config.baseline and config.group_lam_fraction is None and config.group_lam == 0
+    config = _capture_analyze(monkeypatch, ["--group-sparse", "0.1", "--no-baseline",
+                                            "--pixels", "none"])
+    assert config.group_lam_fraction == 0.1 and config.group_lam == 0
+    assert not config.baseline and config.pixels == "none"
+    assert _capture_analyze(monkeypatch, ["--group-lam", "2.5"]).group_lam == 2.5
+    assert _capture_analyze(monkeypatch, ["--no-pixels"]).pixels == "none"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--group-sparse", "2"], "--group-sparse: expected a fraction in (0, 1], got '2'"),
+        (["--group-sparse", "0"], "expected a fraction in (0, 1]"),
+        (["--group-sparse", "0.1", "--group-lam", "1"], "not allowed with argument"),
+        (["--pixels", "grey"], "invalid choice: 'grey'"),
+    ],
+)
+def test_bad_analyze_options_are_one_line(argv, expected, capsys):
+    line = _error_line(capsys, ["analyze", "--checkpoint", "c", "--out", "o", *argv])
+    assert expected in line
+
+
+def test_warnings_are_one_clean_line_and_stdout_holds_only_the_path(tmp_path, monkeypatch,
+                                                                     capsys):
+    from jaxcnmf.solver.fit import ConvergenceWarning, DeadConceptWarning
+
+    def noisy_run(config, out, *, force, progress, tcav):
+        print("epoch 1/1  loss 0.5")  # as train.fit's tqdm.write does, on stdout
+        warnings.warn("jaxcnmf.fit stopped at max_iter=500 before the KKT violation fell "
+                      "to tol=0.0001 of its start; increase max_iter or tol",
+                      ConvergenceWarning)
+        warnings.warn("3 of 20 concepts are empty at group_lam_fraction 0.1; try a "
+                      "smaller fraction", DeadConceptWarning)
+        warnings.warn("a\nmulti-line\nwarning", UserWarning)
+        return Path(out) / "report.html"
+
+    monkeypatch.setattr(pipeline, "run", noisy_run)
+    # pytest records warnings; print them as Python does when nobody records them.
+    monkeypatch.setattr(warnings, "_showwarnmsg_impl",
+                        lambda msg: sys.stderr.write(warnings._formatwarnmsg(msg)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{tmp_path / 'd' / 'report.html'}\n"  # the path, once
+    assert captured.err.splitlines() == [
+        "epoch 1/1  loss 0.5",
+        ("jaxcnmf: warning: jaxcnmf.fit stopped at --max-iter 500 before the KKT violation "
+         "fell to tol=0.0001 of its start; increase --max-iter or tol"),
+        ("jaxcnmf: note: 3 of 20 concepts are empty at --group-sparse 0.1; try a smaller "
+         "fraction"),
+        "jaxcnmf: warning: a multi-line warning",
+    ]
+    assert warnings.formatwarning is not cli._format_warning  # restored after main
+
+
+def test_cifar_without_source_says_what_to_pass_in_cli_words(tmp_path, monkeypatch, capsys):
+    from jaxcnmf.nets import data
+
+    def not_prepared(name, splits, download, data_dir, progress, looked):
+        logging.getLogger("absl").warning("Variant folder %s has no dataset_info.json", name)
+        raise data._not_found(name, [*looked, "tensorflow-datasets at /x (not prepared)"])
+
+    monkeypatch.delenv("JAXCNMF_DATA", raising=False)
+    monkeypatch.setattr(data, "_load_tfds", not_prepared)
+    line = _error_line(capsys, ["train", "--dataset", "cifar10", "--out", str(tmp_path / "t"),
+                                "--quiet"])
+    assert line.startswith("jaxcnmf: error: cifar10: not found; pass --source DIR, where DIR "
+                           "holds cifar-10-python.tar.gz or its extracted cifar-10-batches-py/")
+    assert "source=DIR" not in line and "load(" not in line and len(line) < 300
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "analyze"])
+def test_out_that_is_a_file_is_an_error(command, tmp_path, capsys):
+    target = tmp_path / "passwd"
+    target.write_text("root:x:0:0")
+    argv = [command, "--out", str(target), "--quiet"]
+    if command == "analyze":
+        argv += ["--checkpoint", str(tmp_path)]
+    line = _error_line(capsys, argv)
+    assert f"--out: {target} exists and is not a directory" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["passwd"]  # no sibling run
+    assert target.read_text() == "root:x:0:0"
+
+
+def test_train_help_names_folder_layouts_and_schedule_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for words in ("ROOT/SUPERCLASS/CLASS/IMAGE", "ROOT/CLASS/IMAGE", "--schedule",
+                  "--label-smoothing", "--warmup", "--resume"):
+        assert words in out, words
+
+
+def test_train_resume_continues_the_checkpoint_and_refuses_without_it(checkpoint, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "train"
+    shutil.copytree(checkpoint.parent, out)
+    line = _error_line(capsys, ["train", "--out", str(out), "--epochs", "1"])
+    assert "already holds a checkpoint" in line and "--resume" in line
+    line = _error_line(capsys, ["train", "--out", str(out), "--resume", "--epochs", "3"])
+    assert "epochs: the checkpoint" in line and "trained with 1, got 3" in line
+    # A crash between the two renames of a checkpoint write leaves only ckpt.old.
+    (out / "ckpt").rename(out / "ckpt.old")
+    assert cli.main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "ckpt")
+    history = json.loads((out / "train.json").read_text())
+    assert history["resumed"] is True and history["epochs"] == 1
+    assert len(history["history"]["epoch"]) == 1  # the epoch done before, not retrained
+    line = _error_line(capsys, ["train", "--out", str(tmp_path / "empty"), "--resume"])
+    assert "no checkpoint to resume" in line
+
 
 def test_python_dash_m_runs_the_same_command():
     proc = subprocess.run([sys.executable, "-m", "jaxcnmf", "--version"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0
     assert proc.stdout.startswith("jaxcnmf ")

@@ -1,18 +1,27 @@
 """The pipeline's front door and run-directory lifecycle: checks before work, failures."""
 
 import json
+import os
+import signal
+import time
+import warnings
 
+import numpy as np
 import pytest
 
-from jaxcnmf.runs import cli, pipeline
 from jaxcnmf.nets import train
+from jaxcnmf.runs import cli, pipeline
 
 
 def _previous_complete_run(out):
     out.mkdir()
     (out / "report.html").write_text("<html>an earlier, finished report</html>")
     (out / "COMPLETE").write_text("earlier\n")
-    (out / "run.json").write_text(json.dumps({"status": "complete"}))
+    (out / "figures").mkdir()
+    (out / "figures" / "class_shares.png").write_bytes(b"earlier figure")
+    (out / "figures" / "my_own.png").write_bytes(b"the user's")  # never listed by a run
+    (out / "run.json").write_text(json.dumps({"status": "complete",
+                                              "files": ["figures/class_shares.png"]}))
     for saved in (pipeline.FACTORIZATION, pipeline.PROBE, pipeline.ANALYSIS, pipeline.TCAV,
                   pipeline.TCAV_ARRAYS):
         (out / saved).write_bytes(b"earlier results")
@@ -34,11 +43,42 @@ def test_interrupted_run_leaves_no_complete_looking_report(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match="stopped before"):
         pipeline.load_run(out)  # nothing of the earlier run passes for this one's results
     assert not (out / pipeline.TCAV).exists() and not (out / pipeline.TCAV_ARRAYS).exists()
+    # --force removed what the earlier run listed, and nothing of the user's.
+    assert not (out / "figures" / "class_shares.png").exists()
+    assert (out / "figures" / "my_own.png").read_bytes() == b"the user's"
     record = json.loads((out / "run.json").read_text())
-    assert record["status"] == "failed"
+    assert record["status"] == "interrupted"
     assert record["error"].startswith("KeyboardInterrupt")
+    assert "figures/my_own.png" not in record["files"] and "run.json" in record["files"]
     assert "train" not in record["seconds"]  # the stage never finished
     assert not list(out.glob(".*.tmp"))
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler interrupts this
+        pytest.fail("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(train, "fit", terminated)
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--quick", "--out", str(out), "--quiet"])
+    assert exit_info.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is not cli._interrupt  # restored after main
+
+
+def test_a_run_into_a_locked_directory_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "demo"
+    with pipeline.lock_run_dir(out), pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--quick", "--out", str(out), "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by another jaxcnmf run" in err[0], err
+    assert not (out / "run.json").exists()
 
 
 def test_cli_reports_an_interrupted_run_with_status_130(tmp_path, monkeypatch, capsys):
@@ -74,6 +114,9 @@ def test_unknown_layer_fails_before_data_or_training(tmp_path, monkeypatch):
         ({"split": "validation"}, "split: expected 'train' or 'test'"),
         ({"layers": ()}, "at least one layer"),
         ({"model": "alexnet"}, "model name"),
+        ({"pixels": "grey"}, "pixels: expected True, False or one of auto, rgb, gray, none"),
+        ({"group_lam_fraction": 1.5}, r"group_lam_fraction: expected a fraction in \(0, 1\]"),
+        ({"group_lam_fraction": 0.1, "group_lam": 2.0}, "either group_lam or"),
     ],
 )
 def test_bad_settings_fail_before_training(changes, message, tmp_path, monkeypatch):
@@ -126,3 +169,79 @@ def test_config_is_json_ready():
     assert restored["layers"] == list(pipeline.DEMO_LAYERS)
     assert pipeline.RunConfig(**{k: tuple(v) if isinstance(v, list) else v
                                  for k, v in restored.items()}) == config
+
+
+def test_analyze_records_no_training_settings_it_never_used():
+    trained = pipeline.RunConfig().to_json()
+    assert trained["epochs"] == 10 and trained["checkpoint"] is None
+    loaded = pipeline.RunConfig(checkpoint="runs/c10/ckpt").to_json()
+    assert not set(pipeline.TRAINING_FIELDS) & set(loaded)
+    assert loaded["rank"] == 20 and loaded["checkpoint"] == "runs/c10/ckpt"
+
+
+def test_defaults_are_the_measured_ones():
+    for config in (pipeline.RunConfig(), pipeline.demo_config()):
+        assert (config.method, config.max_iter) == ("hals", 500)
+    assert cli._DEFAULT_MAX_ITER == pipeline.DEFAULT_MAX_ITER
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def test_gray_pictures_stored_as_rgb_get_one_gray_view():
+    rng = np.random.default_rng(0)
+    gray = np.repeat(rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8), 3, axis=-1)
+    colour = gray.copy()
+    colour[0, 0, 0, 1] ^= 1  # one channel of one pixel differs
+
+    def mode(pixels, images):
+        log = _Log()
+        return pipeline._pixel_mode(pipeline.RunConfig(pixels=pixels), images, log), log.lines
+
+    chosen, lines = mode("auto", gray)
+    assert chosen == "gray" and len(lines) == 1 and "one gray pixel view" in lines[0]
+    assert mode("auto", colour) == ("rgb", [])
+    assert mode("rgb", gray) == ("rgb", [])
+    assert mode(False, gray) == ("none", [])
+    assert mode(True, gray[..., :1]) == ("rgb", [])  # one channel: already one view
+    assert mode("gray", colour) == ("gray", [])
+
+
+class _FakeResult:
+    def __init__(self):
+        self.config = {"group_lam": 0.3, "group_lam_fraction": 0.1}
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [({"group_lam_fraction": 0.1}, ("3 of 20 concepts are empty at group_lam_fraction 0.1; "
+                                    "try a smaller fraction")),
+     ({"group_lam": 2.5}, "3 of 20 concepts are empty at group_lam 2.5; try a smaller value"),
+     ({}, None)],
+)
+def test_dead_concepts_are_counted_and_warned_once(changes, expected, monkeypatch):
+    import jaxcnmf
+    from jaxcnmf.solver import fit as solver
+
+    def fake_fit(views, rank, **settings):
+        if changes:
+            warnings.warn("library wording", solver.DeadConceptWarning)
+        return _FakeResult()
+
+    live = np.ones(20, bool)
+    if changes:
+        live[[2, 5, 7]] = False
+    monkeypatch.setattr(jaxcnmf, "fit", fake_fit)
+    monkeypatch.setattr(solver, "_live_mask", lambda result: live)
+    config = pipeline.RunConfig(**changes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe_set = type("Probe", (), {"labels": np.zeros(30, int)})()
+        _, dead = pipeline._factorize({}, config, probe_set, progress=False)
+    assert dead == (3 if changes else 0)
+    assert [str(w.message) for w in caught] == ([expected] if expected else [])

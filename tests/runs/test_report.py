@@ -53,7 +53,7 @@ def test_demo_writes_a_complete_run(demo_dir, capsys):
     assert record["status"] == "complete"
     assert (demo_dir / "COMPLETE").is_file()
     assert set(record["seconds"]) == {"model", "data", "train", "probe", "factorize",
-                                      "analyze", "tcav", "report"}
+                                      "baseline", "fidelity", "tcav", "report"}
     assert all(seconds >= 0 for seconds in record["seconds"].values())
     assert record["layers"] == ["conv2", "conv3", "pool"]
     assert list(record["views"]) == ["gray", "conv2", "conv3", "pool"]
