@@ -50,7 +50,7 @@ import builtins
 import hashlib
 import io
 import json
-import math
+import mmap
 import os
 import pathlib
 import shutil
@@ -171,10 +171,8 @@ class Store:
         self._verified = set()
         self.labels = None
         if manifest.get("labels"):
-            record = manifest["labels"]
-            data = self._read_verified(record, "labels")
-            self.labels = _parse_npy(data, self.path / record["file"], "labels",
-                                     (self.n,), np.dtype("<i8"))
+            self.labels = np.array(self._mapped(manifest["labels"], "labels", (self.n,),
+                                                np.dtype("<i8")))
 
     def __repr__(self):
         views = ", ".join(f"{name} ({self.rows[name]})" for name in self.views)
@@ -189,35 +187,43 @@ class Store:
         start = int(i) * self.block_size
         return start, min(start + self.block_size, self.n)
 
-    def _read_verified(self, record, what):
+    def _mapped(self, record, what, expected_shape, expected_dtype):
+        """The file of ``record`` as a read-only memory map, after its checks.
+
+        Size and SHA-256 are checked the first time a file is read through this ``Store``;
+        shape and dtype against the manifest every time (they cost nothing).
+        """
         path = self.path / record["file"]
-        data = path.read_bytes()
         if record["file"] not in self._verified:
-            if len(data) != record["bytes"]:
-                raise StoreError(f"store {str(self.path)!r}: {what} ({record['file']}): "
-                                 f"expected {record['bytes']} bytes as recorded in the "
-                                 f"manifest, got {len(data)} (truncated or half-written)")
-            if hashlib.sha256(data).hexdigest() != record["sha256"]:
+            _check_size(self.path, record, what)
+            with builtins.open(path, "rb") as f, \
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                digest = hashlib.sha256(data).hexdigest()
+            if digest != record["sha256"]:
                 raise StoreError(f"store {str(self.path)!r}: {what} ({record['file']}): "
                                  f"SHA-256 differs from the manifest's (the file was "
                                  f"changed or corrupted after it was written)")
             self._verified.add(record["file"])
-        return data
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as err:
+            raise StoreError(f"{what} ({path}): not a valid .npy file: {err}") from err
+        _check_header(array.shape, array.dtype, path, what, expected_shape, expected_dtype)
+        return array
 
-    def read_block(self, i, views=None, mmap=False):
-        """The arrays of block ``i``.
+    def read_block(self, i, views=None):
+        """The arrays of block ``i``, memory-mapped from its files (no copy is made).
 
         The first read of each file in this ``Store`` checks its size and SHA-256 against
-        the manifest; later reads do not hash again.
+        the manifest; later reads map the file without hashing it again. Copy an array
+        (``np.array``) to keep it beyond the store's life on disk.
 
         Args:
             i: block index in ``[0, n_blocks)``.
             views: view names to read (default all, in store order).
-            mmap: return read-only memory maps (``np.load(mmap_mode="r")``) instead of
-                verified in-memory copies; no checksum is computed.
 
         Returns:
-            dict view name -> ``(rows_v, stop - start)`` array of :attr:`dtype`
+            dict view name -> read-only ``(rows_v, stop - start)`` array of :attr:`dtype`
             (``ml_dtypes.bfloat16`` for bfloat16 stores).
 
         Raises:
@@ -236,17 +242,8 @@ class Store:
         files = self.manifest["blocks"][i]["files"]
         out = {}
         for name in names:
-            record = files[self.views.index(name)]
-            what = f"block {i} of view {name!r}"
-            expected = (self.rows[name], stop - start)
-            if mmap:
-                array = np.load(self.path / record["file"], mmap_mode="r", allow_pickle=False)
-                _check_header(array.shape, array.dtype, self.path / record["file"], what,
-                              expected, _disk_dtype(self.dtype))
-            else:
-                data = self._read_verified(record, what)
-                array = _parse_npy(data, self.path / record["file"], what, expected,
-                                   _disk_dtype(self.dtype))
+            array = self._mapped(files[self.views.index(name)], f"block {i} of view {name!r}",
+                                 (self.rows[name], stop - start), _disk_dtype(self.dtype))
             out[name] = array.view(_numpy_dtype(self.dtype)) if self.dtype == "bfloat16" \
                 else array
         return out
@@ -299,27 +296,6 @@ def _check_header(shape, dtype, path, what, expected_shape, expected_dtype):
     if np.dtype(dtype) != expected_dtype:
         raise StoreError(f"{what} ({path}): expected dtype {expected_dtype.str} from the "
                          f"manifest, got {np.dtype(dtype).str}")
-
-
-def _parse_npy(data, path, what, expected_shape, expected_dtype):
-    """An array viewing ``data`` (the bytes of a ``.npy`` file), after its header checks."""
-    buffer = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buffer)
-        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                  else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = header(buffer)
-    except ValueError as err:
-        raise StoreError(f"{what} ({path}): not a valid .npy file: {err}") from err
-    _check_header(shape, dtype, path, what, expected_shape, expected_dtype)
-    if fortran:
-        raise StoreError(f"{what} ({path}): expected C order, got Fortran order")
-    count = math.prod(shape)
-    offset = buffer.tell()
-    if len(data) - offset != count * dtype.itemsize:
-        raise StoreError(f"{what} ({path}): expected {count * dtype.itemsize} data bytes, "
-                         f"got {len(data) - offset} (truncated)")
-    return np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape)
 
 
 def _load_manifest(path):

@@ -492,6 +492,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         stacked_sum = jnp.asarray(sum(c * x for c, x in zip(scales, sums)), dtype)
         F0, loadings0 = _nndsvd_factors(U, sv, Vt, stacked_sum, scales, spans, init, dtype)
 
+    # The compiled pass functions do not read max_iter or tol: keep them out of their
+    # static config, so another max_iter or tol does not compile them again.
+    kernel = config._replace(max_iter=1, tol=0.0)
     padded = s.n_blocks * s.block_size
     F_blocks = list(jnp.pad(F0, ((0, 0), (0, padded - s.n)))
                     .reshape(rank, s.n_blocks, s.block_size).transpose(1, 0, 2))
@@ -502,16 +505,16 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     objective_history, rel_history = [], []
     previous, converged = None, False
     for iteration in range(max_iter):
-        G = _gram(loadings, config)
+        G = _gram(loadings, kernel)
         acc = _zero_sums(rows, rank, dtype)
         for i, blocks, n_valid, hold in _passes(s, names, storage,
                                                 f"jaxcnmf: pass {iteration + 1}", progress):
             acc, F_blocks[i] = _block_step(acc, F_blocks[i], scale, blocks, n_valid,
-                                           loadings, G, offsets, config, mode)
+                                           loadings, G, offsets, kernel, mode)
             hold(F_blocks[i])
         if previous is None:
-            previous = float(_initial_objective(F0, loadings0, acc.cross_old, jsq, config))
-        loadings, scale, value, rel = _end_pass(loadings, acc, jsq, config)
+            previous = float(_initial_objective(F0, loadings0, acc.cross_old, jsq, kernel))
+        loadings, scale, value, rel = _end_pass(loadings, acc, jsq, kernel)
         value, rel = jax.device_get((value, rel))
         objective_history.append(float(value))
         rel_history.append(np.asarray(rel, np.float64))

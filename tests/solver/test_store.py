@@ -1,5 +1,6 @@
 """On-disk store: round trip, resumable writing, damaged and mismatched stores, probing."""
 
+import doctest
 import hashlib
 import json
 
@@ -29,6 +30,10 @@ def _manifest(path):
     return json.loads((path / "manifest.json").read_text())
 
 
+def test_docstring_examples_run():
+    assert doctest.testmod(store, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
 def test_round_trip_float32_with_metadata(tmp_path, views):
     s = store.save(tmp_path / "acts", views, block_size=BLOCK, labels=np.arange(N) % 3,
                    class_names=["a", "b", "c"], superclasses=["x", "x", "y"],
@@ -52,7 +57,7 @@ def test_round_trip_float32_with_metadata(tmp_path, views):
     raw = np.load(tmp_path / "acts" / "blocks" / "000001-01.npy", mmap_mode="r",
                   allow_pickle=False)
     np.testing.assert_array_equal(raw, views["conv"][:, 4:8])
-    np.testing.assert_array_equal(s.read_block(1, mmap=True)["red"], views["red"][:, 4:8])
+    np.testing.assert_array_equal(s.read_block(1)["red"], views["red"][:, 4:8])
 
 
 def test_round_trip_bfloat16_is_rounded_once(tmp_path, views):

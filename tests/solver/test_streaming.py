@@ -1,5 +1,6 @@
 """Streaming fit from a store: the same iterates as the in-memory fit, and its errors."""
 
+import doctest
 import warnings
 
 import ml_dtypes
@@ -115,6 +116,10 @@ def test_converges_and_stops_like_in_memory(data):
     objective = streamed.history["objective"]
     change = np.abs(np.diff(objective)) / np.abs(objective[:-1])
     assert change[-1] <= 1e-3 and np.all(change[:-1] > 1e-3)  # stopped at the first pass
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(streaming, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
 
 
 def test_errors(tmp_path, data):
