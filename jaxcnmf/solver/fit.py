@@ -843,7 +843,12 @@ def _check_live(res, stacklevel):
 
 def _internal_problem(names, arrays, view_weights, dtype):
     """The rescaling that makes the problem O(1), checked to fit the compute dtype."""
-    stats = [_max_and_sq_norm(X) for X in arrays]
+    return _internal_problem_from_stats(names, [_max_and_sq_norm(X) for X in arrays],
+                                        view_weights, dtype)
+
+
+def _internal_problem_from_stats(names, stats, view_weights, dtype):
+    """:func:`_internal_problem` from every view's ``(max entry, ||X_v / max||^2)``."""
     scale = max(top for top, _ in stats)
     if scale <= 0:
         return _Problem(1.0, 1.0), tuple(view_weights), 0.0

@@ -150,13 +150,22 @@ def _passes(store, names, storage, desc, progress):
         bar.close()
 
 
-def _prepare(blocks, offsets, mode, dtype):
-    """The negative-value handling of ``fit(negative=...)``, block by block."""
-    if mode == "clip":
-        return tuple(jnp.maximum(X, 0) for X in blocks)
-    if mode == "shift":
-        return tuple((X.astype(dtype) - o).astype(X.dtype) for X, o in zip(blocks, offsets))
-    return blocks
+def _prepare(blocks, offsets, scale, mode, dtype):
+    """The negative-value handling of ``fit(negative=...)`` and the internal rescaling.
+
+    Blocks come back in their storage dtype divided by ``scale`` (the largest entry of all
+    views, ``fit``'s ``_Problem.scale``), divided in float32 (float64 for float64 storage)
+    before rounding back, as ``fit._scaled`` divides the in-memory views.
+    """
+    out = []
+    for X, o in zip(blocks, offsets):
+        if mode == "clip":
+            X = jnp.maximum(X, 0)
+        elif mode == "shift":
+            X = (X.astype(dtype) - o).astype(X.dtype)
+        wide = X.dtype if X.dtype == jnp.float64 else jnp.float32
+        out.append((X.astype(wide) / scale.astype(wide)).astype(X.dtype))
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -164,30 +173,56 @@ def _prepare(blocks, offsets, mode, dtype):
 
 @functools.partial(jax.jit, static_argnames=("mode", "dtype"))
 def _block_stats(blocks, n_valid, offsets, mode, dtype):
-    """Per view: sum, sum of squares, minimum and non-finite count of the valid columns."""
-    blocks = _prepare(blocks, offsets, mode, dtype)
+    """Per view: sum, maximum, ``sum((X / max)^2)``, minimum and non-finite count.
+
+    The squares are taken of the block divided by its own maximum (entries at most 1), so
+    that no float32 square overflows or underflows; the host combines the blocks in
+    float64 (see :func:`_statistics`).
+    """
+    blocks = _prepare(blocks, offsets, jnp.ones((), dtype), mode, dtype)
     out = []
     for X in blocks:
         valid = jnp.arange(X.shape[1]) < n_valid
         Xf = jnp.where(valid, X.astype(dtype), 0)
+        top = jnp.max(jnp.where(valid, X.astype(dtype), -jnp.inf))
+        safe = jnp.where(top > 0, top, 1.0)
         out.append(jnp.stack([
-            jnp.sum(Xf), jnp.sum(jnp.square(Xf)),
+            jnp.sum(Xf), top, jnp.sum(jnp.square(Xf / safe)),
             jnp.min(jnp.where(valid, X.astype(dtype), jnp.inf)),
             jnp.count_nonzero(valid & ~jnp.isfinite(X)).astype(dtype)]))
     return jnp.stack(out)
 
 
+class _Stats(NamedTuple):
+    """Per-view float64 statistics of one streamed pass (arrays of shape ``(n_views,)``)."""
+
+    sums: np.ndarray      # sum of the entries
+    tops: np.ndarray      # largest entry
+    scaled: np.ndarray    # ||X_v / top_v||^2 (0 for a view without positive entries)
+    minima: np.ndarray
+    bad: np.ndarray       # number of NaN / Inf entries
+
+    def sq_norms(self):
+        return np.where(self.tops > 0, self.scaled * self.tops ** 2, 0.0)
+
+
 def _statistics(store, names, storage, offsets, mode, dtype, progress):
-    """``(n_views, 4)`` float64: sum, sum of squares, minimum, non-finite count per view."""
+    """One pass: the :class:`_Stats` of every view (after ``mode``'s negative handling)."""
     per_block = []
     for _, blocks, n_valid, hold in _passes(store, names, storage, "jaxcnmf: read store",
                                             progress):
         stats = _block_stats(blocks, n_valid, offsets, mode, dtype)
         hold(stats)
         per_block.append(stats)
-    per_block = np.asarray(jax.device_get(per_block), np.float64)
-    return np.stack([per_block[:, :, 0].sum(0), per_block[:, :, 1].sum(0),
-                     per_block[:, :, 2].min(0), per_block[:, :, 3].sum(0)], axis=1)
+    per_block = np.asarray(jax.device_get(per_block), np.float64)  # (blocks, views, 5)
+    block_tops = per_block[:, :, 1]
+    tops = block_tops.max(0)
+    # sum_b top_b^2 ||X_b / top_b||^2 / top^2, every ratio at most 1.
+    ratio = np.where(tops > 0, np.maximum(block_tops, 0.0) / np.where(tops > 0, tops, 1.0),
+                     0.0)
+    scaled = np.sum(per_block[:, :, 2] * ratio ** 2, axis=0)
+    return _Stats(per_block[:, :, 0].sum(0), tops, scaled, per_block[:, :, 3].min(0),
+                  per_block[:, :, 4].sum(0))
 
 
 # ----------------------------------------------------------------------------- initialisation
@@ -209,23 +244,23 @@ def _random_init(seed, sums, shapes, rank, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("scales", "mode", "dtype"))
-def _left_block(acc, blocks, Y_b, offsets, scales, mode, dtype):
+def _left_block(acc, blocks, Y_b, offsets, data_scale, scales, mode, dtype):
     """``acc + M_b Y_b`` for the weighted row-stacked block ``M_b``; ``acc`` ``(R, width)``."""
-    blocks = _prepare(blocks, offsets, mode, dtype)
+    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
     parts = [s * initialization._mm(X.astype(dtype), Y_b) for s, X in zip(scales, blocks)]
     return acc + jnp.concatenate(parts, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("scales", "spans", "mode", "dtype"))
-def _right_block(blocks, Q, offsets, scales, spans, mode, dtype):
+def _right_block(blocks, Q, offsets, data_scale, scales, spans, mode, dtype):
     """``M_b^T Q`` ``(block_size, width)`` for the weighted row-stacked block ``M_b``."""
-    blocks = _prepare(blocks, offsets, mode, dtype)
+    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
     return sum(s * initialization._mm(X.astype(dtype).T, Q[a:b])
                for s, X, (a, b) in zip(scales, blocks, spans))
 
 
-def _streamed_svd(store, names, storage, offsets, mode, rank, weights, seed, dtype,
-                  progress):
+def _streamed_svd(store, names, storage, offsets, data_scale, mode, rank, weights, seed,
+                  dtype, progress):
     """Top ``rank`` singular triplets of ``[sqrt(w_v) X_v]`` by the randomized SVD of
     ``initialization`` (same test matrix, oversampling and power iterations), each product
     with the data one pass over the store: ``2 + 2 * power iterations`` passes.
@@ -245,14 +280,16 @@ def _streamed_svd(store, names, storage, offsets, mode, rank, weights, seed, dty
         pieces = split(Y)
         acc = jnp.zeros((sum(rows), Y.shape[1]), dtype)
         for i, blocks, _, hold in _passes(store, names, storage, desc, progress):
-            acc = _left_block(acc, blocks, pieces[i], offsets, scales, mode, dtype)
+            acc = _left_block(acc, blocks, pieces[i], offsets, data_scale, scales, mode,
+                                  dtype)
             hold(acc)
         return acc
 
     def right(Q, desc):
         parts = [None] * store.n_blocks
         for i, blocks, _, hold in _passes(store, names, storage, desc, progress):
-            parts[i] = _right_block(blocks, Q, offsets, scales, spans, mode, dtype)
+            parts[i] = _right_block(blocks, Q, offsets, data_scale, scales, spans, mode,
+                                    dtype)
             hold(parts[i])
         return jnp.concatenate(parts)[:n]
 
@@ -304,13 +341,14 @@ class _Sums(NamedTuple):
     C: jax.Array   # F F^T (rank, rank), updated F
     S1: jax.Array  # (rank,) row sums of the updated F (for the l1_F term)
     S2: jax.Array  # (rank,) row sums of its squares (for the l2_F term)
-    cross_old: jax.Array  # (n_views,) tr(W_v^T X_v F_old^T): the previous objective
+    violation_F: jax.Array  # squared F gradient mapping before the update (column-separable)
+    sq: jax.Array  # (n_views,) ||X'_v||^2 of the rescaled views, as stored (every pass alike)
 
 
 def _zero_sums(rows, rank, dtype):
     zeros = functools.partial(jnp.zeros, dtype=dtype)
     return _Sums(tuple(zeros((r, rank)) for r in rows), zeros((rank, rank)), zeros(rank),
-                 zeros(rank), zeros(len(rows)))
+                 zeros(rank), zeros(()), zeros(len(rows)))
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -320,16 +358,21 @@ def _gram(loadings, config):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode"), donate_argnames="sums")
-def _block_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, config, mode):
+def _block_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_scale, config,
+                mode):
     """Update one block's ``F_b`` ``(rank, block_size)`` and add its share to ``sums``."""
     dtype = jnp.dtype(config.dtype)
     weights = core._weights(config, len(blocks))
-    blocks = _prepare(blocks, offsets, mode, dtype)
+    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
     if config.unit_columns:
         F_b = F_b * scale[:, None]
     products = [core._dot_tn(W, X, dtype) for W, X in zip(loadings, blocks)]
     # Summed as core.f_grams sums them, so the F update sees the same B.
     B = sum(w * P for w, P in zip(weights, products))
+    # The F block's gradient mapping is column by column (its step 1 / L depends on G
+    # only), so its squared norm is a sum over blocks; padded columns (F = 0, B = 0) have
+    # gradient l1_F >= 0 and project to 0, adding nothing.
+    violation = core._f_violation(F_b, B, G, None, config)
     F_new = core._update_F(F_b, B, G, None, config)
     # HALS floors entries at eps: keep the padded columns at zero so they add nothing.
     F_new = jnp.where(jnp.arange(F_b.shape[1]) < n_valid, F_new, 0)
@@ -338,22 +381,27 @@ def _block_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, config,
         C=sums.C + core._mm(F_new, F_new.T),
         S1=sums.S1 + jnp.sum(F_new, axis=1),
         S2=sums.S2 + jnp.sum(F_new * F_new, axis=1),
-        # tr(W^T X F^T) = sum((W^T X) * F): the previous iterate's fit, nearly for free.
-        cross_old=sums.cross_old + jnp.stack([jnp.sum(P * F_b) for P in products]),
+        violation_F=sums.violation_F + violation,
+        # Of the rescaled views as rounded to the storage dtype, as core._prepared takes
+        # them in memory (with bfloat16 the rounding moves ||X'||^2 by more than the fit).
+        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(X.astype(dtype))) for X in blocks]),
     )
     return sums, F_new
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _end_pass(loadings, sums, sq_norms, config):
-    """Loading updates after a pass, then the objective (as ``core.step`` assembles it)."""
+def _end_pass(loadings, sums, config):
+    """Loading updates after a pass, the objective and the KKT violation, as ``core.step``."""
+    sq_norms = sums.sq
     weights = core._weights(config, len(loadings))
-    new, crosses, quads = [], [], []
-    for W, A, w in zip(loadings, sums.A, weights):
-        W = core._update_W(W, A, sums.C, w, config)
-        new.append(W)
-        crosses.append(jnp.sum(W * A))
-        quads.append(jnp.sum(core._mm(W.T, W) * sums.C))
+    violation_W = core._w_violation(loadings, sums.A, sums.C, weights, config)
+    if core._ball_mode(config):
+        new = list(core._update_W_ball(loadings, sums.A, sums.C, weights, config))
+    else:
+        new = [core._update_W(W, A, sums.C, w, config)
+               for W, A, w in zip(loadings, sums.A, weights)]
+    crosses = [jnp.sum(W * A) for W, A in zip(new, sums.A)]
+    quads = [jnp.sum(core._mm(W.T, W) * sums.C) for W in new]
     scale = jnp.ones_like(sums.S1)
     if config.unit_columns:
         # As core._unit_columns; F's blocks take the scale when the next pass reads them.
@@ -365,17 +413,29 @@ def _end_pass(loadings, sums, sq_norms, config):
         scale * scale * sums.S2)
     value = (jnp.sum(jnp.asarray(weights, fits.dtype) * fits) + penalty
              + config.l2_W * sum(jnp.sum(W * W) for W in new))
-    return tuple(new), scale, value, core._rel_errors(sq_norms, fits)
+    violation = jnp.sqrt(sums.violation_F + violation_W)
+    return tuple(new), scale, value, core._rel_errors(sq_norms, fits), violation
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mode"))
+def _block_residual(fits, F_b, blocks, loadings, offsets, data_scale, config, mode):
+    """``fits + ||X_vb - W_v F_b||^2`` per view, as ``core.residual_objective`` forms them.
+
+    Padded columns are zero in both ``X`` and ``F_b`` and add nothing.
+    """
+    dtype = jnp.dtype(config.dtype)
+    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+    return fits + jnp.stack([jnp.sum(jnp.square(X.astype(dtype) - core._mm(W, F_b)))
+                             for X, W in zip(blocks, loadings)])
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _initial_objective(F0, loadings0, cross_old, sq_norms, config):
-    C = core._mm(F0, F0.T)
-    quads = [jnp.sum(core._mm(W.T, W) * C) for W in loadings0]
-    crosses = [cross_old[i] for i in range(len(loadings0))]
-    value, _ = core._objective_from_terms(F0, loadings0, None, sq_norms, crosses, quads,
-                                          config)
-    return value
+def _residual_value(F, loadings, fits, sq_norms, config):
+    """Objective and relative errors from the streamed residual norms ``fits``."""
+    weights = jnp.asarray(core._weights(config, len(loadings)), fits.dtype)
+    value = jnp.sum(weights * fits) + core._penalty_F(F, None, config)
+    value = value + config.l2_W * sum(jnp.sum(W * W) for W in loadings)
+    return value, core._rel_errors(sq_norms, fits)
 
 
 # ----------------------------------------------------------------------------- front door
@@ -454,42 +514,54 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     start = time.perf_counter()
     offsets = jnp.zeros(len(names), dtype)
     stats = _statistics(s, names, storage, offsets, "none", dtype, progress)
-    for name, (_, _, minimum, bad) in zip(names, stats):
+    for name, minimum, bad in zip(names, stats.minima, stats.bad):
         if bad:
             raise ValueError(f"view {name!r} contains {int(bad)} NaN or Inf entries")
         if minimum < 0 and negative == "raise":
             raise ValueError(
                 f"view {name!r} has negative entries (minimum {minimum:.4g}); expected "
                 f"non-negative data, or pass negative='clip' or 'shift'")
-    if np.any(stats[:, 2] < 0):
+    if np.any(stats.minima < 0):
         # Only views with negatives move, as in the in-memory fit.
-        offsets = jnp.asarray(np.minimum(stats[:, 2], 0.0), dtype)
+        offsets = jnp.asarray(np.minimum(stats.minima, 0.0), dtype)
         stats = _statistics(s, names, storage, offsets, mode, dtype, progress)
     else:
         mode = "none"
-    sums, sq_norms = stats[:, 0], stats[:, 1]
-    view_weights = _weights(weights, names, sq_norms)
+    view_weights = _weights(weights, names, stats.sq_norms())
+    # The in-memory fit's rescaling (views by their largest entry, objective by the
+    # weighted data norm), from the streamed maxima and norms.
+    problem, internal_weights, data_norm2 = _front._internal_problem_from_stats(
+        names, list(zip(stats.tops, stats.scaled)), view_weights, dtype)
     config = core.SolverConfig(
         method=method, rank=rank, weights=view_weights, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
         unit_columns=bool(unit_columns), max_iter=max_iter, tol=tol, dtype=dtype)
+    config = _front._internal_config(config, problem, internal_weights, dtype)
     config_dict = {
         "method": method, "rank": rank, "seed": seed,
         "init": init if isinstance(init, str) else "user",
         "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
-        "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": 0.0, "n_groups": 0,
+        "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": 0.0,
+        "group_lam_fraction": None, "group_lam_max": None, "n_groups": 0,
         "max_iter": max_iter, "tol": tol, "restarts": 1, "negative": negative,
         "dtype": dtype, "storage_dtype": storage, "eps": config.eps,
-        "inner_iter": config.inner_iter, "store": str(s.path), "block_size": s.block_size,
+        "inner_iter": config.inner_iter, "weighted_data_sq_norm": data_norm2,
+        "store": str(s.path), "block_size": s.block_size,
     }
+    data_scale = jnp.asarray(problem.scale, dtype)
 
     if isinstance(init, dict):
+        # The caller's F is on the data's scale; the solver's is on the rescaled one.
+        init = {**init, "F": np.asarray(init["F"], np.float64) / problem.scale}
         F0, loadings0 = initialization.user(init, names, shapes, rank, dtype)
     elif init == "random":
-        F0, loadings0 = _random_init(seed, [float(x) for x in sums], shapes, rank, dtype)
+        F0, loadings0 = _random_init(seed, [float(x) / problem.scale for x in stats.sums],
+                                     shapes, rank, dtype)
     else:
-        U, sv, Vt, scales, spans = _streamed_svd(s, names, storage, offsets, mode, rank,
-                                                 view_weights, seed, dtype, progress)
-        stacked_sum = jnp.asarray(sum(c * x for c, x in zip(scales, sums)), dtype)
+        U, sv, Vt, scales, spans = _streamed_svd(s, names, storage, offsets, data_scale,
+                                                 mode, rank, internal_weights, seed, dtype,
+                                                 progress)
+        stacked_sum = jnp.asarray(sum(c * x / problem.scale
+                                      for c, x in zip(scales, stats.sums)), dtype)
         F0, loadings0 = _nndsvd_factors(U, sv, Vt, stacked_sum, scales, spans, init, dtype)
 
     # The compiled pass functions do not read max_iter or tol: keep them out of their
@@ -500,51 +572,74 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                     .reshape(rank, s.n_blocks, s.block_size).transpose(1, 0, 2))
     loadings = loadings0
     scale = jnp.ones(rank, dtype)
-    jsq = jnp.asarray(sq_norms, dtype)
     rows = [r for r, _ in shapes]
     objective_history, rel_history = [], []
-    previous, converged = None, False
+    violation_init, converged, failed = None, False, False
     for iteration in range(max_iter):
         G = _gram(loadings, kernel)
         acc = _zero_sums(rows, rank, dtype)
         for i, blocks, n_valid, hold in _passes(s, names, storage,
                                                 f"jaxcnmf: pass {iteration + 1}", progress):
             acc, F_blocks[i] = _block_step(acc, F_blocks[i], scale, blocks, n_valid,
-                                           loadings, G, offsets, kernel, mode)
+                                           loadings, G, offsets, data_scale, kernel, mode)
             hold(F_blocks[i])
-        if previous is None:
-            previous = float(_initial_objective(F0, loadings0, acc.cross_old, jsq, kernel))
-        loadings, scale, value, rel = _end_pass(loadings, acc, jsq, kernel)
-        value, rel = jax.device_get((value, rel))
+        loadings, scale, value, rel, violation = _end_pass(loadings, acc, kernel)
+        jsq = acc.sq
+        # One host sync per pass (core.run tests the same values inside its loop).
+        value, rel, violation = (np.asarray(x, np.float64)
+                                 for x in jax.device_get((value, rel, violation)))
         objective_history.append(float(value))
-        rel_history.append(np.asarray(rel, np.float64))
-        converged = bool(abs(previous - value) <= tol * abs(previous))
-        previous = float(value)
-        if converged:
+        rel_history.append(rel)
+        if violation_init is None:
+            violation_init = float(violation)
+        failed = not (np.isfinite(value) and np.isfinite(violation))
+        converged = bool(violation <= tol * violation_init)
+        if failed or converged:
             break
+    n_iter = len(objective_history)
+    if failed:
+        raise FloatingPointError(
+            f"jaxcnmf.fit: the streaming solver produced NaN or Inf at iteration {n_iter} "
+            f"and stopped; the inputs were finite and rescaled by {problem.scale:.3g} "
+            f"(objective by {problem.norm:.3g}), so a step overflowed: internal weights "
+            f"{dict(zip(names, config.weights))}, l1_F {config.l1_F:.3g}, l2_F "
+            f"{config.l2_F:.3g}, l2_W {config.l2_W:.3g}")
 
-    F = jnp.concatenate(F_blocks, axis=1)[:, :s.n] * scale[:, None]
-    rel = np.stack(rel_history, axis=1)
-    result = _front.FitResult(
-        F=np.asarray(F, np.float32),
-        loadings={name: np.asarray(W, np.float32) for name, W in zip(names, loadings)},
-        view_names=tuple(names),
-        history={"objective": np.asarray(objective_history, np.float64),
-                 "rel_error": {name: rel[i] for i, name in enumerate(names)}},
-        n_iter=len(objective_history),
-        converged=converged,
-        relative_errors={name: float(rel[i, -1]) for i, name in enumerate(names)},
-        config=config_dict,
-        objective=objective_history[-1],
-    )
+    if config.unit_columns:
+        F_blocks = [F_b * scale[:, None] for F_b in F_blocks]
+    # The reported objective and errors come from the residuals (one more pass), as the
+    # in-memory fit's core.residual_objective: the Gram form loses near-exact fits.
+    fits = jnp.zeros(len(names), dtype)
+    for i, blocks, _, hold in _passes(s, names, storage, "jaxcnmf: final objective",
+                                      progress):
+        fits = _block_residual(fits, F_blocks[i], blocks, loadings, offsets, data_scale,
+                               kernel, mode)
+        hold(fits)
+    F = jnp.concatenate(F_blocks, axis=1)[:, :s.n]
+    del F_blocks
+    final = _residual_value(F, loadings, fits, jsq, kernel)
+    if not np.isfinite(float(final[0])):
+        raise FloatingPointError(
+            f"jaxcnmf.fit: the final objective of the streaming fit is not finite after "
+            f"{n_iter} iterations (data rescaled by {problem.scale:.3g}, objective by "
+            f"{problem.norm:.3g})")
+    # The in-memory fit's result builder, fed a host state of the streamed run.
+    state = core.SolverState(
+        F=F, loadings=loadings, groups=None, sq_norms=jsq,
+        iteration=np.int32(n_iter), objective=objective_history[-1],
+        objective_history=np.asarray(objective_history, np.float64),
+        rel_error_history=np.stack(rel_history, axis=1), converged=converged,
+        violation=violation, violation_init=violation_init, failed=False)
+    result = _front._result(state, tuple(names), config_dict, problem, final)
     if progress:
         errors = ", ".join(f"{k} {v:.4f}" for k, v in result.relative_errors.items())
         status = "converged" if converged else "max_iter reached"
         print(f"jaxcnmf: done in {time.perf_counter() - start:.1f} s, {result.n_iter} "
               f"passes ({status}), rel. errors {errors}", file=sys.stderr, flush=True)
-    if not converged:
-        warnings.warn(f"jaxcnmf.fit stopped at max_iter={max_iter} before the relative "
-                      f"objective change fell below tol={tol}; increase max_iter or tol",
+    _front._check_live(result, stacklevel=4)
+    if not result.converged:
+        warnings.warn(f"jaxcnmf.fit stopped at max_iter={max_iter} before the KKT "
+                      f"violation fell to tol={tol} of its start; increase max_iter or tol",
                       _front.ConvergenceWarning, stacklevel=3)
     return result
 
