@@ -7,13 +7,23 @@ outer iteration of MU or HALS is one pass over the column blocks ``X_b`` of the 
 2. per block: ``B_b = sum_v w_v W_v^T X_vb``, ``F_b <- update(F_b, B_b, G)``, then add
    ``X_vb F_b^T`` to ``A_v`` ``(rows_v, rank)`` and ``F_b F_b^T`` to ``C`` before the block
    leaves memory;
-3. after the pass: every ``W_v <- update(W_v, A_v, C)`` and the objective, from the same
-   terms as :func:`jaxcnmf.solver.core.step`.
+3. after the pass: every ``W_v <- update(W_v, A_v, C)`` (the unit-ball step of
+   ``core._update_W_ball`` when ``unit_columns`` meets ``F`` penalties), the objective and
+   the KKT violation, from the same terms as :func:`jaxcnmf.solver.core.step`.
 
 That is exactly the order of ``core.step`` (``F`` first, then the loadings from the new
 ``F``), with the same update functions, so the iterates equal the in-memory fit's up to the
 order of floating-point summation over blocks. With ``unit_columns`` the rescaling of ``F``
 is applied to each block when the next pass reads it (the same product as in memory).
+The ``F`` block's KKT violation is column-separable (its step depends on ``G`` only), so it
+is summed over the blocks; the loadings' needs ``A_v`` and ``C`` and is taken at the end
+of the pass. The stop is the in-memory one: violation at most ``tol`` times its first value.
+
+The problem is rescaled as in memory (:func:`jaxcnmf.solver.fit._internal_problem`): a
+first pass takes every view's largest entry and norm, blocks are divided by the largest
+entry of all views as they are read, and the objective by the weighted data norm; the
+result is mapped back, and its objective and relative errors come from the residuals (one
+more pass), as ``core.residual_objective`` gives them in memory.
 
 Only ``F`` ``(rank, N)``, the loadings, ``A_v`` and a few blocks in flight are in memory.
 Blocks are read (and checksummed, the first time) on a background thread, padded to one
@@ -453,9 +463,10 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     ``storage_dtype`` defaults to the store's dtype. The iterates equal those of the
     in-memory fit from the same start (to float rounding of the sums over blocks).
 
-    Passes over the store: one to check the values and take their norms (two with
-    ``negative="clip"``/``"shift"`` on data that has negatives), ten for ``init="nndsvd"``
-    or ``"nndsvda"`` (randomized SVD), then one per iteration.
+    Passes over the store: one to check the values and take their maxima and norms (two
+    with ``negative="clip"``/``"shift"`` on data that has negatives), ten for
+    ``init="nndsvd"`` or ``"nndsvda"`` (randomized SVD), one per iteration, and one for
+    the final objective from the residuals.
 
     Memory: ``F`` ``(rank, N)`` float32, the loadings and ``X_v F^T`` (``2 * rows_v * rank``
     floats per view), and about ``_PREFETCH + 2`` blocks of
@@ -471,6 +482,13 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
 
     Returns:
         :class:`jaxcnmf.FitResult` (``config`` also holds ``"store"`` and ``"block_size"``).
+
+    Raises:
+        ValueError / TypeError: as ``jaxcnmf.fit``, naming the parameter or view.
+        FloatingPointError: a non-finite value appeared (the loop stops at that pass).
+
+    Warns:
+        ConvergenceWarning, DeadConceptWarning: as ``jaxcnmf.fit``.
 
     Example:
         >>> res = jaxcnmf.fit(store.open("acts/"), rank=20, method="hals")  # doctest: +SKIP
