@@ -18,7 +18,9 @@ The package follows the method's steps, imports flowing one way
 - ``jaxcnmf.nets``: what is probed (data, models, train, probe);
 - ``jaxcnmf.concepts``: what the factors mean (labels, neurons, images, neighbours,
   fidelity, tcav);
-- ``jaxcnmf.runs``: the application (run directory, pipeline, figures, report, cli).
+- ``jaxcnmf.runs``: the application (run directory, pipeline, figures, report, cli);
+- ``jaxcnmf.store`` (``jaxcnmf.solver.store``): views on disk for probe sets larger than
+  memory; ``jaxcnmf.fit(store.open(path), ...)`` streams them.
 
 The former flat module names (``jaxcnmf.probe``, ``jaxcnmf.tcav``, ``jaxcnmf.analysis``,
 ``jaxcnmf.factorization``, ...) still import; see ``jaxcnmf._moved``. Submodules are

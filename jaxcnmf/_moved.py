@@ -24,6 +24,7 @@ MOVED = {
     "pipeline": "jaxcnmf.runs.pipeline",
     "probe": "jaxcnmf.nets.probe",
     "report": "jaxcnmf.runs.report",
+    "store": "jaxcnmf.solver.store",
     "tcav": "jaxcnmf.concepts.tcav",
     "train": "jaxcnmf.nets.train",
 }

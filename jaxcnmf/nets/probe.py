@@ -51,6 +51,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcnmf.nets import data, models
+from jaxcnmf.solver import store as _store
 
 logger = logging.getLogger(__name__)
 
@@ -509,7 +510,10 @@ def collect(
     progress: bool = True,
     allow_negative: bool = False,
     output: str = "numpy",
-) -> dict[str, np.ndarray] | dict[str, jax.Array]:
+    store: str | None = None,
+    dtype: str = "float32",
+    store_info: Mapping | None = None,
+) -> dict[str, np.ndarray] | dict[str, jax.Array] | _store.Store:
     """Pixel and activation matrices of a probe set, ready for ``jaxcnmf.fit``.
 
     Runs ``model`` in inference mode (``train=False``: batch-norm running statistics) in
@@ -538,14 +542,25 @@ def collect(
             solver then needs ``negative="clip"`` or ``"shift"``.
         output: ``"numpy"`` (host arrays, copied from the device once at the end) or
             ``"device"`` (jax arrays left on the default device, for ``jaxcnmf.fit`` on an
-            accelerator); both hold the same numbers.
+            accelerator); both hold the same numbers. Ignored with ``store``.
+        store: a directory: write the views there as an on-disk store
+            (``jaxcnmf.store``), one block of ``batch_size`` columns per batch as it goes,
+            and return the opened store instead of the views; memory is then one batch.
+            An interrupted run resumes at the first missing block when called again with
+            the same arguments.
+        dtype: dtype of the stored values (``"float32"``, ``"bfloat16"``, ``"float16"``);
+            only with ``store``.
+        store_info: optional manifest metadata for ``store``: ``labels`` ``(N,)``,
+            ``class_names``, ``superclasses``, ``provenance`` (e.g. ``{"checkpoint": ...}``;
+            model, layers, pooling and batch size are recorded anyway).
 
     Returns:
         dict view name -> ``(rows, N)`` float32 numpy array (``jax.Array`` with
         ``output="device"``): pixel views first (``"red"``,
         ``"green"``, ``"blue"`` or ``"gray"``, ``(H*W, N)``), then each layer in the order
         asked (``(C*h*w, N)`` for ``"flatten"``, ``(C, N)`` otherwise). Row orders are in
-        the module docstring.
+        the module docstring. With ``store``: the :class:`jaxcnmf.store.Store` written,
+        holding the same numbers (rounded to ``dtype``).
 
     Raises:
         ValueError: bad ``images``, unknown layer, unknown ``pooling`` or ``pixels``,
@@ -575,6 +590,11 @@ def collect(
         raise ValueError("layers: expected at least one layer when pixels=False, got none")
     if layers:
         _check_input_channels(model, variables, image_shape)
+    if store is not None:
+        return _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size,
+                                 progress, allow_negative, store, dtype, store_info)
+    if dtype != "float32":
+        raise ValueError(f"dtype: expected 'float32' without store=..., got {dtype!r}")
 
     n = arr.shape[0]
     if not layers:
@@ -620,6 +640,75 @@ def collect(
     for buf in buffers.values():
         buf.copy_to_host_async()
     return {**host_pixels, **{name: np.array(buffers.pop(name)) for name in rows}}
+
+
+_probe_block = jax.jit(_probe_views, static_argnames=("model", "layers", "pooling", "n_valid"))
+
+
+def _check_minima(layers, minima, allow_negative):
+    for name, lowest in zip(layers, np.asarray(minima).tolist()):
+        if lowest < 0 and not allow_negative:
+            raise ValueError(
+                f"layer {name!r} has negative values (min {lowest:.4g}); is it a pre-ReLU "
+                f"layer? NMF needs non-negative views. Pass allow_negative=True to collect "
+                f"it anyway and factorize with jaxcnmf.fit(..., negative='clip') or "
+                f"negative='shift'"
+            )
+
+
+def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size, progress,
+                      allow_negative, path, dtype, info):
+    """``collect`` writing one store block per batch; returns the opened store.
+
+    Block ``i`` holds columns ``i * b : (i + 1) * b`` with ``b = min(batch_size, N)``; the
+    last, partial block is cut from a full batch of the last ``b`` images, as ``collect``
+    computes it, so one compiled shape serves every block. The host writes block ``i - 1``
+    while the device computes block ``i``.
+    """
+    n, h, w, c = arr.shape
+    b = min(batch_size, n)
+    shapes = _layer_shapes(model, arr.shape[1:]) if layers else {}
+    rows = {name: h * w for name in PIXEL_NAMES[c]} if pixels else {}
+    rows.update({name: _view_rows(shapes[name], pooling) for name in layers})
+    view_shapes = {name: (h, w) for name in PIXEL_NAMES[c]} if pixels else {}
+    view_shapes.update({name: shapes[name] for name in layers})
+    info = dict(info or {})
+    unknown = sorted(set(info) - {"labels", "class_names", "superclasses", "provenance"})
+    if unknown:
+        raise ValueError(f"store_info: unknown key(s) {unknown}, expected labels, "
+                         f"class_names, superclasses, provenance")
+    provenance = {"model": type(model).__name__, "layers": list(layers), "pooling": pooling,
+                  "pixels": bool(pixels), "image_shape": [h, w, c], "batch_size": b,
+                  **(info.get("provenance") or {})}
+    writer = _store.Writer(path, rows, n, block_size=b, dtype=dtype, shapes=view_shapes,
+                           labels=info.get("labels"), class_names=info.get("class_names"),
+                           superclasses=info.get("superclasses"), provenance=provenance)
+
+    def write(i, views, minima, first):
+        start, stop = writer.columns(i)
+        if layers:
+            views, minima = jax.device_get((views, minima))
+            _check_minima(layers, minima, allow_negative)
+        pix = pixel_views(arr[start:stop]) if pixels else {}
+        writer.write_block(i, {name: pix[name] if name in pix
+                               else views[name][:, start - first:stop - first]
+                               for name in rows})
+
+    pending = None
+    for i in _progress(writer.missing, progress, "probe"):
+        start, _ = writer.columns(i)
+        first = min(start, n - b)
+        views = minima = None
+        if layers:
+            block, _ = _padded(arr, first, batch_size)
+            views, minima = _probe_block(model, variables, block, layers=layers,
+                                         pooling=pooling, n_valid=b)
+        if pending is not None:
+            write(*pending)
+        pending = (i, views, minima, first)
+    if pending is not None:
+        write(*pending)
+    return writer.finish()
 
 
 def _replace_output(layer: str, activations: jnp.ndarray):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnmf.solver import core, initialization
+from jaxcnmf.solver.store import Store
 
 
 class ConvergenceWarning(UserWarning):
@@ -717,7 +718,8 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
 
     Args:
         views: dict name -> ``(rows_v, N)`` non-negative array (pixel channels, layer
-            activations), or a list (named ``"view0"``, ``"view1"``, ...).
+            activations), or a list (named ``"view0"``, ``"view1"``, ...), or a
+            :class:`jaxcnmf.store.Store` on disk (streamed: :mod:`jaxcnmf.solver.streaming`).
         rank: number of concepts, ``1 <= rank <= min(N, total rows)``.
         method: ``"mu"`` (the paper's multiplicative updates) or ``"hals"`` (faster).
         max_iter: most iterations; reaching it warns with :class:`ConvergenceWarning`.
@@ -779,6 +781,18 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         >>> res = fit({"red": D, "conv": A}, rank=10, method="hals")  # doctest: +SKIP
         >>> res.F.shape, res.loadings["conv"].shape, res.relative_errors["red"]
     """
+    if isinstance(views, Store):
+        if group_lam_fraction is not None:
+            raise ValueError("group_lam_fraction: the group lasso is not available for a "
+                             "streamed fit from a store; fit the views in memory")
+        # Views on disk: one streamed pass over the store's column blocks per iteration.
+        from jaxcnmf.solver import streaming  # imports this module, so not at the top
+
+        return streaming.fit(
+            views, rank, method=method, max_iter=max_iter, tol=tol, seed=seed, init=init,
+            weights=weights, unit_columns=unit_columns, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
+            groups=groups, group_lam=group_lam, restarts=restarts, negative=negative,
+            dtype=dtype, storage_dtype=storage_dtype, progress=progress)
     best = _fit(views, rank, method=method, max_iter=max_iter, tol=tol, seed=seed,
                 init=init, weights=weights, unit_columns=unit_columns, l1_F=l1_F,
                 l2_F=l2_F, l2_W=l2_W, groups=groups, group_lam=group_lam,
@@ -829,7 +843,12 @@ def _check_live(res, stacklevel):
 
 def _internal_problem(names, arrays, view_weights, dtype):
     """The rescaling that makes the problem O(1), checked to fit the compute dtype."""
-    stats = [_max_and_sq_norm(X) for X in arrays]
+    return _internal_problem_from_stats(names, [_max_and_sq_norm(X) for X in arrays],
+                                        view_weights, dtype)
+
+
+def _internal_problem_from_stats(names, stats, view_weights, dtype):
+    """:func:`_internal_problem` from every view's ``(max entry, ||X_v / max||^2)``."""
     scale = max(top for top, _ in stats)
     if scale <= 0:
         return _Problem(1.0, 1.0), tuple(view_weights), 0.0

@@ -1,0 +1,671 @@
+"""Streaming coupled NMF over an on-disk store: every iteration reads each column block once.
+
+The ``F`` update is column-separable given the Grams (:mod:`jaxcnmf.solver.core`), so one
+outer iteration of MU or HALS is one pass over the column blocks ``X_b`` of the store:
+
+1. before the pass: ``G = sum_v w_v W_v^T W_v`` ``(rank, rank)``;
+2. per block: ``B_b = sum_v w_v W_v^T X_vb``, ``F_b <- update(F_b, B_b, G)``, then add
+   ``X_vb F_b^T`` to ``A_v`` ``(rows_v, rank)`` and ``F_b F_b^T`` to ``C`` before the block
+   leaves memory;
+3. after the pass: every ``W_v <- update(W_v, A_v, C)`` (the unit-ball step of
+   ``core._update_W_ball`` when ``unit_columns`` meets ``F`` penalties), the objective and
+   the KKT violation, from the same terms as :func:`jaxcnmf.solver.core.step`.
+
+That is exactly the order of ``core.step`` (``F`` first, then the loadings from the new
+``F``), with the same update functions, so the iterates equal the in-memory fit's up to the
+order of floating-point summation over blocks. With ``unit_columns`` the rescaling of ``F``
+is applied to each block when the next pass reads it (the same product as in memory).
+The ``F`` block's KKT violation is column-separable (its step depends on ``G`` only), so it
+is summed over the blocks; the loadings' needs ``A_v`` and ``C`` and is taken at the end
+of the pass. The stop is the in-memory one: violation at most ``tol`` times its first value.
+
+The problem is rescaled as in memory (:func:`jaxcnmf.solver.fit._internal_problem`): a
+first pass takes every view's largest entry and norm, blocks are divided by the largest
+entry of all views as they are read, and the objective by the weighted data norm; the
+result is mapped back, and its objective and relative errors come from the residuals (one
+more pass), as ``core.residual_objective`` gives them in memory.
+
+Only ``F`` ``(rank, N)``, the loadings, ``A_v`` and a few blocks in flight are in memory.
+Blocks are read (and checksummed, the first time) on a background thread, padded to one
+block shape (padded columns of ``F`` are held at zero, so they change no sum) and put on
+the device ahead of use; the host waits for block ``i - 1`` after dispatching block ``i``,
+so at most ``_PREFETCH + 2`` blocks exist at once.
+
+Not supported here (clear errors): the group lasso (its FISTA step tests the objective of
+all columns at once), several restarts, and sharding over devices (the per-block functions
+are written so that blocks can later be spread over devices).
+
+Example:
+    >>> import numpy as np, tempfile, jaxcnmf
+    >>> from jaxcnmf import store
+    >>> rng = np.random.default_rng(0)
+    >>> views = {"red": rng.random((20, 50), dtype=np.float32),
+    ...          "conv": rng.random((10, 50), dtype=np.float32)}
+    >>> s = store.save(tempfile.mkdtemp() + "/acts", views, block_size=16)
+    >>> res = jaxcnmf.fit(s, rank=3, init="random", max_iter=5, progress=False)  # doctest: +SKIP
+    >>> res.F.shape  # doctest: +SKIP
+    (3, 50)
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import sys
+import threading
+import time
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxcnmf.solver import core, initialization
+from jaxcnmf.solver import fit as _front
+from jaxcnmf.solver.store import Store
+
+# Blocks read ahead of the one being computed: two hide the read of the next block behind
+# the compute of this one (double buffering) without growing memory further.
+_PREFETCH = 2
+_MODES = {"raise": "none", "clip": "clip", "shift": "shift"}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _host_block(store, i, names, storage):
+    """Block ``i`` as a tuple of ``(rows_v, block_size)`` host arrays (zero-padded)."""
+    arrays = store.read_block(i, views=names)
+    storage = np.dtype(ml_dtypes.bfloat16) if storage == "bfloat16" else np.dtype(storage)
+    out = []
+    for name in names:
+        X = arrays[name].astype(storage, copy=False)
+        if X.shape[1] < store.block_size:
+            X = np.pad(X, ((0, 0), (0, store.block_size - X.shape[1])))
+        out.append(X)
+    return tuple(out)
+
+
+def _stream(store, names, storage):
+    """Yield ``(i, device blocks, n_valid)`` for every block, read on a background thread.
+
+    The thread reads, verifies and pads block ``i + 1`` (and ``i + 2``) and starts its
+    transfer to the device while block ``i`` is being computed.
+    """
+    ready = queue.Queue(maxsize=_PREFETCH)
+    stop = threading.Event()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work():
+        try:
+            for i in range(store.n_blocks):
+                if stop.is_set():
+                    return
+                start, end = store.columns(i)
+                host = _host_block(store, i, names, storage)
+                blocks = tuple(jax.device_put(X) for X in host)
+                put((i, blocks, end - start))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            put(err)
+        else:
+            put(None)
+
+    thread = threading.Thread(target=work, name="jaxcnmf-store-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _passes(store, names, storage, desc, progress):
+    """:func:`_stream` with a per-pass progress bar and bounded blocks in flight.
+
+    Yields ``(i, blocks, n_valid, hold)``; the caller passes the block's result to ``hold``
+    so that the loop waits for block ``i - 1`` before taking block ``i + 1``.
+    """
+    bar = tqdm(total=store.n_blocks, desc=desc, unit="block", leave=False,
+               disable=not progress, file=sys.stderr)
+    previous = [None]
+
+    def hold(result):
+        if previous[0] is not None:
+            jax.block_until_ready(previous[0])
+        previous[0] = result
+        bar.update(1)
+
+    try:
+        for i, blocks, n_valid in _stream(store, names, storage):
+            yield i, blocks, n_valid, hold
+        if previous[0] is not None:
+            jax.block_until_ready(previous[0])
+    finally:
+        bar.close()
+
+
+def _prepare(blocks, offsets, scale, mode, dtype):
+    """The negative-value handling of ``fit(negative=...)`` and the internal rescaling.
+
+    Blocks come back in their storage dtype divided by ``scale`` (the largest entry of all
+    views, ``fit``'s ``_Problem.scale``), divided in float32 (float64 for float64 storage)
+    before rounding back, as ``fit._scaled`` divides the in-memory views.
+    """
+    out = []
+    for X, o in zip(blocks, offsets):
+        if mode == "clip":
+            X = jnp.maximum(X, 0)
+        elif mode == "shift":
+            X = (X.astype(dtype) - o).astype(X.dtype)
+        wide = X.dtype if X.dtype == jnp.float64 else jnp.float32
+        out.append((X.astype(wide) / scale.astype(wide)).astype(X.dtype))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "dtype"))
+def _block_stats(blocks, n_valid, offsets, mode, dtype):
+    """Per view: sum, maximum, ``sum((X / max)^2)``, minimum and non-finite count.
+
+    The squares are taken of the block divided by its own maximum (entries at most 1), so
+    that no float32 square overflows or underflows; the host combines the blocks in
+    float64 (see :func:`_statistics`).
+    """
+    blocks = _prepare(blocks, offsets, jnp.ones((), dtype), mode, dtype)
+    out = []
+    for X in blocks:
+        valid = jnp.arange(X.shape[1]) < n_valid
+        Xf = jnp.where(valid, X.astype(dtype), 0)
+        top = jnp.max(jnp.where(valid, X.astype(dtype), -jnp.inf))
+        safe = jnp.where(top > 0, top, 1.0)
+        out.append(jnp.stack([
+            jnp.sum(Xf), top, jnp.sum(jnp.square(Xf / safe)),
+            jnp.min(jnp.where(valid, X.astype(dtype), jnp.inf)),
+            jnp.count_nonzero(valid & ~jnp.isfinite(X)).astype(dtype)]))
+    return jnp.stack(out)
+
+
+class _Stats(NamedTuple):
+    """Per-view float64 statistics of one streamed pass (arrays of shape ``(n_views,)``)."""
+
+    sums: np.ndarray      # sum of the entries
+    tops: np.ndarray      # largest entry
+    scaled: np.ndarray    # ||X_v / top_v||^2 (0 for a view without positive entries)
+    minima: np.ndarray
+    bad: np.ndarray       # number of NaN / Inf entries
+
+    def sq_norms(self):
+        return np.where(self.tops > 0, self.scaled * self.tops ** 2, 0.0)
+
+
+def _statistics(store, names, storage, offsets, mode, dtype, progress):
+    """One pass: the :class:`_Stats` of every view (after ``mode``'s negative handling)."""
+    per_block = []
+    for _, blocks, n_valid, hold in _passes(store, names, storage, "jaxcnmf: read store",
+                                            progress):
+        stats = _block_stats(blocks, n_valid, offsets, mode, dtype)
+        hold(stats)
+        per_block.append(stats)
+    per_block = np.asarray(jax.device_get(per_block), np.float64)  # (blocks, views, 5)
+    block_tops = per_block[:, :, 1]
+    tops = block_tops.max(0)
+    # sum_b top_b^2 ||X_b / top_b||^2 / top^2, every ratio at most 1.
+    ratio = np.where(tops > 0, np.maximum(block_tops, 0.0) / np.where(tops > 0, tops, 1.0),
+                     0.0)
+    scaled = np.sum(per_block[:, :, 2] * ratio ** 2, axis=0)
+    return _Stats(per_block[:, :, 0].sum(0), tops, scaled, per_block[:, :, 3].min(0),
+                  per_block[:, :, 4].sum(0))
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def _random_init(seed, sums, shapes, rank, dtype):
+    """The draws and scales of ``initialization.random`` from streamed sums."""
+    dtype = jnp.dtype(dtype)
+    n = shapes[0][1]
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes) + 1)
+    total = jnp.asarray(sum(sums), dtype)
+    count = sum(rows for rows, _ in shapes) * n
+    F = jnp.sqrt(total / count / rank) * jnp.abs(jax.random.normal(keys[0], (rank, n), dtype))
+    loadings = tuple(
+        jnp.sqrt(jnp.asarray(s / (rows * n), dtype) / rank)
+        * jnp.abs(jax.random.normal(k, (rows, rank), dtype))
+        for k, s, (rows, _) in zip(keys[1:], sums, shapes))
+    return F, loadings
+
+
+@functools.partial(jax.jit, static_argnames=("scales", "mode", "dtype"))
+def _left_block(acc, blocks, Y_b, offsets, data_scale, scales, mode, dtype):
+    """``acc + M_b Y_b`` for the weighted row-stacked block ``M_b``; ``acc`` ``(R, width)``."""
+    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+    parts = [s * initialization._mm(X.astype(dtype), Y_b) for s, X in zip(scales, blocks)]
+    return acc + jnp.concatenate(parts, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("scales", "spans", "mode", "dtype"))
+def _right_block(blocks, Q, offsets, data_scale, scales, spans, mode, dtype):
+    """``M_b^T Q`` ``(block_size, width)`` for the weighted row-stacked block ``M_b``."""
+    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+    return sum(s * initialization._mm(X.astype(dtype).T, Q[a:b])
+               for s, X, (a, b) in zip(scales, blocks, spans))
+
+
+def _streamed_svd(store, names, storage, offsets, data_scale, mode, rank, weights, seed,
+                  dtype, progress):
+    """Top ``rank`` singular triplets of ``[sqrt(w_v) X_v]`` by the randomized SVD of
+    ``initialization`` (same test matrix, oversampling and power iterations), each product
+    with the data one pass over the store: ``2 + 2 * power iterations`` passes.
+    """
+    n, b = store.n, store.block_size
+    padded = store.n_blocks * b
+    rows = [store.rows[name] for name in names]
+    scales = tuple(float(np.sqrt(w)) for w in weights)
+    spans = tuple((int(a), int(z)) for a, z in initialization._row_spans(
+        [np.empty((r, 0)) for r in rows]))
+    width = min(rank + initialization._OVERSAMPLE, n, sum(rows))
+
+    def split(Y):  # (N, width) -> per-block (block_size, width), zero-padded
+        return jnp.pad(Y, ((0, padded - n), (0, 0))).reshape(store.n_blocks, b, -1)
+
+    def left(Y, desc):
+        pieces = split(Y)
+        acc = jnp.zeros((sum(rows), Y.shape[1]), dtype)
+        for i, blocks, _, hold in _passes(store, names, storage, desc, progress):
+            acc = _left_block(acc, blocks, pieces[i], offsets, data_scale, scales, mode,
+                                  dtype)
+            hold(acc)
+        return acc
+
+    def right(Q, desc):
+        parts = [None] * store.n_blocks
+        for i, blocks, _, hold in _passes(store, names, storage, desc, progress):
+            parts[i] = _right_block(blocks, Q, offsets, data_scale, scales, spans, mode,
+                                    dtype)
+            hold(parts[i])
+        return jnp.concatenate(parts)[:n]
+
+    omega = jax.random.normal(jax.random.PRNGKey(seed), (n, width), dtype)
+    Q, _ = jnp.linalg.qr(left(omega, "jaxcnmf: init (svd)"))
+    for _ in range(initialization._POWER_ITERATIONS):
+        P, _ = jnp.linalg.qr(right(Q, "jaxcnmf: init (svd)"))
+        Q, _ = jnp.linalg.qr(left(P, "jaxcnmf: init (svd)"))
+    small = right(Q, "jaxcnmf: init (svd)").T
+    U_small, s, Vt = jnp.linalg.svd(small, full_matrices=False)
+    return initialization._mm(Q, U_small)[:, :rank], s[:rank], Vt[:rank], scales, spans
+
+
+@functools.partial(jax.jit, static_argnames=("scales", "spans", "variant", "dtype"))
+def _nndsvd_factors(U, s, Vt, stacked_sum, scales, spans, variant, dtype):
+    """NNDSVD(a) factors from the SVD, as ``initialization.nndsvd`` builds them."""
+    unit = initialization._unit
+    V = Vt.T
+    up, un = unit(jnp.maximum(U, 0.0))
+    vp, vn = unit(jnp.maximum(V, 0.0))
+    um, unn = unit(jnp.maximum(-U, 0.0))
+    vm, vnn = unit(jnp.maximum(-V, 0.0))
+    positive = un * vn >= unn * vnn
+    sigma = jnp.where(positive, un * vn, unn * vnn)
+    W = jnp.where(positive, up, um)
+    H = jnp.where(positive, vp, vm)
+    # The leading singular pair of a non-negative matrix has one sign: take its magnitude.
+    W = W.at[:, 0].set(jnp.abs(U[:, 0]))
+    H = H.at[:, 0].set(jnp.abs(V[:, 0]))
+    sigma = sigma.at[0].set(1.0)
+    amplitude = jnp.sqrt(s * sigma)
+    W = W * amplitude
+    F = (H * amplitude).T
+    if variant == "nndsvda":
+        mean = stacked_sum / (W.shape[0] * F.shape[1])
+        W = jnp.where(W > 0, W, mean)
+        F = jnp.where(F > 0, F, mean)
+    loadings = tuple(W[a:b] / scale for scale, (a, b) in zip(scales, spans))
+    return F.astype(dtype), tuple(W.astype(dtype) for W in loadings)
+
+
+# ----------------------------------------------------------------------------- iteration
+
+
+class _Sums(NamedTuple):
+    """What one pass accumulates over the blocks."""
+
+    A: tuple       # per view X_v F^T (rows_v, rank), with the updated F
+    C: jax.Array   # F F^T (rank, rank), updated F
+    S1: jax.Array  # (rank,) row sums of the updated F (for the l1_F term)
+    S2: jax.Array  # (rank,) row sums of its squares (for the l2_F term)
+    violation_F: jax.Array  # squared F gradient mapping before the update (column-separable)
+    sq: jax.Array  # (n_views,) ||X'_v||^2 of the rescaled views, as stored (every pass alike)
+
+
+def _zero_sums(rows, rank, dtype):
+    zeros = functools.partial(jnp.zeros, dtype=dtype)
+    return _Sums(tuple(zeros((r, rank)) for r in rows), zeros((rank, rank)), zeros(rank),
+                 zeros(rank), zeros(()), zeros(len(rows)))
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _gram(loadings, config):
+    weights = core._weights(config, len(loadings))
+    return sum(w * core._mm(W.T, W) for w, W in zip(weights, loadings))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mode"), donate_argnames="sums")
+def _block_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_scale, config,
+                mode):
+    """Update one block's ``F_b`` ``(rank, block_size)`` and add its share to ``sums``."""
+    dtype = jnp.dtype(config.dtype)
+    weights = core._weights(config, len(blocks))
+    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+    if config.unit_columns:
+        F_b = F_b * scale[:, None]
+    products = [core._dot_tn(W, X, dtype) for W, X in zip(loadings, blocks)]
+    # Summed as core.f_grams sums them, so the F update sees the same B.
+    B = sum(w * P for w, P in zip(weights, products))
+    # The F block's gradient mapping is column by column (its step 1 / L depends on G
+    # only), so its squared norm is a sum over blocks; padded columns (F = 0, B = 0) have
+    # gradient l1_F >= 0 and project to 0, adding nothing.
+    violation = core._f_violation(F_b, B, G, None, config)
+    F_new = core._update_F(F_b, B, G, None, config)
+    # HALS floors entries at eps: keep the padded columns at zero so they add nothing.
+    F_new = jnp.where(jnp.arange(F_b.shape[1]) < n_valid, F_new, 0)
+    sums = _Sums(
+        A=tuple(A + core._dot_nt(X, F_new, dtype) for A, X in zip(sums.A, blocks)),
+        C=sums.C + core._mm(F_new, F_new.T),
+        S1=sums.S1 + jnp.sum(F_new, axis=1),
+        S2=sums.S2 + jnp.sum(F_new * F_new, axis=1),
+        violation_F=sums.violation_F + violation,
+        # Of the rescaled views as rounded to the storage dtype, as core._prepared takes
+        # them in memory (with bfloat16 the rounding moves ||X'||^2 by more than the fit).
+        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(X.astype(dtype))) for X in blocks]),
+    )
+    return sums, F_new
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _end_pass(loadings, sums, config):
+    """Loading updates after a pass, the objective and the KKT violation, as ``core.step``."""
+    sq_norms = sums.sq
+    weights = core._weights(config, len(loadings))
+    violation_W = core._w_violation(loadings, sums.A, sums.C, weights, config)
+    if core._ball_mode(config):
+        new = list(core._update_W_ball(loadings, sums.A, sums.C, weights, config))
+    else:
+        new = [core._update_W(W, A, sums.C, w, config)
+               for W, A, w in zip(loadings, sums.A, weights)]
+    crosses = [jnp.sum(W * A) for W, A in zip(new, sums.A)]
+    quads = [jnp.sum(core._mm(W.T, W) * sums.C) for W in new]
+    scale = jnp.ones_like(sums.S1)
+    if config.unit_columns:
+        # As core._unit_columns; F's blocks take the scale when the next pass reads them.
+        norms = jnp.sqrt(sum(jnp.sum(W * W, axis=0) for W in new))
+        scale = jnp.where(norms > 0, norms, 1.0)
+        new = [W / scale for W in new]
+    fits = jnp.stack([core._fit_terms(s, c, q) for s, c, q in zip(sq_norms, crosses, quads)])
+    penalty = config.l1_F * jnp.sum(scale * sums.S1) + config.l2_F * jnp.sum(
+        scale * scale * sums.S2)
+    value = (jnp.sum(jnp.asarray(weights, fits.dtype) * fits) + penalty
+             + config.l2_W * sum(jnp.sum(W * W) for W in new))
+    violation = jnp.sqrt(sums.violation_F + violation_W)
+    return tuple(new), scale, value, core._rel_errors(sq_norms, fits), violation
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mode"))
+def _block_residual(fits, F_b, blocks, loadings, offsets, data_scale, config, mode):
+    """``fits + ||X_vb - W_v F_b||^2`` per view, as ``core.residual_objective`` forms them.
+
+    Padded columns are zero in both ``X`` and ``F_b`` and add nothing.
+    """
+    dtype = jnp.dtype(config.dtype)
+    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+    return fits + jnp.stack([jnp.sum(jnp.square(X.astype(dtype) - core._mm(W, F_b)))
+                             for X, W in zip(blocks, loadings)])
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _residual_value(F, loadings, fits, sq_norms, config):
+    """Objective and relative errors from the streamed residual norms ``fits``."""
+    weights = jnp.asarray(core._weights(config, len(loadings)), fits.dtype)
+    value = jnp.sum(weights * fits) + core._penalty_F(F, None, config)
+    value = value + config.l2_W * sum(jnp.sum(W * W) for W in loadings)
+    return value, core._rel_errors(sq_norms, fits)
+
+
+# ----------------------------------------------------------------------------- front door
+
+
+def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsvda",
+        weights=None, unit_columns=False, l1_F=0.0, l2_F=0.0, l2_W=0.0, groups=None,
+        group_lam=0.0, restarts=1, negative="raise", dtype="float32", storage_dtype=None,
+        progress=True):
+    """Coupled NMF of the views in a store, streaming its column blocks (one read per pass).
+
+    ``jaxcnmf.fit(store, ...)`` calls this; the arguments and the result are those of
+    :func:`jaxcnmf.solver.fit.fit`, with these differences: ``views`` is a
+    :class:`jaxcnmf.store.Store`; ``group_lam`` must be 0 and ``restarts`` 1;
+    ``storage_dtype`` defaults to the store's dtype. The iterates equal those of the
+    in-memory fit from the same start (to float rounding of the sums over blocks).
+
+    Passes over the store: one to check the values and take their maxima and norms (two
+    with ``negative="clip"``/``"shift"`` on data that has negatives), ten for
+    ``init="nndsvd"`` or ``"nndsvda"`` (randomized SVD), one per iteration, and one for
+    the final objective from the residuals.
+
+    Memory: ``F`` ``(rank, N)`` float32, the loadings and ``X_v F^T`` (``2 * rows_v * rank``
+    floats per view), and about ``_PREFETCH + 2`` blocks of
+    ``block_size * sum_v rows_v`` stored values; independent of ``N`` beyond ``F``.
+
+    Args:
+        views: :class:`jaxcnmf.store.Store` (from ``store.open``).
+        rank, method, max_iter, tol, seed, init, weights, unit_columns, l1_F, l2_F, l2_W,
+            negative, dtype, storage_dtype, progress: as for ``jaxcnmf.fit``;
+            ``progress`` shows one bar per pass.
+        groups, group_lam, restarts: accepted for the same signature; ``group_lam > 0``
+            and ``restarts > 1`` are refused.
+
+    Returns:
+        :class:`jaxcnmf.FitResult` (``config`` also holds ``"store"`` and ``"block_size"``).
+
+    Raises:
+        ValueError / TypeError: as ``jaxcnmf.fit``, naming the parameter or view.
+        FloatingPointError: a non-finite value appeared (the loop stops at that pass).
+
+    Warns:
+        ConvergenceWarning, DeadConceptWarning: as ``jaxcnmf.fit``.
+
+    Example:
+        >>> res = jaxcnmf.fit(store.open("acts/"), rank=20, method="hals")  # doctest: +SKIP
+    """
+    if not isinstance(views, Store):
+        raise TypeError(f"views: expected a jaxcnmf.store.Store, got {type(views).__name__}")
+    s = views
+    names = s.views
+    shapes = [(s.rows[name], s.n) for name in names]
+    _front._check_choice("negative", negative, _front._NEGATIVE_MODES)
+    rank = _front._check_number("rank", rank, 1, integer=True)
+    if rank > min(s.n, sum(r for r, _ in shapes)):
+        raise ValueError(f"rank: expected at most min(N, total rows) = "
+                         f"{min(s.n, sum(r for r, _ in shapes))}, got {rank}")
+    _front._check_choice("method", method, core.METHODS)
+    if not isinstance(init, dict):
+        _front._check_choice("init", init, initialization.INIT_NAMES)
+    max_iter = _front._check_number("max_iter", max_iter, 1, integer=True)
+    tol = _front._check_number("tol", tol)
+    seed = _front._check_number("seed", seed, 0, integer=True)
+    restarts = _front._check_number("restarts", restarts, 1, integer=True)
+    if restarts != 1:
+        raise ValueError(f"restarts: the streaming fit (views from a store) runs one start; "
+                         f"expected 1, got {restarts}")
+    l1_F, l2_F, l2_W = (_front._check_number(label, value) for label, value in
+                        (("l1_F", l1_F), ("l2_F", l2_F), ("l2_W", l2_W)))
+    group_lam = _front._check_number("group_lam", group_lam)
+    if group_lam > 0:
+        raise ValueError(f"group_lam: the streaming fit (views from a store) has no group "
+                         f"lasso, whose step tests the objective of all columns at once; "
+                         f"expected 0, got {group_lam}")
+    if groups is not None:
+        _front._check_groups(groups, s.n, group_lam)
+    storage = _front._check_dtypes(dtype, s.dtype if storage_dtype is None else storage_dtype)
+    mode = _MODES[negative]
+
+    if progress:
+        print(f"jaxcnmf: streaming fit of {len(names)} views from {str(s.path)!r}, N={s.n} "
+              f"in {s.n_blocks} blocks of {s.block_size}, rank {rank}, method {method}, "
+              f"max_iter {max_iter}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    offsets = jnp.zeros(len(names), dtype)
+    stats = _statistics(s, names, storage, offsets, "none", dtype, progress)
+    for name, minimum, bad in zip(names, stats.minima, stats.bad):
+        if bad:
+            raise ValueError(f"view {name!r} contains {int(bad)} NaN or Inf entries")
+        if minimum < 0 and negative == "raise":
+            raise ValueError(
+                f"view {name!r} has negative entries (minimum {minimum:.4g}); expected "
+                f"non-negative data, or pass negative='clip' or 'shift'")
+    if np.any(stats.minima < 0):
+        # Only views with negatives move, as in the in-memory fit.
+        offsets = jnp.asarray(np.minimum(stats.minima, 0.0), dtype)
+        stats = _statistics(s, names, storage, offsets, mode, dtype, progress)
+    else:
+        mode = "none"
+    view_weights = _weights(weights, names, stats.sq_norms())
+    # The in-memory fit's rescaling (views by their largest entry, objective by the
+    # weighted data norm), from the streamed maxima and norms.
+    problem, internal_weights, data_norm2 = _front._internal_problem_from_stats(
+        names, list(zip(stats.tops, stats.scaled)), view_weights, dtype)
+    config = core.SolverConfig(
+        method=method, rank=rank, weights=view_weights, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
+        unit_columns=bool(unit_columns), max_iter=max_iter, tol=tol, dtype=dtype)
+    config = _front._internal_config(config, problem, internal_weights, dtype)
+    config_dict = {
+        "method": method, "rank": rank, "seed": seed,
+        "init": init if isinstance(init, str) else "user",
+        "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
+        "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": 0.0,
+        "group_lam_fraction": None, "group_lam_max": None, "n_groups": 0,
+        "max_iter": max_iter, "tol": tol, "restarts": 1, "negative": negative,
+        "dtype": dtype, "storage_dtype": storage, "eps": config.eps,
+        "inner_iter": config.inner_iter, "weighted_data_sq_norm": data_norm2,
+        "store": str(s.path), "block_size": s.block_size,
+    }
+    data_scale = jnp.asarray(problem.scale, dtype)
+
+    if isinstance(init, dict):
+        # The caller's F is on the data's scale; the solver's is on the rescaled one.
+        init = {**init, "F": np.asarray(init["F"], np.float64) / problem.scale}
+        F0, loadings0 = initialization.user(init, names, shapes, rank, dtype)
+    elif init == "random":
+        F0, loadings0 = _random_init(seed, [float(x) / problem.scale for x in stats.sums],
+                                     shapes, rank, dtype)
+    else:
+        U, sv, Vt, scales, spans = _streamed_svd(s, names, storage, offsets, data_scale,
+                                                 mode, rank, internal_weights, seed, dtype,
+                                                 progress)
+        stacked_sum = jnp.asarray(sum(c * x / problem.scale
+                                      for c, x in zip(scales, stats.sums)), dtype)
+        F0, loadings0 = _nndsvd_factors(U, sv, Vt, stacked_sum, scales, spans, init, dtype)
+
+    # The compiled pass functions do not read max_iter or tol: keep them out of their
+    # static config, so another max_iter or tol does not compile them again.
+    kernel = config._replace(max_iter=1, tol=0.0)
+    padded = s.n_blocks * s.block_size
+    F_blocks = list(jnp.pad(F0, ((0, 0), (0, padded - s.n)))
+                    .reshape(rank, s.n_blocks, s.block_size).transpose(1, 0, 2))
+    loadings = loadings0
+    scale = jnp.ones(rank, dtype)
+    rows = [r for r, _ in shapes]
+    objective_history, rel_history = [], []
+    violation_init, converged, failed = None, False, False
+    for iteration in range(max_iter):
+        G = _gram(loadings, kernel)
+        acc = _zero_sums(rows, rank, dtype)
+        for i, blocks, n_valid, hold in _passes(s, names, storage,
+                                                f"jaxcnmf: pass {iteration + 1}", progress):
+            acc, F_blocks[i] = _block_step(acc, F_blocks[i], scale, blocks, n_valid,
+                                           loadings, G, offsets, data_scale, kernel, mode)
+            hold(F_blocks[i])
+        loadings, scale, value, rel, violation = _end_pass(loadings, acc, kernel)
+        jsq = acc.sq
+        # One host sync per pass (core.run tests the same values inside its loop).
+        value, rel, violation = (np.asarray(x, np.float64)
+                                 for x in jax.device_get((value, rel, violation)))
+        objective_history.append(float(value))
+        rel_history.append(rel)
+        if violation_init is None:
+            violation_init = float(violation)
+        failed = not (np.isfinite(value) and np.isfinite(violation))
+        converged = bool(violation <= tol * violation_init)
+        if failed or converged:
+            break
+    n_iter = len(objective_history)
+    if failed:
+        raise FloatingPointError(
+            f"jaxcnmf.fit: the streaming solver produced NaN or Inf at iteration {n_iter} "
+            f"and stopped; the inputs were finite and rescaled by {problem.scale:.3g} "
+            f"(objective by {problem.norm:.3g}), so a step overflowed: internal weights "
+            f"{dict(zip(names, config.weights))}, l1_F {config.l1_F:.3g}, l2_F "
+            f"{config.l2_F:.3g}, l2_W {config.l2_W:.3g}")
+
+    if config.unit_columns:
+        F_blocks = [F_b * scale[:, None] for F_b in F_blocks]
+    # The reported objective and errors come from the residuals (one more pass), as the
+    # in-memory fit's core.residual_objective: the Gram form loses near-exact fits.
+    fits = jnp.zeros(len(names), dtype)
+    for i, blocks, _, hold in _passes(s, names, storage, "jaxcnmf: final objective",
+                                      progress):
+        fits = _block_residual(fits, F_blocks[i], blocks, loadings, offsets, data_scale,
+                               kernel, mode)
+        hold(fits)
+    F = jnp.concatenate(F_blocks, axis=1)[:, :s.n]
+    del F_blocks
+    final = _residual_value(F, loadings, fits, jsq, kernel)
+    if not np.isfinite(float(final[0])):
+        raise FloatingPointError(
+            f"jaxcnmf.fit: the final objective of the streaming fit is not finite after "
+            f"{n_iter} iterations (data rescaled by {problem.scale:.3g}, objective by "
+            f"{problem.norm:.3g})")
+    # The in-memory fit's result builder, fed a host state of the streamed run.
+    state = core.SolverState(
+        F=F, loadings=loadings, groups=None, sq_norms=jsq,
+        iteration=np.int32(n_iter), objective=objective_history[-1],
+        objective_history=np.asarray(objective_history, np.float64),
+        rel_error_history=np.stack(rel_history, axis=1), converged=converged,
+        violation=violation, violation_init=violation_init, failed=False)
+    result = _front._result(state, tuple(names), config_dict, problem, final)
+    if progress:
+        errors = ", ".join(f"{k} {v:.4f}" for k, v in result.relative_errors.items())
+        status = "converged" if converged else "max_iter reached"
+        print(f"jaxcnmf: done in {time.perf_counter() - start:.1f} s, {result.n_iter} "
+              f"passes ({status}), rel. errors {errors}", file=sys.stderr, flush=True)
+    _front._check_live(result, stacklevel=4)
+    if not result.converged:
+        warnings.warn(f"jaxcnmf.fit stopped at max_iter={max_iter} before the KKT "
+                      f"violation fell to tol={tol} of its start; increase max_iter or tol",
+                      _front.ConvergenceWarning, stacklevel=3)
+    return result
+
+
+def _weights(weights, names, sq_norms):
+    """View weights as ``fit`` gives them, ``"balanced"`` from the streamed norms."""
+    if isinstance(weights, str):
+        _front._check_choice("weights", weights, ("balanced",))
+        return tuple(1.0 / float(q) if q > 0 else 1.0 for q in sq_norms)
+    # Other forms need no data; a placeholder per view satisfies the shared checker.
+    return _front._view_weights(weights, names, [None] * len(names))
