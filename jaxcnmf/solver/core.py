@@ -101,6 +101,8 @@ class SolverState(NamedTuple):
         objective_history: ``(max_iter,)`` objective after each step, NaN beyond ``iteration``.
         rel_error_history: ``(n_views, max_iter)`` ``||X_v - W_v F|| / ||X_v||`` per step.
         converged: bool scalar, the relative-change test has passed.
+        column_mask: ``None``, or ``(N,)`` with 1 on real images and 0 on the zero columns a
+            sharded fit pads ``N`` with (see :mod:`jaxcnmf.solver.sharding`).
     """
 
     F: jax.Array
@@ -112,6 +114,7 @@ class SolverState(NamedTuple):
     objective_history: jax.Array
     rel_error_history: jax.Array
     converged: jax.Array
+    column_mask: jax.Array | None = None
 
 
 def _as_tuple(views):
@@ -315,7 +318,7 @@ def objective(views, F, loadings, config, groups=None):
     return _objective(*_prepared(views, F, loadings, groups, config), config)
 
 
-def init_state(views, F0, loadings0, config, groups=None):
+def init_state(views, F0, loadings0, config, groups=None, column_mask=None):
     """Build the solver state from initial factors.
 
     Args:
@@ -325,6 +328,8 @@ def init_state(views, F0, loadings0, config, groups=None):
         loadings0: tuple of ``(rows_v, rank)`` non-negative initial loadings.
         config: :class:`SolverConfig`.
         groups: optional ``(N,)`` int group ids in ``[0, config.n_groups)``.
+        column_mask: optional ``(N,)``, 0 on padding columns (zero in the views and in
+            ``F0``), which every step then keeps at exactly zero.
 
     Returns:
         :class:`SolverState` with empty histories and the objective of the initial factors.
@@ -345,6 +350,7 @@ def init_state(views, F0, loadings0, config, groups=None):
         objective_history=jnp.full((config.max_iter,), jnp.nan, dtype),
         rel_error_history=jnp.full((len(views), config.max_iter), jnp.nan, dtype),
         converged=jnp.zeros((), bool),
+        column_mask=None if column_mask is None else jnp.asarray(column_mask, dtype),
     )
 
 
@@ -374,6 +380,9 @@ def step(state, views, config):
     weights = _weights(config, len(views))
     B, G = f_grams(views, state.loadings, config)
     F = _update_F(state.F, B, G, state.groups, config)
+    if state.column_mask is not None:
+        # HALS floors F at eps; padding must stay exactly zero to leave F F^T unchanged.
+        F = F * state.column_mask
     C = _mm(F, F.T)
     loadings, crosses, quads = [], [], []
     for X, W, w in zip(views, state.loadings, weights):
@@ -424,7 +433,7 @@ def run(state, views, config):
     return lax.while_loop(keep_going, lambda s: step(s, views, config), state)
 
 
-def solve_F(views, loadings, config, F0=None):
+def solve_F(views, loadings, config, F0=None, column_mask=None):
     """Non-negative least squares for ``F`` with the loadings fixed (``transform``).
 
     Runs only the ``F`` updates of ``config.method`` (group lasso not applied) in one
@@ -435,6 +444,7 @@ def solve_F(views, loadings, config, F0=None):
         loadings: tuple of the matching ``(rows_v, rank)`` loadings.
         config: :class:`SolverConfig`; ``weights`` must match ``views``.
         F0: optional ``(rank, N)`` start; default is a clipped ridge least-squares solution.
+        column_mask: optional ``(N,)``, 0 on zero padding columns (kept at exactly zero).
 
     Returns:
         ``(F, n_iter, converged)``: ``(rank, N)`` in ``config.dtype``, an int32 scalar
@@ -452,8 +462,16 @@ def solve_F(views, loadings, config, F0=None):
         ridge = 1e-6 * jnp.trace(G) / rank + config.eps
         F0 = jnp.linalg.solve(G + ridge * jnp.eye(rank, dtype=dtype), B)
         # MU cannot leave exact zeros, so start strictly positive.
-        F0 = jnp.maximum(F0, 1e-3 * jnp.maximum(jnp.mean(jnp.abs(F0)), config.eps))
+        if column_mask is None:
+            F0 = jnp.maximum(F0, 1e-3 * jnp.maximum(jnp.mean(jnp.abs(F0)), config.eps))
+        else:
+            # The floor is taken over the real images only, as without the padding.
+            mean = jnp.sum(jnp.abs(F0) * column_mask) / (rank * jnp.sum(column_mask))
+            F0 = jnp.maximum(F0, 1e-3 * jnp.maximum(mean, config.eps))
     F0 = jnp.asarray(F0, dtype)
+    if column_mask is not None:
+        column_mask = jnp.asarray(column_mask, dtype)
+        F0 = F0 * column_mask
     plain = config._replace(group_lam=0.0)
 
     def value(F):
@@ -462,6 +480,8 @@ def solve_F(views, loadings, config, F0=None):
     def body(carry):
         F, i, previous, _ = carry
         F = _update_F(F, B, G, None, plain)
+        if column_mask is not None:
+            F = F * column_mask
         current = value(F)
         done = jnp.abs(previous - current) <= config.tol * jnp.abs(previous)
         return F, i + 1, current, done

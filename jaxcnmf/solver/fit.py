@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnmf.solver import core, initialization
+from jaxcnmf.solver import core, initialization, sharding
 
 
 class ConvergenceWarning(UserWarning):
@@ -44,8 +44,9 @@ _solve = jax.jit(_run_one, static_argnames="config")
 _solve_restarts = jax.jit(jax.vmap(_run_one, in_axes=(None, 0, 0, None, None)),
                           static_argnums=4)
 _solve_F = jax.jit(core.solve_F, static_argnames="config")
-_random_restarts = jax.jit(jax.vmap(initialization.random, in_axes=(0, None, None, None)),
-                           static_argnums=(2, 3))
+_random_restarts = jax.jit(
+    jax.vmap(initialization.random, in_axes=(0, None, None, None, None)),
+    static_argnums=(2, 3, 4))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -221,6 +222,10 @@ class FitResult:
             restart number), or ``None`` when ``restarts=1``.
         stability: mean Hungarian-matched cosine of ``F`` rows between the best restart
             and each other one, or ``None`` when ``restarts=1``.
+        devices: number of devices the fit ran on (its images sharded over them). When
+            they span processes, ``F`` is the global ``jax.Array`` split over its columns
+            like the views (no process can hold all of it) and :meth:`save` writes one
+            file per process.
 
     Example:
         >>> res.reconstruct("red").shape  # doctest: +SKIP
@@ -238,6 +243,7 @@ class FitResult:
     objective: float
     restarts: list | None = None
     stability: float | None = None
+    devices: int = 1
 
     def _solver_config(self, names, max_iter, tol):
         weights = tuple(self.config["weights"][name] for name in names)
@@ -246,7 +252,7 @@ class FitResult:
             l1_F=self.config["l1_F"], l2_F=self.config["l2_F"], max_iter=max_iter,
             tol=tol, eps=self.config["eps"], dtype=self.config["dtype"])
 
-    def transform(self, views, max_iter=200, tol=None):
+    def transform(self, views, max_iter=200, tol=None, mesh=None):
         """Embed images with the loadings fixed: non-negative least squares for ``F``.
 
         Args:
@@ -255,9 +261,12 @@ class FitResult:
                 and ``F`` penalties are used; the group lasso is not.
             max_iter: bound on the ``F`` updates.
             tol: relative-change tolerance; default the fit's ``tol``.
+            mesh: optional 1-D ``jax.sharding.Mesh`` to shard the images over, as in
+                :func:`fit` (views already sharded over their columns are used as they are).
 
         Returns:
-            ``(rank, N_new)`` float32 embedding.
+            ``(rank, N_new)`` float32 embedding (a global ``jax.Array`` when the views span
+            processes).
 
         Example:
             >>> F_new = res.transform({"conv": A_new})  # doctest: +SKIP
@@ -275,6 +284,7 @@ class FitResult:
         if unknown:
             raise ValueError(f"views: unknown view(s) {unknown}, expected names among "
                              f"{list(self.view_names)}")
+        placement = sharding.plan(*_name_views(views), mesh)
         names, arrays = _check_views(views, self.config["negative"])
         for name, X in zip(names, arrays):
             rows = self.loadings[name].shape[0]
@@ -285,6 +295,10 @@ class FitResult:
         max_iter = _check_number("max_iter", max_iter, 1, integer=True)
         config = self._solver_config(names, max_iter, tol)
         dtype = self.config["dtype"]
+        if placement is not None:
+            placement = placement.with_columns(arrays[0].shape[1])
+            return placement.transform(arrays, [self.loadings[name] for name in names],
+                                       config, dtype)
         jviews = tuple(jnp.asarray(X, dtype) for X in arrays)
         loadings = tuple(jnp.asarray(self.loadings[name], dtype) for name in names)
         F, _, _ = _solve_F(jviews, loadings, config=config)
@@ -332,8 +346,13 @@ class FitResult:
         Args:
             path: file path; NumPy appends ``.npz`` when it is missing.
 
+        When ``F`` is a global array spanning processes, every process must call
+        ``save`` with the same ``path``; each writes ``<path>.process<i>-of-<count>.npz``
+        (its columns of ``F`` and the replicated rest) and returns once all have written.
+        :func:`load_result` reads them back.
+
         Returns:
-            The path written, as a string.
+            The path written (by this process), as a string.
 
         Example:
             >>> res.save("fit.npz"); jaxcnmf.load_result("fit.npz")  # doctest: +SKIP
@@ -342,21 +361,33 @@ class FitResult:
             "view_names": list(self.view_names), "n_iter": self.n_iter,
             "converged": self.converged, "relative_errors": self.relative_errors,
             "config": self.config, "objective": self.objective, "stability": self.stability,
+            "devices": self.devices,
         }
         arrays = {f"loading_{i}": self.loadings[name]
                   for i, name in enumerate(self.view_names)}
         rel = np.stack([self.history["rel_error"][name] for name in self.view_names])
-        np.savez(path, F=self.F, objective_history=self.history["objective"],
-                 rel_error_history=rel, meta=np.array(json.dumps(meta)), **arrays)
+        F, parts = self.F, {}
+        if sharding.is_global(F):
+            # No process holds all of F: each writes its own columns and where they go.
+            F, parts = sharding.process_part(F)
+            path = sharding.part_path(path)
+        np.savez(path, F=F, objective_history=self.history["objective"],
+                 rel_error_history=rel, meta=np.array(json.dumps(meta)), **parts, **arrays)
+        if parts:
+            sharding.wait_for_processes("jaxcnmf FitResult.save")
         path = str(path)
         return path if path.endswith(".npz") else path + ".npz"
 
 
-def load_result(path):
+def load_result(path, mesh=None):
     """Read a :class:`FitResult` written by :meth:`FitResult.save`.
 
     Args:
-        path: ``.npz`` file.
+        path: ``.npz`` file, or the path given to ``save`` by every process of a
+            multi-process fit (its per-process files are found next to it).
+        mesh: for per-process files only: with a 1-D mesh in a multi-process run, each
+            process reads only its own file and ``F`` is the global array; otherwise
+            ``F`` is assembled on the host from all the files.
 
     Returns:
         :class:`FitResult` (with ``restarts=None``).
@@ -364,7 +395,8 @@ def load_result(path):
     Example:
         >>> res = jaxcnmf.load_result("fit.npz")  # doctest: +SKIP
     """
-    with np.load(path, allow_pickle=False) as data:
+    parts = sharding.saved_parts(path)
+    with np.load(parts[0] if parts else path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
         names = tuple(meta["view_names"])
         loadings = {name: data[f"loading_{i}"] for i, name in enumerate(names)}
@@ -372,20 +404,25 @@ def load_result(path):
         history = {"objective": data["objective_history"],
                    "rel_error": {name: rel[i] for i, name in enumerate(names)}}
         F = data["F"]
+    if parts:
+        F = sharding.load_F(parts, mesh)
     return FitResult(F=F, loadings=loadings, view_names=names, history=history,
                      n_iter=meta["n_iter"], converged=meta["converged"],
                      relative_errors=meta["relative_errors"], config=meta["config"],
-                     objective=meta["objective"], stability=meta["stability"])
+                     objective=meta["objective"], stability=meta["stability"],
+                     devices=meta.get("devices", 1))
 
 
-def _result(state, names, config_dict):
+def _result(state, names, config_dict, placement=None):
+    # A sharded F comes back without its padding, or stays global across processes.
+    F = None if placement is None else placement.result_F(state.F)
     # One transfer for the whole state, not one blocking read per field.
-    state = jax.device_get(state)
+    state = jax.device_get(state if F is None else state._replace(F=None))
     n_iter = int(state.iteration)
     objective = np.asarray(state.objective_history, np.float64)[:n_iter]
     rel = np.asarray(state.rel_error_history, np.float64)[:, :n_iter]
     return FitResult(
-        F=np.asarray(state.F, np.float32),
+        F=np.asarray(state.F, np.float32) if F is None else F,
         loadings={name: np.asarray(W, np.float32) for name, W in zip(names, state.loadings)},
         view_names=names,
         history={"objective": objective,
@@ -395,6 +432,7 @@ def _result(state, names, config_dict):
         relative_errors={name: float(rel[i, -1]) for i, name in enumerate(names)},
         config=config_dict,
         objective=float(objective[-1]),
+        devices=1 if placement is None else placement.device_count,
     )
 
 
@@ -406,18 +444,26 @@ def _matched_cosine(F_a, F_b):
         norms = np.linalg.norm(F, axis=1, keepdims=True)
         return F / np.where(norms > 0, norms, 1.0)
 
-    cosines = unit(F_a.astype(np.float64)) @ unit(F_b.astype(np.float64)).T
+    if sharding.is_global(F_a):
+        cosines = sharding.row_cosines(F_a, F_b)
+    else:
+        cosines = unit(F_a.astype(np.float64)) @ unit(F_b.astype(np.float64)).T
     rows, cols = linear_sum_assignment(-cosines)
     return float(cosines[rows, cols].mean())
 
 
-def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts, dtype):
+def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts, dtype,
+                     placement=None):
     """Stacked ``(restarts, ...)`` initial factors; restart ``i`` uses seed ``seed + i``.
 
     Restart 0 uses ``init``; with ``"nndsvd"``, ``"nndsvda"`` or user arrays the further
     restarts are random initialisations (seeds ``seed + 1, ...``), so that the stability
     score measures genuinely different starting points.
+
+    With a ``placement`` (sharded fit) the views are zero-padded to ``placement.n_padded``
+    columns; the factors are drawn for the ``placement.n`` real images, zero on the padding.
     """
+    n_columns = None if placement is None else placement.n
     n_random = restarts if init == "random" else restarts - 1
     first = 0 if init == "random" else 1
     parts_F, parts_L = [], []
@@ -427,12 +473,16 @@ def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts,
                                               dtype)
         else:
             F, loadings = initialization.nndsvd(jviews, rank, weights, variant=init,
-                                                seed=seed, dtype=dtype)
+                                                seed=seed, dtype=dtype, n_columns=n_columns)
+        if placement is not None:
+            F, loadings = placement.factors(F, loadings)
         parts_F.append(F[None])
         parts_L.append(tuple(W[None] for W in loadings))
     if n_random:
         keys = jnp.stack([jax.random.PRNGKey(seed + first + i) for i in range(n_random)])
-        F, loadings = _random_restarts(keys, jviews, rank, dtype)
+        F, loadings = _random_restarts(keys, jviews, rank, dtype, n_columns)
+        if placement is not None:
+            F, loadings = placement.factors(F, loadings, stacked=True)
         parts_F.append(F)
         parts_L.append(tuple(loadings))
     F0 = jnp.concatenate(parts_F)
@@ -443,7 +493,7 @@ def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts,
 def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsvda",
         weights=None, unit_columns=False, l1_F=0.0, l2_F=0.0, l2_W=0.0, groups=None,
         group_lam=0.0, restarts=1, negative="raise", dtype="float32", storage_dtype=None,
-        progress=True):
+        progress=True, mesh=None):
     """Coupled NMF of views sharing their columns: ``X_v ~ W_v F`` for every view ``v``.
 
     Minimises ``sum_v w_v ||X_v - W_v F||^2 + l1_F |F|_1 + l2_F ||F||^2
@@ -484,6 +534,12 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         storage_dtype: dtype the views are kept in, e.g. ``"bfloat16"`` (products still
             accumulate in ``dtype``); default ``dtype``.
         progress: print one line before and one after the compiled run.
+        mesh: a 1-D ``jax.sharding.Mesh`` to shard the images (columns) over: host views
+            are placed split over their columns, ``F`` likewise, the loadings replicated.
+            Views that are already ``jax.Array`` s sharded over their columns (also global
+            arrays spanning processes) are used as they are, and their mesh is the
+            default. ``N`` the device count does not divide is padded with zero columns
+            that cannot change the fit. See :mod:`jaxcnmf.solver.sharding`.
 
     Returns:
         :class:`FitResult`.
@@ -496,6 +552,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         >>> res.F.shape, res.loadings["conv"].shape, res.relative_errors["red"]
     """
     _check_choice("negative", negative, _NEGATIVE_MODES)
+    placement = sharding.plan(*_name_views(views), mesh)  # before anything is compiled
     names, arrays = _check_views(views, negative)
     n = arrays[0].shape[1]
     total_rows = sum(X.shape[0] for X in arrays)
@@ -530,8 +587,12 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         "restarts": restarts, "negative": negative, "dtype": dtype,
         "storage_dtype": storage, "eps": config.eps, "inner_iter": config.inner_iter,
     }
-    jviews = tuple(jnp.asarray(X, storage) for X in arrays)
-    jgroups = None if groups is None else jnp.asarray(groups)
+    if placement is None:
+        jviews = tuple(jnp.asarray(X, storage) for X in arrays)
+        jgroups = None if groups is None else jnp.asarray(groups)
+    else:
+        placement = placement.with_columns(n)
+        jviews, jgroups = placement.views(arrays, storage), placement.groups(groups)
 
     if progress:
         print(f"jaxcnmf: fitting {len(names)} views, N={n}, rank {rank}, method {method}, "
@@ -539,15 +600,18 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
               file=sys.stderr, flush=True)
     start = time.perf_counter()
     F0, loadings0 = _initial_factors(init, names, arrays, jviews, rank, view_weights, seed,
-                                     restarts, dtype)
+                                     restarts, dtype, placement)
     if restarts == 1:
-        state = _solve(jviews, F0[0], tuple(W[0] for W in loadings0), jgroups, config=config)
-        results = [_result(state, names, config_dict)]
+        solve = _solve if placement is None else placement.solve
+        state = solve(jviews, F0[0], tuple(W[0] for W in loadings0), jgroups, config=config)
+        results = [_result(state, names, config_dict, placement)]
     else:
-        states = _solve_restarts(jviews, F0, loadings0, jgroups, config)
-        states = jax.device_get(states)
+        solve = _solve_restarts if placement is None else placement.solve_restarts
+        states = solve(jviews, F0, loadings0, jgroups, config)
+        states = jax.device_get(states) if placement is None else states
         results = [_result(jax.tree_util.tree_map(lambda a, i=i: a[i], states), names,
-                           {**config_dict, "seed": seed + i}) for i in range(restarts)]
+                           {**config_dict, "seed": seed + i}, placement)
+                   for i in range(restarts)]
     objectives = np.array([r.objective if np.isfinite(r.objective) else np.inf
                            for r in results])
     best_index = int(np.argmin(objectives))
