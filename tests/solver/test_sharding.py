@@ -316,3 +316,24 @@ def test_memory_formula_counts_views_and_factors():
     assert got["factors"] == 4 * 4 * 250 * 4 + 3 * 150 * 4 * 4
     assert got["nndsvd_extra"] == 1000 * 14 * 4 + 150 * 250 * 4
     assert got["total"] == got["views"] + got["factors"]
+
+
+def test_iteration_blocks_add_up_over_image_blocks():
+    from jaxcnmf.solver import core
+
+    views = tuple(planted(60).values())
+    rng = np.random.default_rng(1)
+    F = np.float32(rng.random((3, 60)))
+    loadings = tuple(np.float32(rng.random((X.shape[0], 3))) for X in views)
+    config = core.SolverConfig(rank=3, weights=(2.0, 0.5))
+    whole = sharding.iteration_blocks(views, F, loadings, config)
+    halves = [sharding.iteration_blocks(tuple(X[:, s] for X in views), F[:, s], loadings,
+                                        config) for s in (slice(0, 25), slice(25, 60))]
+    B = np.concatenate([np.asarray(h["B"]) for h in halves], axis=1)
+    np.testing.assert_allclose(B, whole["B"], rtol=1e-6)
+    np.testing.assert_allclose(halves[0]["G"], whole["G"], rtol=1e-6)
+    np.testing.assert_allclose(halves[0]["FFt"] + halves[1]["FFt"], whole["FFt"], rtol=1e-5)
+    for v in range(2):
+        np.testing.assert_allclose(halves[0]["XFt"][v] + halves[1]["XFt"][v],
+                                   whole["XFt"][v], rtol=1e-5)
+    np.testing.assert_allclose(whole["XFt"][0], views[0] @ F.T, rtol=1e-5)
