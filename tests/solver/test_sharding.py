@@ -69,6 +69,8 @@ for label, (n, options) in cases.items():
                   "F_shape": list(four.F.shape),
                   "W": max(rel(four.loadings[k], one.loadings[k]) for k in views),
                   "objective": [one.objective, four.objective],
+                  "rel_errors": [[one.relative_errors[k], four.relative_errors[k]]
+                                 for k in views],
                   "history": rel(four.history["objective"], one.history["objective"])}
 
 # nndsvda on the sharded matrix, restarts and transform, with N not divisible.
@@ -82,6 +84,21 @@ out["nndsvda_restarts"] = {"F": rel(four.F, one.F), "stability": [one.stability,
 new = planted(203, seed=1)
 t1, t4 = one.transform(new), one.transform(new, mesh=mesh)
 out["transform"] = {"F": rel(t4, t1), "shape": list(t4.shape)}
+t1, t4 = one.transform(new, method="fit"), one.transform(new, mesh=mesh, method="fit")
+out["transform_fit"] = {"F": rel(t4, t1), "shape": list(t4.shape)}
+
+# The internal rescaling on the sharded path: data 1e25 times larger (whose squares
+# overflow float32 without it) give 1e25 times the factors, the group penalty from
+# group_lam_fraction and 1e50 times the objective.
+kw = dict(rank=3, max_iter=40, tol=0.0, method="hals", init="random", progress=False,
+          group_lam_fraction=0.05, unit_columns=True, groups=np.arange(403) % 4)
+small = jaxcnmf.fit(views, **kw)
+big = jaxcnmf.fit({k: v * np.float32(1e25) for k, v in views.items()}, mesh=mesh, **kw)
+out["rescaled"] = {"F": rel(np.float64(big.F) / 1e25, small.F), "dtype": str(big.F.dtype),
+                   "objective": big.objective / 1e50 / small.objective,
+                   "group_lam": big.config["group_lam"] / 1e25 / small.config["group_lam"],
+                   "rel_errors": max(abs(big.relative_errors[k] - small.relative_errors[k])
+                                     for k in views)}
 
 # Random start: the same draws whatever the padding and placement.
 placement = sharding.plan(["a", "b"], list(views.values()), mesh).with_columns(403)
@@ -165,7 +182,8 @@ print("RESULT " + json.dumps({
     "process_count": jax.process_count(), "devices": res.devices,
     "global": not res.F.is_fully_addressable, "same_sharding": res.F.sharding == sharding,
     "shape": list(res.F.shape), "saved": saved, "reloaded": rel(back_local, local),
-    "n_iter": res.n_iter}), flush=True)
+    "n_iter": res.n_iter, "objective": res.objective, "rel_errors": res.relative_errors,
+    "scaled_F_global": not res.scaled_F().is_fully_addressable}), flush=True)
 jax.distributed.shutdown()
 """
 
@@ -204,6 +222,10 @@ def test_four_devices_fit_like_one(four, case):
     # Only the order of the sums over images differs: float32 rounding, grown over 60
     # iterations (FISTA's monotone choice can flip on a tie).
     assert got["F"] < 2e-3 and got["W"] < 2e-3 and got["history"] < 2e-3, got
+    # The final objective and errors come from the residuals, on the sharded views too
+    # (agreeing like the factors they are computed from).
+    assert abs(got["objective"][1] - got["objective"][0]) < 1e-4 * got["objective"][0]
+    assert all(abs(a - b) < 2e-3 * b for a, b in got["rel_errors"]), got["rel_errors"]
 
 
 def test_sharded_nndsvda_restarts_and_transform_match(four):
@@ -211,6 +233,16 @@ def test_sharded_nndsvda_restarts_and_transform_match(four):
     assert got["F"] < 2e-3 and got["restart1"] < 2e-3, got
     assert abs(got["stability"][0] - got["stability"][1]) < 1e-4
     assert four["transform"]["shape"] == [3, 203] and four["transform"]["F"] < 1e-3
+    assert four["transform_fit"]["shape"] == [3, 203]
+    assert four["transform_fit"]["F"] < 1e-3, four["transform_fit"]
+
+
+def test_sharded_fit_is_rescaled_like_the_unsharded_one(four):
+    got = four["rescaled"]
+    assert got["dtype"] == "float32"  # 1e25 * F is within float32's range
+    assert got["F"] < 2e-3, got
+    assert abs(got["objective"] - 1.0) < 1e-4 and abs(got["group_lam"] - 1.0) < 1e-5, got
+    assert got["rel_errors"] < 1e-4, got
 
 
 def test_random_start_is_the_same_draw_whatever_the_sharding(four):
@@ -277,11 +309,15 @@ def test_two_processes_fit_like_one_and_save_one_file_each(tmp_path):
         assert got["process_count"] == 2 and got["devices"] == 2
         assert got["global"] and got["same_sharding"] and got["shape"] == [3, 300]
         assert got["saved"] == str(tmp_path / f"fit.process{i}-of-2.npz")
-        assert got["reloaded"] == 0.0
+        assert got["reloaded"] == 0.0 and got["scaled_F_global"]
     views = planted(300)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         one = jaxcnmf.fit(views, rank=3, method="mu", max_iter=50, tol=0.0, progress=False)
+    for got in outs:
+        assert abs(got["objective"] - one.objective) < 1e-4 * one.objective
+        for name in views:
+            assert abs(got["rel_errors"][name] - one.relative_errors[name]) < 1e-5
     back = jaxcnmf.load_result(path)  # all processes' files, assembled on this host
     assert back.devices == 2 and back.n_iter == one.n_iter == outs[0]["n_iter"]
     assert isinstance(back.F, np.ndarray) and back.F.shape == (3, 300)
@@ -338,3 +374,78 @@ def test_iteration_blocks_add_up_over_image_blocks():
         np.testing.assert_allclose(halves[0]["XFt"][v] + halves[1]["XFt"][v],
                                    whole["XFt"][v], rtol=1e-5)
     np.testing.assert_allclose(whole["XFt"][0], views[0] @ F.T, rtol=1e-5)
+
+
+# ------------------------------------------- per-process files, checked like one file
+
+
+@pytest.fixture(scope="module")
+def small_fit():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return jaxcnmf.fit(planted(40), rank=3, max_iter=20, progress=False)
+
+
+def _write_parts(res, tmp_path, **tamper):
+    """``res`` saved as two processes would: each file its columns of ``F`` (process 0
+    the odd ones, to check the placement), ``columns``, ``n`` and the rest. ``tamper``
+    maps ``field`` to a replacement in process 1's file."""
+    whole = res.save(tmp_path / "whole.npz")
+    with np.load(whole) as data:
+        arrays = {k: data[k] for k in data.files}
+    n = arrays["F"].shape[1]
+    for i, columns in enumerate((np.arange(1, n, 2), np.arange(0, n, 2))):
+        part = {**arrays, "F": arrays["F"][:, columns], "columns": columns, "n": np.int64(n)}
+        if i == 1:
+            part.update(tamper)
+        np.savez(tmp_path / f"fit.process{i}-of-2.npz", **part)
+    return str(tmp_path / "fit.npz")
+
+
+def test_per_process_files_are_assembled(small_fit, tmp_path):
+    back = jaxcnmf.load_result(_write_parts(small_fit, tmp_path))
+    np.testing.assert_array_equal(back.F, small_fit.F)
+    assert back.devices == 1 and back.n_iter == small_fit.n_iter
+
+
+def test_every_per_process_file_is_checked(small_fit, tmp_path):
+    F1 = small_fit.F[:, 0::2].copy()
+    F1[1, 2] = -0.5
+    path = _write_parts(small_fit, tmp_path, F=F1)
+    with pytest.raises(ValueError, match=r"fit\.process1-of-2\.npz: field 'F': expected "
+                                         r"non-negative entries, got minimum -0\.5"):
+        jaxcnmf.load_result(path)
+    path = _write_parts(small_fit, tmp_path, F=np.ones((4, 20), np.float32))
+    with pytest.raises(ValueError, match=r"process1-of-2\.npz: field 'F': expected shape "
+                                         r"\(3, 20\), got \(4, 20\)"):
+        jaxcnmf.load_result(path)
+    path = _write_parts(small_fit, tmp_path, columns=np.arange(20) + 30)
+    with pytest.raises(ValueError, match=r"process1-of-2\.npz: field 'columns': expected "
+                                         r"indices in \[0, 40\), got \[30, 49\]"):
+        jaxcnmf.load_result(path)
+    path = _write_parts(small_fit, tmp_path, meta=np.array('{"view_names": ["other"]}'))
+    with pytest.raises(ValueError, match=r"process1-of-2\.npz: field 'meta': expected the "
+                                         r"same fit as process 0's file"):
+        jaxcnmf.load_result(path)
+    path = _write_parts(small_fit, tmp_path, columns=np.arange(1, 40, 2))
+    with pytest.raises(ValueError, match=r"expected the files to hold all 40 columns of F, "
+                                         r"got 20"):
+        jaxcnmf.load_result(path)
+
+
+def test_devices_is_saved_and_checked(small_fit, tmp_path):
+    import dataclasses
+
+    path = dataclasses.replace(small_fit, devices=4).save(tmp_path / "fit.npz")
+    assert jaxcnmf.load_result(path).devices == 4
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["devices"] = 0
+    np.savez(path, **{**arrays, "meta": np.array(json.dumps(meta))})
+    with pytest.raises(ValueError, match=r"field 'meta\.devices': expected an int >= 1, "
+                                         r"got 0"):
+        jaxcnmf.load_result(path)
+    del meta["devices"]  # a file from before sharding: one device
+    np.savez(path, **{**arrays, "meta": np.array(json.dumps(meta))})
+    assert jaxcnmf.load_result(path).devices == 1
