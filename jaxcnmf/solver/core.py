@@ -640,13 +640,37 @@ def solve_F(views, loadings, config, F0=None, column_mask=None):
     return F, n_iter, done
 
 
+_RESIDUAL_ROWS = 256
+
+
+def _residual_sq(X, W, F, dtype):
+    """``||X - W F||^2`` summed over blocks of ``_RESIDUAL_ROWS`` rows (the rows are never
+    split over devices, so a block of a column-sharded view is local)."""
+    rows, block = X.shape[0], _RESIDUAL_ROWS
+    if rows <= block:
+        return jnp.sum(jnp.square(X.astype(dtype) - _mm(W, F)))
+
+    def body(i, total):
+        # The last block is shifted back to fit; rows an earlier block had are masked.
+        start = jnp.minimum(i * block, rows - block)
+        Xb = lax.dynamic_slice_in_dim(X, start, block, 0).astype(dtype)
+        Wb = lax.dynamic_slice_in_dim(W, start, block, 0)
+        per_row = jnp.sum(jnp.square(Xb - _mm(Wb, F)), axis=1)
+        fresh = start + jnp.arange(block) >= i * block
+        return total + jnp.sum(jnp.where(fresh, per_row, 0.0))
+
+    return lax.fori_loop(0, -(-rows // block), body, jnp.zeros((), dtype))
+
+
 def residual_objective(views, F, loadings, config, groups=None):
     """Objective and relative errors from the residuals ``X_v - W_v F`` themselves.
 
     The Gram form used inside the loop subtracts terms of size ``||X_v||^2``, so in
     float32 a near-exact fit's error is lost to rounding; here every residual is formed
     and squared, which costs one ``(rows_v, N)`` product per view: use it once, on a
-    final state.
+    final state. The residual is formed ``_RESIDUAL_ROWS`` rows at a time, so that it
+    needs no second view-sized buffer (the sharded fit of a probe set that fills the
+    devices' memory evaluates it too).
 
     Args:
         views: tuple (or dict) of ``(rows_v, N)`` arrays.
@@ -663,8 +687,7 @@ def residual_objective(views, F, loadings, config, groups=None):
     """
     views, F, loadings, groups, sq_norms = _prepared(views, F, loadings, groups, config)
     dtype = jnp.dtype(config.dtype)
-    fits = jnp.stack([jnp.sum(jnp.square(X.astype(dtype) - _mm(W, F)))
-                      for X, W in zip(views, loadings)])
+    fits = jnp.stack([_residual_sq(X, W, F, dtype) for X, W in zip(views, loadings)])
     weights = jnp.asarray(_weights(config, len(loadings)), dtype)
     value = jnp.sum(weights * fits) + _penalty_F(F, groups, config)
     value = value + config.l2_W * sum(jnp.sum(W * W) for W in loadings)

@@ -79,7 +79,9 @@ def memory_per_device(rows, n, rank, devices=1, storage_bytes=4, restarts=1):
     the FISTA momentum or HALS row buffer) and the views ``sum(rows) * ceil(N / devices) *
     storage_bytes``. The NNDSVD start briefly adds ``N * (rank + 10) * 4`` bytes (its tall
     QR factor is replicated) and, with a storage dtype narrower than float32, the views
-    again in float32.
+    again in float32. The final residual objective forms ``X_v - W_v F`` 256 rows at a
+    time, one view and restart after another: ``min(256, rows_v) * ceil(N / devices) * 4``
+    bytes more at the end (64 F-sized arrays at rank 1, not counted here).
 
     Args:
         rows: sequence of ``rows_v``, one per view.

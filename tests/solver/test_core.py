@@ -411,3 +411,18 @@ def test_nnls_F_needs_no_mask_zero_columns_give_zero(l1_F):
     assert np.all(F_pad[:, N:] == 0.0)
     np.testing.assert_allclose(F_pad[:, :N], F, rtol=1e-6, atol=1e-7)
 
+
+def test_residual_objective_in_row_blocks_matches_numpy(monkeypatch):
+    # 20 and 12 rows in blocks of 8: full blocks, and a last block shifted back to fit.
+    monkeypatch.setattr(solver, "_RESIDUAL_ROWS", 8)
+    rng = np.random.default_rng(7)
+    views = _planted(noise=0.1)
+    F = rng.random((RANK, N))
+    loadings = tuple(rng.random((rows, RANK)) for rows in ROWS)
+    config = solver.SolverConfig(rank=RANK, weights=(0.5, 2.0), dtype="float64")
+    with jax.enable_x64(True):
+        value, rel = solver.residual_objective(views, F, loadings, config)
+    fits = [np.sum((X - W @ F) ** 2) for X, W in zip(views, loadings)]
+    np.testing.assert_allclose(value, 0.5 * fits[0] + 2.0 * fits[1], rtol=1e-12)
+    np.testing.assert_allclose(rel, [np.sqrt(f) / np.linalg.norm(X)
+                                     for f, X in zip(fits, views)], rtol=1e-12)
