@@ -119,6 +119,8 @@ class SolverState(NamedTuple):
         violation_init: scalar, KKT violation measured in the first step.
         failed: bool scalar, a non-finite objective or factor appeared; the loop stops and
             the factors are those of that step (the caller raises).
+        column_mask: ``None``, or ``(N,)`` with 1 on real images and 0 on the zero columns a
+            sharded fit pads ``N`` with (see :mod:`jaxcnmf.solver.sharding`).
     """
 
     F: jax.Array
@@ -133,6 +135,7 @@ class SolverState(NamedTuple):
     violation: jax.Array
     violation_init: jax.Array
     failed: jax.Array
+    column_mask: jax.Array | None = None
 
 
 def _as_tuple(views):
@@ -336,7 +339,7 @@ def objective(views, F, loadings, config, groups=None):
     return _objective(*_prepared(views, F, loadings, groups, config), config)
 
 
-def init_state(views, F0, loadings0, config, groups=None):
+def init_state(views, F0, loadings0, config, groups=None, column_mask=None):
     """Build the solver state from initial factors.
 
     Args:
@@ -346,6 +349,8 @@ def init_state(views, F0, loadings0, config, groups=None):
         loadings0: tuple of ``(rows_v, rank)`` non-negative initial loadings.
         config: :class:`SolverConfig`.
         groups: optional ``(N,)`` int group ids in ``[0, config.n_groups)``.
+        column_mask: optional ``(N,)``, 0 on padding columns (zero in the views and in
+            ``F0``), which every step then keeps at exactly zero.
 
     Returns:
         :class:`SolverState` with empty histories and the objective of the initial factors.
@@ -369,6 +374,7 @@ def init_state(views, F0, loadings0, config, groups=None):
         violation=jnp.zeros((), dtype),
         violation_init=jnp.zeros((), dtype),
         failed=jnp.logical_not(jnp.isfinite(value)),
+        column_mask=None if column_mask is None else jnp.asarray(column_mask, dtype),
     )
 
 
@@ -511,6 +517,9 @@ def step(state, views, config):
     B, G = f_grams(views, state.loadings, config)
     violation_F = _f_violation(state.F, B, G, state.groups, config)
     F = _update_F(state.F, B, G, state.groups, config)
+    if state.column_mask is not None:
+        # HALS floors F at eps; padding must stay exactly zero to leave F F^T unchanged.
+        F = F * state.column_mask
     C = _mm(F, F.T)
     As = tuple(_dot_nt(X, F, dtype) for X in views)
     violation_W = _w_violation(state.loadings, As, C, weights, config)
@@ -570,7 +579,7 @@ def run(state, views, config):
     return lax.while_loop(keep_going, lambda s: step(s, views, config), state)
 
 
-def solve_F(views, loadings, config, F0=None):
+def solve_F(views, loadings, config, F0=None, column_mask=None):
     """``F`` with the loadings fixed by the fit's own updates (MU / HALS, no group lasso).
 
     Runs only the ``F`` updates of ``config.method`` in one ``lax.while_loop`` until the
@@ -583,6 +592,7 @@ def solve_F(views, loadings, config, F0=None):
         loadings: tuple of the matching ``(rows_v, rank)`` loadings.
         config: :class:`SolverConfig`; ``weights`` must match ``views``.
         F0: optional ``(rank, N)`` start; default is a clipped ridge least-squares solution.
+        column_mask: optional ``(N,)``, 0 on zero padding columns (kept at exactly zero).
 
     Returns:
         ``(F, n_iter, converged)``: ``(rank, N)`` in ``config.dtype``, an int32 scalar
@@ -600,14 +610,24 @@ def solve_F(views, loadings, config, F0=None):
         ridge = 1e-6 * jnp.trace(G) / rank + config.eps
         F0 = jnp.linalg.solve(G + ridge * jnp.eye(rank, dtype=dtype), B)
         # MU cannot leave exact zeros, so start strictly positive.
-        F0 = jnp.maximum(F0, 1e-3 * jnp.maximum(jnp.mean(jnp.abs(F0)), config.eps))
+        if column_mask is None:
+            F0 = jnp.maximum(F0, 1e-3 * jnp.maximum(jnp.mean(jnp.abs(F0)), config.eps))
+        else:
+            # The floor is taken over the real images only, as without the padding.
+            mean = jnp.sum(jnp.abs(F0) * column_mask) / (rank * jnp.sum(column_mask))
+            F0 = jnp.maximum(F0, 1e-3 * jnp.maximum(mean, config.eps))
     F0 = jnp.asarray(F0, dtype)
+    if column_mask is not None:
+        column_mask = jnp.asarray(column_mask, dtype)
+        F0 = F0 * column_mask
     plain = config._replace(group_lam=0.0)
     start_violation = _f_violation(F0, B, G, None, plain)
 
     def body(carry):
         F, i, _ = carry
         F = _update_F(F, B, G, None, plain)
+        if column_mask is not None:
+            F = F * column_mask
         done = _f_violation(F, B, G, None, plain) <= config.tol ** 2 * start_violation
         return F, i + 1, done
 
@@ -620,13 +640,37 @@ def solve_F(views, loadings, config, F0=None):
     return F, n_iter, done
 
 
+_RESIDUAL_ROWS = 256
+
+
+def _residual_sq(X, W, F, dtype):
+    """``||X - W F||^2`` summed over blocks of ``_RESIDUAL_ROWS`` rows (the rows are never
+    split over devices, so a block of a column-sharded view is local)."""
+    rows, block = X.shape[0], _RESIDUAL_ROWS
+    if rows <= block:
+        return jnp.sum(jnp.square(X.astype(dtype) - _mm(W, F)))
+
+    def body(i, total):
+        # The last block is shifted back to fit; rows an earlier block had are masked.
+        start = jnp.minimum(i * block, rows - block)
+        Xb = lax.dynamic_slice_in_dim(X, start, block, 0).astype(dtype)
+        Wb = lax.dynamic_slice_in_dim(W, start, block, 0)
+        per_row = jnp.sum(jnp.square(Xb - _mm(Wb, F)), axis=1)
+        fresh = start + jnp.arange(block) >= i * block
+        return total + jnp.sum(jnp.where(fresh, per_row, 0.0))
+
+    return lax.fori_loop(0, -(-rows // block), body, jnp.zeros((), dtype))
+
+
 def residual_objective(views, F, loadings, config, groups=None):
     """Objective and relative errors from the residuals ``X_v - W_v F`` themselves.
 
     The Gram form used inside the loop subtracts terms of size ``||X_v||^2``, so in
     float32 a near-exact fit's error is lost to rounding; here every residual is formed
     and squared, which costs one ``(rows_v, N)`` product per view: use it once, on a
-    final state.
+    final state. The residual is formed ``_RESIDUAL_ROWS`` rows at a time, so that it
+    needs no second view-sized buffer (the sharded fit of a probe set that fills the
+    devices' memory evaluates it too).
 
     Args:
         views: tuple (or dict) of ``(rows_v, N)`` arrays.
@@ -643,8 +687,7 @@ def residual_objective(views, F, loadings, config, groups=None):
     """
     views, F, loadings, groups, sq_norms = _prepared(views, F, loadings, groups, config)
     dtype = jnp.dtype(config.dtype)
-    fits = jnp.stack([jnp.sum(jnp.square(X.astype(dtype) - _mm(W, F)))
-                      for X, W in zip(views, loadings)])
+    fits = jnp.stack([_residual_sq(X, W, F, dtype) for X, W in zip(views, loadings)])
     weights = jnp.asarray(_weights(config, len(loadings)), dtype)
     value = jnp.sum(weights * fits) + _penalty_F(F, groups, config)
     value = value + config.l2_W * sum(jnp.sum(W * W) for W in loadings)

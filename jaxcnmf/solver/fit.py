@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnmf.solver import core, initialization
+from jaxcnmf.solver import core, initialization, sharding
 from jaxcnmf.solver.store import Store
 
 
@@ -68,8 +68,9 @@ _residual_objective = jax.jit(core.residual_objective, static_argnames="config")
 _final_restarts = jax.jit(
     jax.vmap(lambda v, F, L, g, c: core.residual_objective(v, F, L, c, g),
              in_axes=(None, 0, 0, None, None)), static_argnums=4)
-_random_restarts = jax.jit(jax.vmap(initialization.random, in_axes=(0, None, None, None)),
-                           static_argnums=(2, 3))
+_random_restarts = jax.jit(
+    jax.vmap(initialization.random, in_axes=(0, None, None, None, None)),
+    static_argnums=(2, 3, 4))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -259,8 +260,7 @@ def _scaled(X, scale, dtype):
     if isinstance(X, jax.Array):
         wide = jnp.result_type(float) if X.dtype == jnp.float64 else jnp.float32
         return (X.astype(wide) / scale).astype(dtype)
-    wide = np.float64 if X.dtype == np.float64 else np.float32
-    return jnp.asarray((X.astype(wide, copy=False) / wide(scale)).astype(dtype, copy=False))
+    return jnp.asarray(sharding.divide_host(X, scale, dtype))
 
 
 def concept_scale(loadings, weights=None):
@@ -315,6 +315,10 @@ class FitResult:
             restart number), or ``None`` when ``restarts=1``.
         stability: mean Hungarian-matched cosine of ``F`` rows between the best restart
             and each other one, or ``None`` when ``restarts=1``.
+        devices: number of devices the fit ran on (its images sharded over them). When
+            they span processes, ``F`` is the global ``jax.Array`` split over its columns
+            like the views (no process can hold all of it) and :meth:`save` writes one
+            file per process.
 
     Example:
         >>> res.reconstruct("red").shape  # doctest: +SKIP
@@ -332,6 +336,7 @@ class FitResult:
     objective: float
     restarts: list | None = None
     stability: float | None = None
+    devices: int = 1
 
     def _solver_config(self, names, max_iter, tol):
         weights = tuple(self.config["weights"][name] for name in names)
@@ -340,7 +345,7 @@ class FitResult:
             l1_F=self.config["l1_F"], l2_F=self.config["l2_F"], max_iter=max_iter,
             tol=tol, eps=self.config["eps"], dtype=self.config["dtype"])
 
-    def transform(self, views, max_iter=200, tol=None, method="nnls"):
+    def transform(self, views, max_iter=200, tol=None, method="nnls", mesh=None):
         """Embed images with the loadings fixed: non-negative least squares for ``F``.
 
         Args:
@@ -353,9 +358,12 @@ class FitResult:
                 the QR factor of the loadings (:func:`jaxcnmf.solver.core.nnls_F`);
                 ``"fit"``: the fit's own MU/HALS ``F`` updates, which stop early on
                 ill-conditioned loadings.
+            mesh: optional 1-D ``jax.sharding.Mesh`` to shard the images over, as in
+                :func:`fit` (views already sharded over their columns are used as they are).
 
         Returns:
-            ``(rank, N_new)`` float32 embedding.
+            ``(rank, N_new)`` float32 embedding (float64 where the data's scale is beyond
+            float32; a global ``jax.Array`` when the views span processes).
 
         Example:
             >>> F_new = res.transform({"conv": A_new})  # doctest: +SKIP
@@ -374,6 +382,7 @@ class FitResult:
         if unknown:
             raise ValueError(f"views: unknown view(s) {unknown}, expected names among "
                              f"{list(self.view_names)}")
+        placement = sharding.plan(*_name_views(views), mesh)
         names, arrays = _check_views(views, self.config["negative"])
         for name, X in zip(names, arrays):
             rows = self.loadings[name].shape[0]
@@ -391,6 +400,11 @@ class FitResult:
         config = config._replace(
             weights=tuple(w / top for w in config.weights),
             l1_F=config.l1_F / (scale * top), l2_F=config.l2_F / top)
+        if placement is not None:
+            placement = placement.with_columns(arrays[0].shape[1])
+            F = placement.transform(arrays, [self.loadings[name] for name in names], config,
+                                    dtype, scale, method)
+            return F if sharding.is_global(F) else _float32_if_representable(F)
         jviews = tuple(_scaled(X, scale, dtype) for X in arrays)
         loadings = tuple(jnp.asarray(self.loadings[name], dtype) for name in names)
         if method == "nnls":
@@ -408,13 +422,16 @@ class FitResult:
         ``sqrt(sum_v w_v ||W_v[:, k]||^2) * F[k]``, the same for every split.
 
         Returns:
-            ``(rank, N)`` float64.
+            ``(rank, N)`` float64; when ``F`` is a global array spanning processes, a
+            global array sharded like ``F``, in ``F``'s dtype.
 
         Example:
             >>> strongest = res.scaled_F().argmax(axis=0)  # doctest: +SKIP
         """
-        return concept_scale(self.loadings, self.config["weights"])[:, None] \
-            * np.asarray(self.F, np.float64)
+        scale = concept_scale(self.loadings, self.config["weights"])[:, None]
+        if sharding.is_global(self.F):
+            return self.F * jnp.asarray(scale, self.F.dtype)
+        return scale * np.asarray(self.F, np.float64)
 
     def reconstruct(self, name, F=None):
         """``W_v F`` for one view.
@@ -458,8 +475,13 @@ class FitResult:
         Args:
             path: file path; NumPy appends ``.npz`` when it is missing.
 
+        When ``F`` is a global array spanning processes, every process must call
+        ``save`` with the same ``path``; each writes ``<path>.process<i>-of-<count>.npz``
+        (its columns of ``F`` and the replicated rest) and returns once all have written.
+        :func:`load_result` reads them back.
+
         Returns:
-            The path written, as a string.
+            The path written (by this process), as a string.
 
         Example:
             >>> res.save("fit.npz"); jaxcnmf.load_result("fit.npz")  # doctest: +SKIP
@@ -468,12 +490,20 @@ class FitResult:
             "view_names": list(self.view_names), "n_iter": self.n_iter,
             "converged": self.converged, "relative_errors": self.relative_errors,
             "config": self.config, "objective": self.objective, "stability": self.stability,
+            "devices": self.devices,
         }
         arrays = {f"loading_{i}": self.loadings[name]
                   for i, name in enumerate(self.view_names)}
         rel = np.stack([self.history["rel_error"][name] for name in self.view_names])
-        np.savez(path, F=self.F, objective_history=self.history["objective"],
-                 rel_error_history=rel, meta=np.array(json.dumps(meta)), **arrays)
+        F, parts = self.F, {}
+        if sharding.is_global(F):
+            # No process holds all of F: each writes its own columns and where they go.
+            F, parts = sharding.process_part(F)
+            path = sharding.part_path(path)
+        np.savez(path, F=F, objective_history=self.history["objective"],
+                 rel_error_history=rel, meta=np.array(json.dumps(meta)), **parts, **arrays)
+        if parts:
+            sharding.wait_for_processes("jaxcnmf FitResult.save")
         path = str(path)
         return path if path.endswith(".npz") else path + ".npz"
 
@@ -540,11 +570,15 @@ def _checked_config(path, config, names):
                               f"expected a positive finite number, got {w!r}")
 
 
-def load_result(path):
+def load_result(path, mesh=None):
     """Read a :class:`FitResult` written by :meth:`FitResult.save`, checking every field.
 
     Args:
-        path: ``.npz`` file.
+        path: ``.npz`` file, or the path given to ``save`` by every process of a
+            multi-process fit (its per-process files are found next to it).
+        mesh: for per-process files only: with a 1-D mesh in a multi-process run, each
+            process reads only its own file and ``F`` is the global array; otherwise
+            ``F`` is assembled on the host from all the files.
 
     Returns:
         :class:`FitResult` (with ``restarts=None``).
@@ -556,6 +590,11 @@ def load_result(path):
     Example:
         >>> res = jaxcnmf.load_result("fit.npz")  # doctest: +SKIP
     """
+    parts = sharding.saved_parts(path)
+    if parts:
+        # A multi-process save: process 0's file holds the replicated fields checked
+        # here; every file's F part (and its column placement) is checked by load_F.
+        path = parts[0]
     with np.load(path, allow_pickle=False) as data:
         files = set(data.files)
         for field in ("meta", "F", "objective_history", "rel_error_history"):
@@ -578,10 +617,8 @@ def load_result(path):
         config = meta.get("config")
         _checked_config(path, config, names)
         rank = config["rank"]
-        F = data["F"]
-        if F.ndim != 2:
-            raise _load_error(path, "F", f"expected shape (rank={rank}, N), got {F.shape}")
-        F = _checked_factor(path, "F", F, (rank, F.shape[1]))
+        F = _checked_F(path, data["F"], rank)
+        meta_text = str(data["meta"])
         loadings = {}
         for i, name in enumerate(names):
             field = f"loading_{i}"
@@ -618,9 +655,23 @@ def load_result(path):
                                   or not isinstance(stability, (int, float))):
         raise _load_error(path, "meta.stability", f"expected a number or null, got "
                                                   f"{stability!r}")
+    devices = meta.get("devices", 1)  # absent from files saved before sharding existed
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise _load_error(path, "meta.devices", f"expected an int >= 1, got {devices!r}")
+    if parts:
+        F = sharding.load_F(parts, mesh, meta_text,
+                            lambda part, local: _checked_F(part, local, rank))
     return FitResult(F=F, loadings=loadings, view_names=names, history=history,
                      n_iter=n_iter, converged=meta["converged"], relative_errors=errors,
-                     config=config, objective=float(objective), stability=stability)
+                     config=config, objective=float(objective), stability=stability,
+                     devices=devices)
+
+
+def _checked_F(path, F, rank):
+    """``F`` (or one process's columns of it) after the checks of :func:`_checked_factor`."""
+    if F.ndim != 2:
+        raise _load_error(path, "F", f"expected shape (rank={rank}, N), got {F.shape}")
+    return _checked_factor(path, "F", F, (rank, F.shape[1]))
 
 
 def _float32_if_representable(F):
@@ -628,13 +679,19 @@ def _float32_if_representable(F):
     return F.astype(np.float32) if np.max(F, initial=0.0) < _FLOAT32_MAX else F
 
 
-def _result(state, names, config_dict, problem, final):
-    """Host :class:`FitResult` of one state, mapped back to the caller's scale.
+def _result(state, names, config_dict, problem, final, placement=None):
+    """:class:`FitResult` of one state, mapped back to the caller's scale.
 
     ``problem`` holds the internal rescaling (``F = scale * F'``, objective ``= norm *``
     internal objective); ``final`` the residual-based internal objective and relative
-    errors of this state.
+    errors of this state. With a ``placement`` (sharded fit) ``F`` comes back without its
+    padding, or stays a global array when no process can hold all of it.
     """
+    F = None if placement is None else placement.result_F(state.F, problem.scale)
+    if placement is not None:
+        # F is already out; groups and the column mask are split over the images (they
+        # cannot be fetched across processes) and are not part of the result.
+        state = state._replace(F=None, groups=None, column_mask=None)
     # One transfer for the whole state, not one blocking read per field.
     state, final = jax.device_get((state, final))
     n_iter = int(state.iteration)
@@ -645,9 +702,12 @@ def _result(state, names, config_dict, problem, final):
     if n_iter:
         objective[-1] = value
         rel[:, -1] = final_rel
-    F = np.asarray(state.F, np.float64) * problem.scale
+    if F is None:
+        F = np.asarray(state.F, np.float64) * problem.scale
+    if not sharding.is_global(F):
+        F = _float32_if_representable(F)
     return FitResult(
-        F=_float32_if_representable(F),
+        F=F,
         loadings={name: np.asarray(W, np.float32) for name, W in zip(names, state.loadings)},
         view_names=names,
         history={"objective": objective,
@@ -657,6 +717,7 @@ def _result(state, names, config_dict, problem, final):
         relative_errors={name: float(final_rel[i]) for i, name in enumerate(names)},
         config=config_dict,
         objective=value,
+        devices=1 if placement is None else placement.device_count,
     )
 
 
@@ -668,18 +729,26 @@ def _matched_cosine(F_a, F_b):
         norms = np.linalg.norm(F, axis=1, keepdims=True)
         return F / np.where(norms > 0, norms, 1.0)
 
-    cosines = unit(F_a.astype(np.float64)) @ unit(F_b.astype(np.float64)).T
+    if sharding.is_global(F_a):
+        cosines = sharding.row_cosines(F_a, F_b)
+    else:
+        cosines = unit(F_a.astype(np.float64)) @ unit(F_b.astype(np.float64)).T
     rows, cols = linear_sum_assignment(-cosines)
     return float(cosines[rows, cols].mean())
 
 
-def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts, dtype):
+def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts, dtype,
+                     placement=None):
     """Stacked ``(restarts, ...)`` initial factors; restart ``i`` uses seed ``seed + i``.
 
     Restart 0 uses ``init``; with ``"nndsvd"``, ``"nndsvda"`` or user arrays the further
     restarts are random initialisations (seeds ``seed + 1, ...``), so that the stability
     score measures genuinely different starting points.
+
+    With a ``placement`` (sharded fit) the views are zero-padded to ``placement.n_padded``
+    columns; the factors are drawn for the ``placement.n`` real images, zero on the padding.
     """
+    n_columns = None if placement is None else placement.n
     n_random = restarts if init == "random" else restarts - 1
     first = 0 if init == "random" else 1
     parts_F, parts_L = [], []
@@ -689,12 +758,16 @@ def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts,
                                               dtype)
         else:
             F, loadings = initialization.nndsvd(jviews, rank, weights, variant=init,
-                                                seed=seed, dtype=dtype)
+                                                seed=seed, dtype=dtype, n_columns=n_columns)
+        if placement is not None:
+            F, loadings = placement.factors(F, loadings)
         parts_F.append(F[None])
         parts_L.append(tuple(W[None] for W in loadings))
     if n_random:
         keys = jnp.stack([jax.random.PRNGKey(seed + first + i) for i in range(n_random)])
-        F, loadings = _random_restarts(keys, jviews, rank, dtype)
+        F, loadings = _random_restarts(keys, jviews, rank, dtype, n_columns)
+        if placement is not None:
+            F, loadings = placement.factors(F, loadings, stacked=True)
         parts_F.append(F)
         parts_L.append(tuple(loadings))
     F0 = jnp.concatenate(parts_F)
@@ -705,7 +778,7 @@ def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts,
 def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsvda",
         weights=None, unit_columns=False, l1_F=0.0, l2_F=0.0, l2_W=0.0, groups=None,
         group_lam=0.0, group_lam_fraction=None, restarts=1, negative="raise",
-        dtype="float32", storage_dtype=None, progress=True):
+        dtype="float32", storage_dtype=None, progress=True, mesh=None):
     """Coupled NMF of views sharing their columns: ``X_v ~ W_v F`` for every view ``v``.
 
     Minimises ``sum_v w_v ||X_v - W_v F||^2 + l1_F |F|_1 + l2_F ||F||^2
@@ -762,6 +835,12 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         storage_dtype: dtype the views are kept in, e.g. ``"bfloat16"`` (products still
             accumulate in ``dtype``); default ``dtype``.
         progress: print one line before and one after the compiled run.
+        mesh: a 1-D ``jax.sharding.Mesh`` to shard the images (columns) over: host views
+            are placed split over their columns, ``F`` likewise, the loadings replicated.
+            Views that are already ``jax.Array`` s sharded over their columns (also global
+            arrays spanning processes) are used as they are, and their mesh is the
+            default. ``N`` the device count does not divide is padded with zero columns
+            that cannot change the fit. See :mod:`jaxcnmf.solver.sharding`.
 
     Returns:
         :class:`FitResult`.
@@ -785,6 +864,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         if group_lam_fraction is not None:
             raise ValueError("group_lam_fraction: the group lasso is not available for a "
                              "streamed fit from a store; fit the views in memory")
+        if mesh is not None:
+            raise ValueError("mesh: a streamed fit from a store runs on one device; pass "
+                             "mesh=None (or fit in-memory views sharded over the mesh)")
         # Views on disk: one streamed pass over the store's column blocks per iteration.
         from jaxcnmf.solver import streaming  # imports this module, so not at the top
 
@@ -798,7 +880,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                 l2_F=l2_F, l2_W=l2_W, groups=groups, group_lam=group_lam,
                 group_lam_fraction=group_lam_fraction, restarts=restarts,
                 negative=negative, dtype=dtype, storage_dtype=storage_dtype,
-                progress=progress)
+                progress=progress, mesh=mesh)
     _check_live(best, stacklevel=3)
     if not best.converged:
         warnings.warn(f"jaxcnmf.fit stopped at max_iter={best.config['max_iter']} before "
@@ -816,10 +898,16 @@ class _Problem(NamedTuple):
 
 def _live_mask(res):
     """``(rank,)`` bool: concepts whose weighted term ``||W_k|| ||F_k||`` is not negligible."""
-    strength = concept_scale(res.loadings, res.config["weights"]) \
-        * np.linalg.norm(np.asarray(res.F, np.float64), axis=1)
+    strength = concept_scale(res.loadings, res.config["weights"]) * _row_norms(res.F)
     total = np.sqrt(res.config.get("weighted_data_sq_norm", 0.0))
     return strength > _DEAD_SHARE * total if total > 0 else np.ones_like(strength, bool)
+
+
+def _row_norms(F):
+    """``(rank,)`` float64 norms of the rows of ``F``, also of a global array."""
+    if sharding.is_global(F):
+        return sharding.row_norms(F)
+    return np.linalg.norm(np.asarray(F, np.float64), axis=1)
 
 
 def _check_live(res, stacklevel):
@@ -900,9 +988,10 @@ def _group_lam_max_internal(jviews, loadings, groups, n_groups, config):
 
 def _fit(views, rank, *, method, max_iter, tol, seed, init, weights, unit_columns, l1_F,
          l2_F, l2_W, groups, group_lam, group_lam_fraction, restarts, negative, dtype,
-         storage_dtype, progress):
+         storage_dtype, progress, mesh):
     """:func:`fit` without the final warnings and dead-concept checks (for paths)."""
     _check_choice("negative", negative, _NEGATIVE_MODES)
+    placement = sharding.plan(*_name_views(views), mesh)  # before anything is compiled
     names, arrays = _check_views(views, negative)
     n = arrays[0].shape[1]
     total_rows = sum(X.shape[0] for X in arrays)
@@ -941,8 +1030,13 @@ def _fit(views, rank, *, method, max_iter, tol, seed, init, weights, unit_column
         unit_columns=bool(unit_columns), group_lam=group_lam, n_groups=n_groups,
         max_iter=max_iter, tol=tol, dtype=dtype)
     config = _internal_config(config, problem, internal_weights, dtype)
-    jviews = tuple(_scaled(X, problem.scale, storage) for X in arrays)
-    jgroups = None if groups is None else jnp.asarray(groups)
+    if placement is None:
+        jviews = tuple(_scaled(X, problem.scale, storage) for X in arrays)
+        jgroups = None if groups is None else jnp.asarray(groups)
+    else:
+        placement = placement.with_columns(n)
+        jviews = placement.views(arrays, storage, problem.scale)
+        jgroups = placement.groups(groups)
     if isinstance(init, dict) and "F" in init:
         # The caller's F is on the data's scale; the solver's is on the rescaled one.
         init = {**init, "F": np.asarray(init["F"], np.float64) / problem.scale}
@@ -953,7 +1047,7 @@ def _fit(views, rank, *, method, max_iter, tol, seed, init, weights, unit_column
               file=sys.stderr, flush=True)
     start = time.perf_counter()
     F0, loadings0 = _initial_factors(init, names, arrays, jviews, rank, internal_weights,
-                                     seed, restarts, dtype)
+                                     seed, restarts, dtype, placement)
     lam_max = None
     if group_lam_fraction is not None:
         lam_max_internal = _group_lam_max_internal(
@@ -972,22 +1066,36 @@ def _fit(views, rank, *, method, max_iter, tol, seed, init, weights, unit_column
         "storage_dtype": storage, "eps": config.eps, "inner_iter": config.inner_iter,
         "weighted_data_sq_norm": data_norm2,
     }
-    if restarts == 1:
-        states = jax.tree_util.tree_map(
-            lambda a: a[None], _solve(jviews, F0[0], tuple(W[0] for W in loadings0),
-                                      jgroups, config=config))
+    if placement is None:
+        if restarts == 1:
+            states = jax.tree_util.tree_map(
+                lambda a: a[None], _solve(jviews, F0[0], tuple(W[0] for W in loadings0),
+                                          jgroups, config=config))
+        else:
+            states = _solve_restarts(jviews, F0, loadings0, jgroups, config)
+        finals = _final_restarts(jviews, states.F, states.loadings, jgroups, config)
+        states, finals = jax.device_get((states, finals))
+    elif restarts == 1:
+        # Kept on the devices (F may span processes); _result fetches what it can.
+        state = placement.solve(jviews, F0[0], tuple(W[0] for W in loadings0), jgroups,
+                                config)
+        states, finals = state, placement.final(jviews, state.F, state.loadings, jgroups,
+                                                config)
     else:
-        states = _solve_restarts(jviews, F0, loadings0, jgroups, config)
-    finals = _final_restarts(jviews, states.F, states.loadings, jgroups, config)
-    states, finals = jax.device_get((states, finals))
+        states = placement.solve_restarts(jviews, F0, loadings0, jgroups, config)
+        finals = placement.final(jviews, states.F, states.loadings, jgroups, config)
     results, failures = [], []
     for i in range(restarts):
-        state = jax.tree_util.tree_map(lambda a, i=i: a[i], states)
-        final = jax.tree_util.tree_map(lambda a, i=i: a[i], finals)
-        if bool(state.failed) or not np.isfinite(final[0]):
-            failures.append((i, int(state.iteration)))
+        if placement is not None and restarts == 1:
+            state, final = states, finals
+        else:
+            state = jax.tree_util.tree_map(lambda a, i=i: a[i], states)
+            final = jax.tree_util.tree_map(lambda a, i=i: a[i], finals)
+        failed, value, iteration = jax.device_get((state.failed, final[0], state.iteration))
+        if bool(failed) or not np.isfinite(value):
+            failures.append((i, int(iteration)))
         results.append(_result(state, names, {**config_dict, "seed": seed + i}, problem,
-                               final))
+                               final, placement))
     if len(failures) == restarts:
         i, step = failures[0]
         raise FloatingPointError(

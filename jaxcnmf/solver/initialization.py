@@ -36,7 +36,7 @@ def _float_views(views, dtype):
     return tuple(jnp.asarray(X).astype(dtype) for X in views)
 
 
-def random(key, views, rank, dtype="float32"):
+def random(key, views, rank, dtype="float32", n_columns=None):
     """Seeded random factors: absolute normals scaled by ``sqrt(mean(X) / rank)``.
 
     ``F`` uses the mean over all views, each loading the mean of its own view, so every
@@ -47,6 +47,9 @@ def random(key, views, rank, dtype="float32"):
         views: sequence of ``(rows_v, N)`` arrays.
         rank: number of concepts.
         dtype: float dtype of the result.
+        n_columns: the number of real images when the views carry zero padding columns
+            after them (a sharded fit); ``F`` is then drawn for those images alone, so it
+            is the same whatever the padding, and is zero on the padding.
 
     Returns:
         ``(F, loadings)``: ``(rank, N)`` and a tuple of ``(rows_v, rank)``.
@@ -55,16 +58,23 @@ def random(key, views, rank, dtype="float32"):
         >>> F, loadings = random(jax.random.PRNGKey(0), views, rank=3)  # doctest: +SKIP
     """
     dtype = jnp.dtype(dtype)
-    n = views[0].shape[1]
+    n = views[0].shape[1] if n_columns is None else n_columns
     total = sum(jnp.sum(X.astype(dtype)) for X in views)
     count = sum(X.shape[0] for X in views) * n
     keys = jax.random.split(key, len(views) + 1)
     F = jnp.sqrt(total / count / rank) * jnp.abs(jax.random.normal(keys[0], (rank, n), dtype))
     loadings = tuple(
-        jnp.sqrt(jnp.mean(X.astype(dtype)) / rank)
+        jnp.sqrt(jnp.mean(X.astype(dtype)) * (X.shape[1] / n) / rank)
         * jnp.abs(jax.random.normal(k, (X.shape[0], rank), dtype))
         for k, X in zip(keys[1:], views))
-    return F, loadings
+    return _pad_columns(F, views[0].shape[1]), loadings
+
+
+def _pad_columns(F, width):
+    """``F`` followed by zero columns up to ``width`` (no-op without padding)."""
+    if F.shape[1] == width:
+        return F
+    return jnp.pad(F, ((0, 0), (0, width - F.shape[1])))
 
 
 def _row_spans(blocks):
@@ -73,9 +83,15 @@ def _row_spans(blocks):
     return list(zip(offsets[:-1], offsets[1:]))
 
 
-def _randomized_svd(blocks, rank, key):
-    """Top ``rank`` singular triplets of the row-stacked ``blocks`` without stacking them."""
-    n = blocks[0].shape[1]
+def _randomized_svd(blocks, rank, key, n_columns=None):
+    """Top ``rank`` singular triplets of the row-stacked ``blocks`` without stacking them.
+
+    Only matmuls touch the blocks, so with blocks sharded over their columns each product
+    is local or a ``(rows, width)`` partial sum. With ``n_columns``, the blocks' columns
+    beyond it are zero padding: the test matrix is drawn for the real columns and padded
+    with zero rows, which leaves every product, hence the result, as without padding.
+    """
+    n = blocks[0].shape[1] if n_columns is None else n_columns
     total_rows = sum(X.shape[0] for X in blocks)
     width = min(rank + _OVERSAMPLE, n, total_rows)
 
@@ -87,7 +103,8 @@ def _randomized_svd(blocks, rank, key):
     def right(Q):
         return sum(_mm(X.T, Q[a:b]) for X, (a, b) in zip(blocks, spans))
 
-    omega = jax.random.normal(key, (n, width), blocks[0].dtype)
+    omega = _pad_columns(jax.random.normal(key, (n, width), blocks[0].dtype).T,
+                         blocks[0].shape[1]).T
     Q, _ = jnp.linalg.qr(left(omega))
     for _ in range(_POWER_ITERATIONS):
         P, _ = jnp.linalg.qr(right(Q))
@@ -102,7 +119,7 @@ def _unit(x):
     return x / jnp.where(norm > 0, norm, 1.0), norm
 
 
-def nndsvd(views, rank, weights, variant="nndsvd", seed=0, dtype="float32"):
+def nndsvd(views, rank, weights, variant="nndsvd", seed=0, dtype="float32", n_columns=None):
     """NNDSVD (Boutsidis & Gallopoulos, 2008) of the weighted stacked views.
 
     The SVD is taken of ``[sqrt(w_1) X_1; ...; sqrt(w_V) X_V]``, which gives ``F`` and the
@@ -118,6 +135,8 @@ def nndsvd(views, rank, weights, variant="nndsvd", seed=0, dtype="float32"):
         variant: ``"nndsvd"`` or ``"nndsvda"``.
         seed: seed of the randomized SVD's test matrix (the result is deterministic).
         dtype: float dtype of the result.
+        n_columns: the number of real images when the views end with zero padding columns
+            (a sharded fit); ``F`` is then zero on the padding.
 
     Returns:
         ``(F, loadings)``: ``(rank, N)`` and a tuple of ``(rows_v, rank)``.
@@ -128,14 +147,14 @@ def nndsvd(views, rank, weights, variant="nndsvd", seed=0, dtype="float32"):
     views = tuple(jnp.asarray(X) for X in views)
     weights = tuple(float(w) for w in weights)
     return _nndsvd(views, jax.random.PRNGKey(seed), rank, weights, variant,
-                   jnp.dtype(dtype).name)
+                   jnp.dtype(dtype).name, n_columns)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _nndsvd(views, key, rank, weights, variant, dtype):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _nndsvd(views, key, rank, weights, variant, dtype, n_columns=None):
     scales = [float(np.sqrt(w)) for w in weights]
     blocks = tuple(s * X for s, X in zip(scales, _float_views(views, dtype)))
-    U, s, Vt = _randomized_svd(blocks, rank, key)
+    U, s, Vt = _randomized_svd(blocks, rank, key, n_columns)
     V = Vt.T
     up, un = _unit(jnp.maximum(U, 0.0))
     vp, vn = _unit(jnp.maximum(V, 0.0))
@@ -153,9 +172,12 @@ def _nndsvd(views, key, rank, weights, variant, dtype):
     W = W * amplitude
     F = (H * amplitude).T
     if variant == "nndsvda":
-        mean = sum(jnp.sum(b) for b in blocks) / (W.shape[0] * F.shape[1])
+        n = F.shape[1] if n_columns is None else n_columns
+        mean = sum(jnp.sum(b) for b in blocks) / (W.shape[0] * n)
         W = jnp.where(W > 0, W, mean)
         F = jnp.where(F > 0, F, mean)
+        if n_columns is not None:
+            F = F * (jnp.arange(F.shape[1]) < n_columns)
     loadings = tuple(W[a:b] / scale for scale, (a, b) in zip(scales, _row_spans(blocks)))
     return F.astype(dtype), loadings
 

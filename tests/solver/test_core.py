@@ -341,3 +341,88 @@ def test_nnls_F_matches_scipy_on_ill_conditioned_loadings():
         tuple(jnp.asarray(X, jnp.float32) for X in views),
         tuple(jnp.asarray(W, jnp.float32) for W in loadings), config=config))
     assert np.linalg.norm(ours - reference) < 1e-3 * np.linalg.norm(reference)
+
+
+# ------------------------------------------- zero padding of a sharded fit (issues 10 + 12)
+
+PAD = 5
+
+
+def _padded(arrays):
+    """Arrays with ``PAD`` zero columns appended, as a sharded fit pads ``N``."""
+    return tuple(np.pad(np.asarray(A), ((0, 0), (0, PAD))) for A in arrays)
+
+
+@pytest.mark.parametrize("method", ["mu", "hals"])
+def test_masked_zero_padding_changes_nothing_under_the_kkt_stop(method):
+    # HALS floors F at eps, FISTA moves every entry: only the mask keeps the padding at 0,
+    # and then every sum over images, so the KKT violation and its stop, is unchanged.
+    views = _planted(noise=0.05)
+    F0, loadings0 = _start()
+    groups = np.arange(N) % 3
+    config = solver.SolverConfig(method=method, rank=RANK, weights=(0.7, 2.0), l1_F=0.01,
+                                 group_lam=0.02, n_groups=3, unit_columns=True,
+                                 max_iter=300, tol=1e-3, dtype="float64")
+    mask = np.r_[np.ones(N), np.zeros(PAD)]
+    run = jax.jit(lambda v, F, g, m: solver.run(
+        solver.init_state(v, F, loadings0, config, g, column_mask=m), v, config))
+    with jax.enable_x64(True):
+        plain = run(views, F0, groups, None)
+        padded = run(_padded(views), _padded([F0])[0], np.r_[groups, np.zeros(PAD, int)],
+                     mask)
+        assert bool(plain.converged) and int(plain.iteration) < 300
+        assert int(padded.iteration) == int(plain.iteration)
+        assert np.all(np.asarray(padded.F)[:, N:] == 0.0)
+        np.testing.assert_allclose(np.asarray(padded.F)[:, :N], plain.F, rtol=1e-9,
+                                   atol=1e-12)
+        for name in ("violation", "violation_init", "objective"):
+            np.testing.assert_allclose(getattr(padded, name), getattr(plain, name),
+                                       rtol=1e-9)
+
+
+def test_solve_F_with_a_column_mask_solves_the_unpadded_problem():
+    rng = np.random.default_rng(5)
+    loadings = tuple(rng.random((rows, RANK)) for rows in ROWS)
+    views = tuple(W @ rng.random((RANK, N)) + 0.05 * rng.random((W.shape[0], N))
+                  for W in loadings)
+    config = solver.SolverConfig(method="hals", rank=RANK, weights=(1.0, 0.5), l1_F=0.02,
+                                 max_iter=400, tol=1e-4, dtype="float64")
+    solve = jax.jit(solver.solve_F, static_argnames="config")
+    with jax.enable_x64(True):
+        F, n_iter, ok = solve(views, loadings, config=config)
+        F_pad, n_pad, ok_pad = solve(_padded(views), loadings, config=config,
+                                     column_mask=np.r_[np.ones(N), np.zeros(PAD)])
+    assert bool(ok) and bool(ok_pad) and int(n_pad) == int(n_iter)
+    assert np.all(np.asarray(F_pad)[:, N:] == 0.0)
+    np.testing.assert_allclose(np.asarray(F_pad)[:, :N], F, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("l1_F", [0.0, 0.05])
+def test_nnls_F_needs_no_mask_zero_columns_give_zero(l1_F):
+    # Why the sharded transform passes no column mask to nnls_F.
+    rng = np.random.default_rng(6)
+    loadings = tuple(jnp.asarray(rng.random((rows, RANK)), jnp.float32) for rows in ROWS)
+    views = tuple(jnp.asarray(np.asarray(W) @ rng.random((RANK, N)), jnp.float32)
+                  for W in loadings)
+    config = solver.SolverConfig(rank=RANK, weights=(1.0, 1.0), l1_F=l1_F)
+    nnls = jax.jit(solver.nnls_F, static_argnames="config")
+    F = np.asarray(nnls(views, loadings, config=config))
+    F_pad = np.asarray(nnls(_padded(views), loadings, config=config))
+    assert np.all(F_pad[:, N:] == 0.0)
+    np.testing.assert_allclose(F_pad[:, :N], F, rtol=1e-6, atol=1e-7)
+
+
+def test_residual_objective_in_row_blocks_matches_numpy(monkeypatch):
+    # 20 and 12 rows in blocks of 8: full blocks, and a last block shifted back to fit.
+    monkeypatch.setattr(solver, "_RESIDUAL_ROWS", 8)
+    rng = np.random.default_rng(7)
+    views = _planted(noise=0.1)
+    F = rng.random((RANK, N))
+    loadings = tuple(rng.random((rows, RANK)) for rows in ROWS)
+    config = solver.SolverConfig(rank=RANK, weights=(0.5, 2.0), dtype="float64")
+    with jax.enable_x64(True):
+        value, rel = solver.residual_objective(views, F, loadings, config)
+    fits = [np.sum((X - W @ F) ** 2) for X, W in zip(views, loadings)]
+    np.testing.assert_allclose(value, 0.5 * fits[0] + 2.0 * fits[1], rtol=1e-12)
+    np.testing.assert_allclose(rel, [np.sqrt(f) / np.linalg.norm(X)
+                                     for f, X in zip(fits, views)], rtol=1e-12)
