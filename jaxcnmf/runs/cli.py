@@ -397,6 +397,11 @@ def _add_solver_options(parser):
         help="random restarts; the best is kept and their stability reported (default: 1)",
     )
     parser.add_argument(
+        "--devices", metavar="N", type=_positive_int, default=None,
+        help="shard the images over N local devices (GPUs/TPUs) in the factorization "
+        "(default: all local devices; 1 on a CPU)",
+    )
+    parser.add_argument(
         "--weights",
         choices=("balanced", "none"),
         default="balanced",
@@ -637,6 +642,7 @@ def _analyze(args):
         method=args.method,
         max_iter=args.max_iter,
         restarts=args.restarts,
+        devices=args.devices,
         weights=None if args.weights == "none" else args.weights,
         unit_columns=args.unit_columns,
         group_lam=args.group_lam,

@@ -102,6 +102,8 @@ class RunConfig:
             red, green and blue, else one view per channel), "rgb", "gray" or "none";
             True means "rgb" and False "none".
         pooling: "flatten", "mean" or "max" for conv layers.
+        devices: local devices the images are sharded over in the fit; None takes all
+            of them (``jax.local_device_count()``), 1 fits on one device.
         rank, method, max_iter, tol, restarts, weights, unit_columns: passed to
             :func:`jaxcnmf.fit` (``weights`` is "balanced" or None).
         group_lam: absolute group-lasso weight on F; 0 switches it off.
@@ -141,6 +143,7 @@ class RunConfig:
     max_iter: int = DEFAULT_MAX_ITER
     tol: float = 1e-4
     restarts: int = 1
+    devices: int | None = None
     weights: str | None = "balanced"
     unit_columns: bool = False
     group_lam: float = 0.0
@@ -300,6 +303,7 @@ def _check_layers(model, layers, name: str = "layers") -> tuple[str, ...]:
 
 def _check_config(config: RunConfig) -> None:
     """Checks that need no data: they fail before anything is loaded."""
+    _mesh(config)
     if config.split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {config.split!r}")
     if config.groups not in ("class", "superclass"):
@@ -758,6 +762,7 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
         "converged": bool(result.converged),
         "relative_errors": {k: float(v) for k, v in result.relative_errors.items()},
         "stability": None if result.stability is None else float(result.stability),
+        "devices": int(result.devices),
         "dead_concepts": dead,
         "group_lam": float(result.config.get("group_lam", 0.0)),
         "group_lam_fraction": result.config.get("group_lam_fraction"),
@@ -815,8 +820,22 @@ def _factorize(views, config: RunConfig, probe_set, progress: bool):
     return result, dead
 
 
+def _mesh(config: RunConfig):
+    """The 1-D mesh over ``config.devices`` local devices, or None for one device."""
+    import jax
+
+    available = jax.local_device_count()
+    devices = available if config.devices is None else config.devices
+    if isinstance(devices, bool) or not isinstance(devices, int) or not 1 <= devices <= available:
+        raise ValueError(f"devices: expected an integer from 1 to the {available} local "
+                         f"device(s), got {config.devices!r}")
+    if devices == 1:
+        return None
+    return jax.make_mesh((devices,), ("n",), devices=jax.local_devices()[:devices])
+
+
 def _fit_settings(config: RunConfig, probe_set) -> dict[str, Any]:
-    return dict(
+    return dict(mesh=_mesh(config),
         method=config.method, max_iter=config.max_iter, tol=config.tol, seed=config.seed,
         weights=config.weights, unit_columns=config.unit_columns,
         groups=_group_ids(config, probe_set), group_lam=config.group_lam,

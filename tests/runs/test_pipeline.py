@@ -245,3 +245,30 @@ def test_dead_concepts_are_counted_and_warned_once(changes, expected, monkeypatc
         _, dead = pipeline._factorize({}, config, probe_set, progress=False)
     assert dead == (3 if changes else 0)
     assert [str(w.message) for w in caught] == ([expected] if expected else [])
+
+
+def test_devices_setting_builds_a_mesh_and_the_fit_records_it():
+    import subprocess
+    import sys
+    import textwrap
+
+    with pytest.raises(ValueError, match=r"devices: expected an integer from 1 to the \d+ local "
+                                         r"device\(s\), got 99"):
+        pipeline._mesh(pipeline.RunConfig(devices=99))
+    assert pipeline._mesh(pipeline.RunConfig(devices=1)) is None
+    script = textwrap.dedent("""
+        import numpy as np, jaxcnmf
+        from jaxcnmf.runs import pipeline
+        mesh = pipeline._mesh(pipeline.RunConfig())
+        assert mesh.devices.size == 2 and mesh.axis_names == ("n",), mesh
+        rng = np.random.default_rng(0)
+        views = {"a": rng.random((6, 2)) @ rng.random((2, 11)), "b": rng.random((5, 11))}
+        res = jaxcnmf.fit(views, 2, method="hals", max_iter=20, mesh=mesh, progress=False)
+        print(res.devices, res.F.shape)
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:1] == ["2"] and "(2, 11)" in out.stdout
