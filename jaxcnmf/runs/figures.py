@@ -7,6 +7,10 @@ display and no figure lingers in a global registry.
 
 Images are uint8 (N, H, W, C) with C = 1 (drawn with a gray colormap) or C = 3.
 
+User strings (class and layer names) are drawn as plain text: every figure is built and
+saved with mathtext and TeX off (:func:`plain_text`), so a class called ``"$x$"`` or
+``"$\\frac{"`` is drawn as typed instead of crashing the report.
+
 Example:
     >>> import numpy as np, tempfile, pathlib
     >>> from jaxcnmf.concepts import neurons
@@ -19,10 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import textwrap
 from collections.abc import Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -37,17 +43,47 @@ __all__ = [
     "accuracy_entropy_plot",
     "class_share_heatmap",
     "concept_gallery",
+    "concept_heading",
     "concept_tile",
+    "eigenvalue_plot",
     "fidelity_plot",
     "history_plot",
     "layer_summary_plot",
     "neighbour_figure",
+    "plain_text",
+    "quoted",
     "save_figure",
     "similarity_heatmaps",
 ]
 
 # Beyond this many ticks labels overlap; longer axes get every n-th label.
 _MAX_TICKS = 40
+
+
+def plain_text():
+    """A context in which new matplotlib text is plain: no mathtext, no TeX.
+
+    Text objects read ``text.parse_math`` and ``text.usetex`` when they are created, and
+    tick labels are created when a figure is drawn, so both the building and the saving
+    of a figure must run inside it (every function here does).
+    """
+    return matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
+
+
+def _plain(build):
+    """Run a figure-building function inside :func:`plain_text`."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with plain_text():
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
+def quoted(name) -> str:
+    """A user's name in quotes, so that class '4' is never read as a count or an index."""
+    return f"'{name}'"
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -71,8 +107,12 @@ def save_figure(fig: Figure, path, dpi: int = 110) -> pathlib.Path:
     if not path.suffix:
         path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    fig.clear()
+    try:
+        with plain_text():
+            fig.savefig(path, dpi=dpi, format="png")
+    finally:
+        # Release the drawing memory even when drawing failed half-way.
+        fig.clear()
     return path
 
 
@@ -86,12 +126,22 @@ def _images(images) -> np.ndarray:
     return images
 
 
-def _caption(index: int, labels, class_names) -> str:
-    """An image's class name (or id) when labels are given, else its index."""
+def _class_name(index: int, labels, class_names) -> str | None:
+    """Image ``index``'s class (``class '4'``, or ``class 4`` by id), or None without labels."""
     if labels is None:
-        return f"#{index}"
+        return None
     label = int(np.asarray(labels)[index])
-    return str(class_names[label]) if class_names is not None else f"class {label}"
+    return f"class {quoted(class_names[label])}" if class_names is not None else f"class {label}"
+
+
+def _caption(index: int, labels, class_names) -> str:
+    """Two lines: the image's probe index (``#60``) and its class (``class '4'``).
+
+    The index is the image's column of ``F`` (its position in ``probe.npz``); the ``#``
+    keeps it apart from class names that are numbers too.
+    """
+    name = _class_name(index, labels, class_names)
+    return f"#{int(index)}" if name is None else f"#{int(index)}\n{name}"
 
 
 def _show(ax, image, title: str | None = None, fontsize: float = 8) -> None:
@@ -121,6 +171,7 @@ def _ticks(ax, axis: str, labels: Sequence[str], fontsize: float = 7, rotation: 
 # --------------------------------------------------------------------------- concepts
 
 
+@_plain
 def concept_tile(
     images,
     record: ConceptRecord,
@@ -157,7 +208,7 @@ def concept_tile(
     n = max(1, min(int(n_images), len(record.top_images)))
     top = np.asarray(record.top_images[:n])
     overlays = masked_images(images[top], mask, background=background)
-    fig = _figure(1.25 * n + 4.6, 3.1)
+    fig = _figure(1.25 * n + 4.6, 3.6)
     grid = fig.add_gridspec(2, n + 2, width_ratios=[1] * n + [1, 2.2])
     for i, index in enumerate(top):
         _show(fig.add_subplot(grid[0, i]), images[index], _caption(index, labels, class_names))
@@ -173,22 +224,32 @@ def concept_tile(
     bars.barh(np.arange(len(names)), shares, color="tab:blue")
     for y, share in enumerate(shares):
         bars.text(share + 0.02, y, f"{share:.0%}", va="center", fontsize=8)
-    bars.set_yticks(np.arange(len(names)), names, fontsize=8)
+    bars.set_yticks(np.arange(len(names)), [quoted(name) for name in names], fontsize=8)
     bars.set_xlim(0, 1)
     bars.set_xlabel("share of concept mass", fontsize=8)
     bars.set_title("top classes", fontsize=9)
     bars.tick_params(axis="x", labelsize=7)
-    lead = (
-        f"top class {record.top_classes[0][0]} ({record.top_classes[0][1]:.0%})"
-        if record.top_classes
-        else "no mass"
-    )
     fig.suptitle(
-        f"concept {record.concept}: {lead} · class entropy {record.entropy_bits:.2f} bits"
-        f" ({record.entropy_normalized:.0%} of max) · {record.mass:.1%} of F's mass",
+        f"{concept_heading(record)} · class entropy {record.entropy_bits:.2f} bits"
+        f" ({record.entropy_normalized:.0%} of max) · {record.mass:.1%} of F's mass"
+        "\nabove each image: its probe index (#) and class",
         fontsize=10,
     )
     return fig
+
+
+def concept_heading(record: ConceptRecord) -> str:
+    """``concept 8 · top class '4' · 59% of its mass``: every number says what it counts.
+
+    Example:
+        >>> from jaxcnmf.concepts.labels import concept_table
+        >>> concept_heading(concept_table(np.array([[1.0, 3.0]]), np.array([0, 1]), ["3", "4"])[0])
+        "concept 0 · top class '4' · 75% of its mass"
+    """
+    if not record.top_classes:
+        return f"concept {record.concept} · empty (no mass)"
+    name, share = record.top_classes[0]
+    return f"concept {record.concept} · top class {quoted(name)} · {share:.0%} of its mass"
 
 
 def concept_gallery(
@@ -232,6 +293,7 @@ def concept_gallery(
     ]
 
 
+@_plain
 def class_share_heatmap(
     shares, class_names: Sequence[str], order=None, title: str = "class shares of each concept"
 ) -> Figure:
@@ -274,6 +336,7 @@ def class_share_heatmap(
 # -------------------------------------------------------------------- neurons per layer
 
 
+@_plain
 def similarity_heatmaps(summary: LayerSummary) -> Figure:
     """Per-layer cosine similarity of the loading columns, concepts in the same order.
 
@@ -304,6 +367,7 @@ def similarity_heatmaps(summary: LayerSummary) -> Figure:
     return fig
 
 
+@_plain
 def layer_summary_plot(summary: LayerSummary) -> Figure:
     """The paper's per-layer summary: largest eigenvalue, top-K mean, distance from I.
 
@@ -318,7 +382,7 @@ def layer_summary_plot(summary: LayerSummary) -> Figure:
     x = np.arange(len(summary.layers))
     ax.plot(x, summary.largest, "o-", label="largest eigenvalue")
     ax.plot(x, summary.top_k_mean, "s-", label=f"mean of top {summary.top_k} eigenvalues")
-    ax.plot(x, summary.identity_distance, "^-", label=r"$\|S - I\|_F$")
+    ax.plot(x, summary.identity_distance, "^-", label="‖S − I‖ (Frobenius)")
     ax.set_xticks(x, summary.layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("value")
@@ -328,45 +392,99 @@ def layer_summary_plot(summary: LayerSummary) -> Figure:
     return fig
 
 
+@_plain
+def eigenvalue_plot(summary: LayerSummary) -> Figure:
+    """Every layer's eigenvalues of the loading similarity, largest first, one line each.
+
+    The figure stands in for a table of rank + 1 columns, which no page of readable width
+    holds at ranks of 20 and more.
+
+    Args:
+        summary: from :func:`~jaxcnmf.concepts.neurons.layer_summary`.
+
+    Returns:
+        Figure with 1 axes; the dotted line at 1 is the eigenvalue of concepts that use
+        disjoint neurons.
+    """
+    rank = max(len(summary.eigenvalues[layer]) for layer in summary.layers)
+    fig = _figure(max(4.5, min(0.25 * rank + 3.0, 9.0)), 3.4)
+    ax = fig.add_subplot()
+    for layer in summary.layers:
+        values = np.sort(np.asarray(summary.eigenvalues[layer], dtype=np.float64))[::-1]
+        ax.plot(np.arange(1, values.size + 1), values, "o-", markersize=3, label=str(layer))
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    step = max(1, int(np.ceil(rank / 20)))
+    ax.set_xticks(np.arange(1, rank + 1, step))
+    ax.set_xlabel("eigenvalue number (largest first)")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title("Eigenvalues of the loading similarity, per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="layer", title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return fig
+
+
 # --------------------------------------------------------------------------- neighbours
 
 
+@_plain
 def neighbour_figure(
-    images, result: NeighbourConcepts, labels=None, class_names: Sequence[str] | None = None
+    images,
+    result: NeighbourConcepts,
+    labels=None,
+    class_names: Sequence[str] | None = None,
+    order=None,
 ) -> Figure:
     """A query image, its nearest neighbours in F-space, and their concept distribution.
+
+    Every thumbnail is captioned with the image's probe index (``#60``: its column of
+    ``F``) and, with ``labels``, its class (``class '2'``); the query's caption says
+    "query", each neighbour's says its rank ("neighbour 1" is the nearest).
 
     Args:
         images: uint8 (N, H, W, C) probe images.
         result: from :func:`~jaxcnmf.concepts.neighbours.neighbour_concepts`.
         labels: optional int (N,) labels for captions.
         class_names: names for ``labels``.
+        order: optional (rank,) concept display order for the bars (the order of every
+            other concept figure of a report); default concept id order.
 
     Returns:
         Figure with ``k + 2`` axes: query, k neighbours, distribution bar chart.
     """
     images = _images(images)
+    rank = len(result.distribution)
+    order = np.arange(rank) if order is None else np.asarray(order, dtype=np.int64)
+    if sorted(order.tolist()) != list(range(rank)):
+        raise ValueError(f"order: expected a permutation of 0..{rank - 1}, got {order.tolist()}")
 
     k = len(result.neighbours)
-    fig = _figure(1.3 * (k + 1) + 3.5, 2.6)
+    fig = _figure(1.3 * (k + 1) + 3.5, 2.9)
     grid = fig.add_gridspec(1, k + 2, width_ratios=[1.3] + [1] * k + [3.0])
-    query = f"query\n{_caption(result.index, labels, class_names)}"
-    _show(fig.add_subplot(grid[0, 0]), images[result.index], query, fontsize=9)
+    query = fig.add_subplot(grid[0, 0])
+    _show(query, images[result.index], _caption(result.index, labels, class_names), fontsize=9)
+    query.set_xlabel("query", fontsize=9, fontweight="bold")
     for i, index in enumerate(result.neighbours):
-        caption = f"{i + 1}\n{_caption(index, labels, class_names)}"
-        _show(fig.add_subplot(grid[0, i + 1]), images[index], caption)
+        ax = fig.add_subplot(grid[0, i + 1])
+        _show(ax, images[index], _caption(index, labels, class_names))
+        ax.set_xlabel(f"neighbour {i + 1}", fontsize=7)
     bars = fig.add_subplot(grid[0, k + 1])
-    concepts = np.arange(len(result.distribution))
-    bars.bar(concepts, result.distribution, color="tab:orange")
+    positions = np.arange(rank)
+    bars.bar(positions, np.asarray(result.distribution)[order], color="tab:orange")
     bars.set_ylim(0, 1)
-    bars.set_xlabel("strongest concept", fontsize=8)
+    bars.set_xlabel("strongest concept (report order)", fontsize=8)
     bars.set_ylabel("share of neighbours", fontsize=8)
-    _ticks(bars, "x", [str(c) for c in concepts])
+    _ticks(bars, "x", [str(c) for c in order])
     bars.set_title(f"entropy {result.entropy_bits:.2f} bits", fontsize=9)
-    fig.suptitle(f"{k} nearest neighbours in F-space ({result.metric})", fontsize=10)
+    fig.suptitle(
+        f"Probe image #{result.index} and its {k} nearest neighbours in F-space "
+        f"({result.metric}); above each image: probe index (#) and class",
+        fontsize=10,
+    )
     return fig
 
 
+@_plain
 def accuracy_entropy_plot(table: AccuracyTable) -> Figure:
     """The network's accuracy per bin of neighbour entropy, with images per bin.
 
@@ -376,7 +494,7 @@ def accuracy_entropy_plot(table: AccuracyTable) -> Figure:
     Returns:
         Figure with 1 axes.
     """
-    fig = _figure(5.0, 3.4)
+    fig = _figure(6.0, 3.4)
     ax = fig.add_subplot()
     centres = (table.edges[:-1] + table.edges[1:]) / 2
     widths = np.diff(table.edges) * 0.9
@@ -392,13 +510,16 @@ def accuracy_entropy_plot(table: AccuracyTable) -> Figure:
     ax.set_xlabel("entropy of neighbours' strongest concepts (bits)")
     ax.set_ylabel("network accuracy")
     ax.set_title("Accuracy against neighbourhood entropy")
-    ax.legend(fontsize=8, loc="lower left")
+    # Outside the axes, right of them: inside, wherever it goes, it can hide a bar or
+    # its count (the counts sit at the bars' feet, the bars can reach the top).
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return fig
 
 
 # ------------------------------------------------------------------- fidelity, history
 
 
+@_plain
 def fidelity_plot(tables: Sequence[FidelityTable]) -> Figure:
     """Accuracy with each layer replaced by ``O_j F``, against rank, per layer.
 
@@ -425,12 +546,13 @@ def fidelity_plot(tables: Sequence[FidelityTable]) -> Figure:
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("rank (number of concepts)")
     ax.set_ylabel("accuracy on the probe images")
-    ax.set_title(r"Fidelity: accuracy with a layer replaced by $O_j F$")
+    ax.set_title("Fidelity: accuracy with a layer replaced by O_j F")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 
 
+@_plain
 def history_plot(history: Mapping) -> Figure:
     """Objective and per-view relative error over the solver's iterations.
 
@@ -460,7 +582,7 @@ def history_plot(history: Mapping) -> Figure:
         values = np.asarray(values, dtype=np.float64)
         right.plot(np.arange(1, values.size + 1), values, label=str(name))
     right.set_xlabel("iteration")
-    right.set_ylabel(r"$\|X_v - W_v F\| / \|X_v\|$")
+    right.set_ylabel("‖X_v − W_v F‖ / ‖X_v‖")
     right.set_title("relative error per view")
     if errors:
         right.legend(fontsize=8)

@@ -24,6 +24,9 @@ reader never sees half of one; ``COMPLETE`` is written last, when the whole run 
 ``run.json`` lists under ``"files"`` every file the run wrote (paths relative to the run
 directory); a forced re-run deletes those and nothing else (see :func:`start_run_dir`),
 so a user's own files in the directory survive ``--force``.
+The report's outputs (``figures/``, ``tables/``, ``report.html``) are drawn into a
+staging directory ``.report-*`` and swapped in whole (:func:`report_staging`,
+:func:`swap_in_report`), so a redraw that is killed or fails leaves the previous ones.
 
 Example:
     >>> from jaxcnmf.runs import rundir
@@ -42,6 +45,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -236,6 +240,89 @@ def start_run_dir(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     remove_written(out)
     write_json_atomic(out / RUN_JSON, record)
+
+
+REPORT_DIRS = ("figures", "tables")
+# What the report writes in each of REPORT_DIRS; anything else there is the user's and is
+# carried over to the new drawing.
+REPORT_PATTERNS = {"figures": ("*.png",), "tables": ("*.csv", "*.json")}
+_STAGING = ".report-"
+_PREVIOUS = "previous"
+
+
+def report_staging(run_dir: str | os.PathLike) -> Path:
+    """A fresh, empty staging directory ``run_dir/.report-*`` for a redraw.
+
+    First repairs what a redraw killed mid-swap may have left (see
+    :func:`recover_report`), so the previous outputs are in place before anything else.
+    """
+    run_dir = Path(run_dir)
+    recover_report(run_dir)
+    return Path(tempfile.mkdtemp(dir=run_dir, prefix=_STAGING))
+
+
+def recover_report(run_dir: str | os.PathLike) -> list[str]:
+    """Put back report outputs a killed redraw moved aside, and drop its staging dirs.
+
+    A swap moves ``figures/`` to ``.report-*/previous/figures`` and the new one into
+    place; a kill between the two renames leaves no ``figures/``. This moves the previous
+    one back wherever the run directory lacks it.
+
+    Returns:
+        The names put back (e.g. ``["figures"]``).
+    """
+    run_dir = Path(run_dir)
+    restored = []
+    for staging in sorted(run_dir.glob(_STAGING + "*")):
+        if not staging.is_dir():
+            continue
+        for name in REPORT_DIRS:
+            aside = staging / _PREVIOUS / name
+            if aside.is_dir() and not (run_dir / name).exists():
+                os.rename(aside, run_dir / name)
+                restored.append(name)
+        shutil.rmtree(staging, ignore_errors=True)
+    return restored
+
+
+def _is_report_output(name: str, path: Path) -> bool:
+    return any(path.match(pattern) for pattern in REPORT_PATTERNS[name])
+
+
+def swap_in_report(run_dir: str | os.PathLike, staging: str | os.PathLike) -> None:
+    """Replace ``run_dir``'s ``figures/``, ``tables/`` and ``report.html`` by ``staging``'s.
+
+    Files in the old folders that the report does not write (not ``*.png`` in
+    ``figures``, not ``*.csv``/``*.json`` in ``tables``) are copied into the new ones
+    first. Each folder is swapped by two renames; on an exception the swap is undone,
+    and a kill between renames is undone by the next :func:`report_staging`. The
+    staging directory is left for the caller to remove.
+    """
+    run_dir, staging = Path(run_dir), Path(staging)
+    previous = staging / _PREVIOUS
+    previous.mkdir()
+    mode = 0o777 & ~_umask()
+    moved, placed = [], []
+    try:
+        for name in REPORT_DIRS:
+            current, new = run_dir / name, staging / name
+            new.mkdir(exist_ok=True)
+            os.chmod(new, mode)  # mkdtemp's privacy must not carry over to the run's folders
+            if current.is_dir():
+                for item in current.iterdir():
+                    if item.is_file() and not _is_report_output(name, item):
+                        shutil.copy2(item, new / item.name)
+                os.rename(current, previous / name)
+                moved.append(name)
+            os.rename(new, current)
+            placed.append(name)
+        os.replace(staging / REPORT, run_dir / REPORT)
+    except BaseException:
+        for name in reversed(placed):
+            os.rename(run_dir / name, staging / name)
+        for name in reversed(moved):
+            os.rename(previous / name, run_dir / name)
+        raise
 
 
 def progress_bar(items, progress: bool, desc: str):

@@ -53,7 +53,9 @@ def test_concept_tile(case, tmp_path, kind):
     images, records, latent, masks = concept_inputs(case, kind)
     fig = figures.concept_tile(images, records[1], latent[1], masks[1], n_images=5,
                                labels=case["labels"], class_names=CLASS_NAMES)
-    assert "top class one (" in fig.get_suptitle()
+    assert fig.get_suptitle().startswith("concept 1 · top class 'one' · ")
+    assert [ax.get_title() for ax in fig.axes[:2]] == [
+        f"#{records[1].top_images[0]}\nclass 'one'", "masked"]
     check_png(fig, tmp_path / "tile.png", 2 * 5 + 3)
 
 
@@ -85,8 +87,8 @@ def test_class_share_heatmap(case, tmp_path):
 
 @pytest.mark.parametrize("num_classes, title", [
     (10, "class shares of each concept (* unseen), LAM = 0.07 x lam_max"),
-    (3, "class shares of each concept at LAM = 0.07 x lam_max, group lasso over the "
-        "probe classes (* unseen)"),
+    (3, ("class shares of each concept at LAM = 0.07 x lam_max, group lasso over the "
+         "probe classes (* unseen)")),
 ])
 def test_class_share_heatmap_title_fits_the_figure(num_classes, title):
     shares = np.full((5, num_classes), 1.0 / num_classes)
@@ -107,6 +109,13 @@ def test_similarity_heatmaps_and_layer_summary(case, tmp_path):
 def test_neighbour_figure_and_accuracy_plot(case, tmp_path):
     result = neighbours.neighbour_concepts(case["F"], 3, k=5, metric="euclidean")
     fig = figures.neighbour_figure(case["rgb"], result, case["labels"], CLASS_NAMES)
+    # The probe index (#) and the class are told apart, and so are query and neighbours.
+    query, first = fig.axes[0], fig.axes[1]
+    assert query.get_title() == "#3\nclass 'zero'" and query.get_xlabel() == "query"
+    assert first.get_title() == f"#{result.neighbours[0]}\nclass " \
+        f"'{CLASS_NAMES[case['labels'][result.neighbours[0]]]}'"
+    assert first.get_xlabel() == "neighbour 1"
+    assert "Probe image #3 and its 5 nearest neighbours" in fig.get_suptitle()
     check_png(fig, tmp_path / "neighbours.png", 5 + 2)
     entropy = neighbours.neighbour_entropy_all(case["F"], 5)
     correct = np.random.default_rng(1).random(entropy.size) < 0.8
@@ -146,3 +155,68 @@ def test_history_plot(tmp_path):
 def test_docstring_example_runs():
     result = doctest.testmod(figures)
     assert result.attempted >= 1 and result.failed == 0
+
+
+def test_neighbour_figure_bars_follow_the_concept_order(case):
+    result = neighbours.neighbour_concepts(case["F"], 3, k=5, metric="euclidean")
+    order = [2, 0, 3, 1]
+    fig = figures.neighbour_figure(case["rgb"], result, case["labels"], CLASS_NAMES, order=order)
+    bars = fig.axes[-1]
+    heights = [patch.get_height() for patch in bars.patches]
+    np.testing.assert_allclose(heights, np.asarray(result.distribution)[order])
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["2", "0", "3", "1"]
+    with pytest.raises(ValueError, match="order: expected a permutation of 0..3"):
+        figures.neighbour_figure(case["rgb"], result, order=[0, 0, 1, 2])
+
+
+def test_accuracy_legend_covers_no_bar_and_no_count():
+    # Full bars and a count at every bar's foot: a legend inside the axes covers something.
+    table = neighbours.AccuracyTable(
+        edges=np.linspace(0.0, 2.0, 6), count=np.array([40, 3, 200, 7, 50]),
+        accuracy=np.array([1.0, 0.95, 1.0, 0.9, 1.0]), overall=0.98)
+    fig = figures.accuracy_entropy_plot(table)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    covered = [artist for artist in (*ax.patches, *ax.texts)
+               if legend.overlaps(artist.get_window_extent(renderer))]
+    assert covered == []
+    assert legend.x1 <= fig.bbox.x1  # and it is not cut off
+
+
+def test_eigenvalue_plot_has_a_line_per_layer(case, tmp_path):
+    summary = neurons.layer_summary(case["loadings"])
+    fig = figures.eigenvalue_plot(summary)
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines[:3]] == ["conv1", "conv2", "pool"]
+    np.testing.assert_allclose(lines[0].get_ydata(),
+                               np.sort(summary.eigenvalues["conv1"])[::-1])
+    check_png(fig, tmp_path / "eigen.png", 1)
+
+
+HOSTILE_NAMES = ["$\\alpha$", "$\\notacommand{$", "a$b", "$x^$"]
+
+
+def test_hostile_names_break_mathtext(tmp_path):
+    # Without plain_text these names crash matplotlib; the figures below must not.
+    fig = figures._figure(2, 1)
+    fig.text(0.1, 0.5, HOSTILE_NAMES[1])
+    with pytest.raises(ValueError):
+        fig.savefig(tmp_path / "x.png")
+
+
+def test_user_strings_are_drawn_as_plain_text(case, tmp_path):
+    shares = labels.class_shares(case["F"], case["labels"], 4)
+    check_png(figures.class_share_heatmap(shares, HOSTILE_NAMES), tmp_path / "shares.png", 2)
+    probe_images, _, latent, masks = concept_inputs(case, "gray")
+    records = labels.concept_table(case["F"], case["labels"], HOSTILE_NAMES, n_images=3)
+    fig = figures.concept_tile(probe_images, records[1], latent[1], masks[1], n_images=3,
+                               labels=case["labels"], class_names=HOSTILE_NAMES)
+    assert f"top class '{HOSTILE_NAMES[1]}'" in fig.get_suptitle()
+    check_png(fig, tmp_path / "tile.png", 2 * 3 + 3)
+    result = neighbours.neighbour_concepts(case["F"], 3, k=3)
+    check_png(figures.neighbour_figure(case["gray"], result, case["labels"], HOSTILE_NAMES),
+              tmp_path / "neighbours.png", 3 + 2)
+    summary = neurons.layer_summary({"$\\bad{": case["loadings"]["conv1"]})
+    check_png(figures.similarity_heatmaps(summary), tmp_path / "similarity.png", 2)
