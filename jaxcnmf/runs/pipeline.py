@@ -786,7 +786,7 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
 
     with stages("report", "figures, tables and report.html"):
         # Drawn from the saved files, as `jaxcnmf report` does, so a re-draw is identical.
-        report_path = report.write_report(out, progress=progress)
+        report_path = report.write_report(out, progress=progress, status="complete")
     record["status"] = "complete"
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     save_record()
@@ -850,7 +850,7 @@ def _kmeans(config, views, probe_set, layers) -> dict[str, Any]:
     layer_views = {layer: views[layer] for layer in layers}
     baseline = kmeans_baseline(layer_views, probe_set.labels, k=config.rank, seed=config.seed)
     return {"k": config.rank, "nmi": baseline.nmi, "purity": baseline.purity,
-            "views": list(layers)}
+            "views": list(layers), "assignment": baseline.assignment.tolist()}
 
 
 def _fidelity(config, model, variables, views, result, probe_set, layers, progress):

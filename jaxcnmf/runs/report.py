@@ -286,6 +286,15 @@ def render_html(title: str, subtitle: str, sections: Iterable[tuple[str, str, li
 PIXEL_VIEWS = ("red", "green", "blue", "gray")
 
 
+def _group_sparsity(config, factorization) -> str:
+    """The group penalty as set (a fraction of lambda_max, or absolute) and as used."""
+    fraction = config.get("group_lam_fraction")
+    used = factorization.get("group_lam", config.get("group_lam", 0.0))
+    if fraction:
+        return f"{fraction:g} of lambda_max (group_lam {used:.4g}) over {config['groups']}"
+    return f"{used:g} over {config['groups']}" if used else "off"
+
+
 def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -437,7 +446,7 @@ def _settings_section(page: _Page, out: Path) -> list[str]:
     dataset = record["dataset"]
     settings = [
         ("command", config["command"]),
-        ("model", f"{model.get('name', '?')} (width {model.get('width', config['width'])})"),
+        ("model", f"{model.get('name', '?')} (width {model.get('width', config.get('width', '?'))})"),
         ("checkpoint", model.get("checkpoint") or "trained by this run"),
         ("test accuracy (at training)", _num(model.get("accuracy"))),
         ("accuracy on the probe set", _num(record.get("probe_accuracy"))),
@@ -452,11 +461,11 @@ def _settings_section(page: _Page, out: Path) -> list[str]:
         ("iterations", (f"{result.n_iter} of {config['max_iter']}"
                         f" ({'converged' if result.converged else 'not converged'})")),
         ("restarts", config["restarts"]),
+        ("devices", record.get("factorization", {}).get("devices", 1)),
         ("stability across restarts", _num(result.stability)),
         ("view weights", config["weights"] or "none"),
         ("unit columns", config["unit_columns"]),
-        ("group sparsity", f"{config['group_lam']} over {config['groups']}"
-                           if config["group_lam"] else "off"),
+        ("group sparsity", _group_sparsity(config, record.get("factorization", {}))),
         ("started", record.get("started", "")),
     ]
     settings_rows = [{"setting": key, "value": value} for key, value in settings]
