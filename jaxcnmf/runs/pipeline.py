@@ -768,11 +768,15 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
         "group_lam_fraction": result.config.get("group_lam_fraction"),
     }
 
-    analyses = {"kmeans": None, "dead_concepts": dead}
+    analyses = {"kmeans": None, "dead_concepts": dead, "without_pixels": None}
+    with_pixels = any(name not in layers for name in views)
     if config.baseline:
-        with stages("baseline", f"k-means with k={config.rank} on "
-                                f"{', '.join(layers)}"):
+        with stages("baseline", f"k-means with k={config.rank} on {', '.join(layers)}"
+                                + (", and the same fit without the pixel views"
+                                   if with_pixels else "")):
             analyses["kmeans"] = _kmeans(config, views, probe_set, layers)
+            if with_pixels:
+                analyses["without_pixels"] = _without_pixels(config, views, probe_set, layers)
     with stages("fidelity", "fidelity per layer and rank"):
         analyses.update(_fidelity(config, model, variables, views, result, probe_set,
                                   layers, progress))
@@ -841,6 +845,21 @@ def _fit_settings(config: RunConfig, probe_set) -> dict[str, Any]:
         groups=_group_ids(config, probe_set), group_lam=config.group_lam,
         group_lam_fraction=config.group_lam_fraction, restarts=config.restarts,
     )
+
+
+def _without_pixels(config, views, probe_set, layers) -> dict[str, Any]:
+    """The same fit of the layer views alone: what coupling the pixels in costs or gains."""
+    import jaxcnmf
+    from jaxcnmf.concepts.labels import cluster_purity, nmi
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = jaxcnmf.fit({layer: views[layer] for layer in layers}, config.rank,
+                          progress=False, **{**_fit_settings(config, probe_set), "restarts": 1})
+    S = res.scaled_F()
+    assignment = np.where(S.max(axis=0) > 0, S.argmax(axis=0), -1)
+    return {"nmi": nmi(assignment, probe_set.labels),
+            "purity": cluster_purity(assignment, probe_set.labels), "n_iter": int(res.n_iter)}
 
 
 def _kmeans(config, views, probe_set, layers) -> dict[str, Any]:
