@@ -810,10 +810,15 @@ def run_epoch(
     order = np.random.default_rng((config.seed, epoch)).permutation(images.shape[0])
     batches = order[: steps * config.batch_size].reshape(steps, config.batch_size)
     totals = {"loss": 0.0, "correct": 0, "count": 0}
+    first = (state, data.to_float(images[batches[0]]), labels[batches[0]], key)
+    step = _compiled_step(step_fn, first, progress)
     start = time.perf_counter()
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress)
+    # smoothing=0: the rate is the epoch's average. Steps are dispatched asynchronously and
+    # the host waits only when it reads the loss, so a moving average swings wildly.
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress,
+               smoothing=0)
     for i, idx in enumerate(bar):
-        state, metrics = step_fn(state, data.to_float(images[idx]), labels[idx], key)
+        state, metrics = step(state, data.to_float(images[idx]), labels[idx], key)
         totals = jax.tree_util.tree_map(jnp.add, totals, metrics)
         if progress and (i + 1) % _POSTFIX_EVERY == 0:
             count = float(totals["count"])
@@ -824,6 +829,27 @@ def run_epoch(
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     bar.close()
     return state, totals, time.perf_counter() - start
+
+
+# Compiled training steps by (step function, argument structure and shapes): compiling
+# ahead of the first step makes the compile a visible stage of its own, not a stalled bar.
+_COMPILED: dict = {}
+
+
+def _compiled_step(step_fn, args, progress: bool):
+    """``step_fn`` compiled for ``args``' shapes, with a log line while it compiles."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    key = (step_fn, tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+    if key not in _COMPILED:
+        t0 = time.perf_counter()
+        if progress:
+            tqdm.write("compiling the training step (once per model and batch shape) ...")
+        if len(_COMPILED) >= 8:
+            _COMPILED.clear()
+        _COMPILED[key] = step_fn.lower(*args).compile()
+        if progress:
+            tqdm.write(f"compiled in {time.perf_counter() - t0:.1f} s")
+    return _COMPILED[key]
 
 
 def _check_dataset(ds, name: str) -> None:

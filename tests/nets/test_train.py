@@ -483,3 +483,16 @@ def test_resume_settings_rebuild_the_run(straight, digits, tmp_path, monkeypatch
     assert_trees_equal(again.variables, result.variables)
     with pytest.raises(FileNotFoundError, match="no such directory"):
         train.resume_settings(tmp_path / "nowhere")
+
+
+def test_epoch_compiles_once_with_a_log_line_and_then_reuses_the_step(digits, capsys):
+    train_ds = digits[0]
+    kwargs = dict(epochs=1, batch_size=32, augment=False, progress=True, seed=5)
+    train._COMPILED.clear()
+    train.fit(tiny(), train_ds, **kwargs)
+    first = "".join(capsys.readouterr())
+    train.fit(tiny(), train_ds, **kwargs)
+    second = "".join(capsys.readouterr())
+    assert "compiling the training step" in first and "compiled in" in first
+    # Same model, settings and batch shape: the compiled step is reused, no second compile.
+    assert "compiling the training step" not in second
