@@ -471,3 +471,43 @@ def test_decompression_bomb_image_names_the_file(tmp_path, monkeypatch, limit):
         Image.new("L", (16, 16)).save(tmp_path / "imgs" / cls / "big.png")
     with pytest.raises(ValueError, match=rf"a/big.png'?: image too large to decode safely, over Pillow's decompression-bomb limit of {limit} pixels"):
         data.load(tmp_path / "imgs", progress=False)
+
+
+# =========================================================================================
+# group ids and saved run files
+# =========================================================================================
+
+
+def test_huge_group_ids_are_relabelled_not_allocated():
+    views = _planted()
+    small = np.arange(N) % 3
+    huge = np.where(small == 2, 2**32 + 1, small * 10**9)
+    a = _fit(views, groups=small, group_lam=0.01, unit_columns=True, max_iter=15)
+    b = _fit(views, groups=huge, group_lam=0.01, unit_columns=True, max_iter=15)
+    assert b.config["n_groups"] == 3
+    np.testing.assert_allclose(a.F, b.F, rtol=1e-5, atol=1e-6)
+
+
+def test_report_of_truncated_or_edited_run_files_names_the_file(tmp_path):
+    from jaxcnmf.runs import rundir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.RUN_JSON).write_text('{"status": "complete", "conf')
+    for name in (rundir.FACTORIZATION, rundir.PROBE, rundir.ANALYSIS):
+        (run / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"run\.json: expected JSON written by jaxcnmf"):
+        rundir.load_run(run)
+    (run / rundir.RUN_JSON).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"run\.json: expected a JSON dict, got list"):
+        rundir.load_run(run)
+    (run / rundir.RUN_JSON).write_text("{}")
+    with pytest.raises(ValueError, match=r"probe\.npz: expected an \.npz written by jaxcnmf"):
+        rundir.load_run(run)
+    np.savez(run / rundir.PROBE, images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.zeros(2, int))
+    with pytest.raises(ValueError, match=r"probe\.npz: field 'coarse_labels' is missing"):
+        rundir.load_run(run)
+    np.savez(run / rundir.PROBE, images=np.zeros((2, 4, 4, 1), np.uint8), labels=["a", "b"],
+             coarse_labels=np.zeros(2, int), predictions=np.zeros(2, int))
+    with pytest.raises(ValueError, match=r"field 'labels': expected 2 integers"):
+        rundir.load_run(run)

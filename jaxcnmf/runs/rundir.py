@@ -430,7 +430,7 @@ def load_run(run_dir: str | os.PathLike) -> SavedRun:
     if not (path / RUN_JSON).is_file():
         raise FileNotFoundError(f"run directory: {path} has no {RUN_JSON}; expected a "
                                 "directory written by 'jaxcnmf analyze' or 'jaxcnmf demo'")
-    record = json.loads((path / RUN_JSON).read_text())
+    record = _read_json(path / RUN_JSON, dict)
     missing = [name for name in (FACTORIZATION, PROBE, ANALYSIS) if not (path / name).is_file()]
     if missing:
         status = record.get("status", "unknown")
@@ -439,8 +439,7 @@ def load_run(run_dir: str | os.PathLike) -> SavedRun:
             f"run directory: {path} has no {missing[0]}; the run stopped before it was "
             f"saved (status {status}{error})"
         )
-    with np.load(path / PROBE) as probe_file:
-        probe_arrays = {key: probe_file[key] for key in probe_file.files}
+    probe_arrays = _read_probe(path / PROBE)
     coarse = probe_arrays["coarse_labels"]
     return SavedRun(
         path=path,
@@ -450,6 +449,40 @@ def load_run(run_dir: str | os.PathLike) -> SavedRun:
         labels=probe_arrays["labels"].astype(np.int64),
         coarse_labels=None if np.any(coarse < 0) else coarse.astype(np.int64),
         predictions=probe_arrays["predictions"].astype(np.int64),
-        network=json.loads((path / ANALYSIS).read_text()),
+        network=_read_json(path / ANALYSIS, dict),
         tcav=load_tcav(path),
     )
+
+
+def _read_json(path: Path, kind: type):
+    """A run file's JSON, or a ValueError naming the file (truncated or edited files)."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: expected JSON written by jaxcnmf, got an unreadable file "
+                         f"({str(error)[:80]}); rerun the analysis") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _read_probe(path: Path) -> dict[str, np.ndarray]:
+    """``probe.npz``'s arrays, checked for the fields and shapes a report needs."""
+    try:
+        with np.load(path, allow_pickle=False) as probe_file:
+            arrays = {key: probe_file[key] for key in probe_file.files}
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{path}: expected an .npz written by jaxcnmf, got an unreadable "
+                         f"file ({str(error)[:80]})") from None
+    for field in ("images", "labels", "coarse_labels", "predictions"):
+        if field not in arrays:
+            raise ValueError(f"{path}: field '{field}' is missing")
+    n = arrays["images"].shape[0] if arrays["images"].ndim == 4 else -1
+    if n < 0:
+        raise ValueError(f"{path}: field 'images': expected (N, H, W, C), got shape "
+                         f"{arrays['images'].shape}")
+    for field in ("labels", "coarse_labels", "predictions"):
+        if arrays[field].shape != (n,) or not np.issubdtype(arrays[field].dtype, np.integer):
+            raise ValueError(f"{path}: field '{field}': expected {n} integers, got "
+                             f"{arrays[field].dtype} {arrays[field].shape}")
+    return arrays

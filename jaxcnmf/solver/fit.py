@@ -237,7 +237,10 @@ def _check_groups(groups, n, group_lam):
     if groups.min() < 0:
         raise ValueError(f"groups: expected non-negative group ids, got minimum "
                          f"{int(groups.min())}")
-    return groups.astype(np.int32), int(groups.max()) + 1
+    # Only which images share a group matters: relabel to the ids present, so an id like
+    # 2**32 + 1 neither overflows int32 nor makes billions of empty groups.
+    _, dense = np.unique(groups, return_inverse=True)
+    return dense.astype(np.int32).reshape(n), int(dense.max()) + 1 if n else 1
 
 
 def _check_dtypes(dtype, storage_dtype):
