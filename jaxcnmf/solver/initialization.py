@@ -150,11 +150,21 @@ def nndsvd(views, rank, weights, variant="nndsvd", seed=0, dtype="float32", n_co
                    jnp.dtype(dtype).name, n_columns)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _nndsvd(views, key, rank, weights, variant, dtype, n_columns=None):
-    scales = [float(np.sqrt(w)) for w in weights]
-    blocks = tuple(s * X for s, X in zip(scales, _float_views(views, dtype)))
-    U, s, Vt = _randomized_svd(blocks, rank, key, n_columns)
+def svd_factors(U, s, Vt, mean, variant):
+    """NNDSVD(a) factors ``(W, F)`` from a rank-``k`` SVD ``U diag(s) Vt`` of the stacked views.
+
+    Each singular pair is split into its positive and negative parts and the larger one kept
+    (Boutsidis and Gallopoulos); ``"nndsvda"`` fills the zeros with ``mean``, the stacked
+    matrix's mean entry, so that multiplicative updates can move every entry.
+
+    Args:
+        U: ``(rows, k)``; s: ``(k,)``; Vt: ``(k, N)``.
+        mean: scalar mean entry of the stacked, weighted views (used by ``"nndsvda"``).
+        variant: ``"nndsvd"`` or ``"nndsvda"``.
+
+    Returns:
+        ``W`` ``(rows, k)`` and ``F`` ``(k, N)``, non-negative.
+    """
     V = Vt.T
     up, un = _unit(jnp.maximum(U, 0.0))
     vp, vn = _unit(jnp.maximum(V, 0.0))
@@ -172,12 +182,20 @@ def _nndsvd(views, key, rank, weights, variant, dtype, n_columns=None):
     W = W * amplitude
     F = (H * amplitude).T
     if variant == "nndsvda":
-        n = F.shape[1] if n_columns is None else n_columns
-        mean = sum(jnp.sum(b) for b in blocks) / (W.shape[0] * n)
         W = jnp.where(W > 0, W, mean)
         F = jnp.where(F > 0, F, mean)
-        if n_columns is not None:
-            F = F * (jnp.arange(F.shape[1]) < n_columns)
+    return W, F
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _nndsvd(views, key, rank, weights, variant, dtype, n_columns=None):
+    scales = [float(np.sqrt(w)) for w in weights]
+    blocks = tuple(s * X for s, X in zip(scales, _float_views(views, dtype)))
+    U, s, Vt = _randomized_svd(blocks, rank, key, n_columns)
+    n = Vt.shape[1] if n_columns is None else n_columns
+    W, F = svd_factors(U, s, Vt, sum(jnp.sum(b) for b in blocks) / (U.shape[0] * n), variant)
+    if variant == "nndsvda" and n_columns is not None:
+        F = F * (jnp.arange(F.shape[1]) < n_columns)
     loadings = tuple(W[a:b] / scale for scale, (a, b) in zip(scales, _row_spans(blocks)))
     return F.astype(dtype), loadings
 

@@ -316,27 +316,8 @@ def _streamed_svd(store, names, storage, offsets, data_scale, mode, rank, weight
 @functools.partial(jax.jit, static_argnames=("scales", "spans", "variant", "dtype"))
 def _nndsvd_factors(U, s, Vt, stacked_sum, scales, spans, variant, dtype):
     """NNDSVD(a) factors from the SVD, as ``initialization.nndsvd`` builds them."""
-    unit = initialization._unit
-    V = Vt.T
-    up, un = unit(jnp.maximum(U, 0.0))
-    vp, vn = unit(jnp.maximum(V, 0.0))
-    um, unn = unit(jnp.maximum(-U, 0.0))
-    vm, vnn = unit(jnp.maximum(-V, 0.0))
-    positive = un * vn >= unn * vnn
-    sigma = jnp.where(positive, un * vn, unn * vnn)
-    W = jnp.where(positive, up, um)
-    H = jnp.where(positive, vp, vm)
-    # The leading singular pair of a non-negative matrix has one sign: take its magnitude.
-    W = W.at[:, 0].set(jnp.abs(U[:, 0]))
-    H = H.at[:, 0].set(jnp.abs(V[:, 0]))
-    sigma = sigma.at[0].set(1.0)
-    amplitude = jnp.sqrt(s * sigma)
-    W = W * amplitude
-    F = (H * amplitude).T
-    if variant == "nndsvda":
-        mean = stacked_sum / (W.shape[0] * F.shape[1])
-        W = jnp.where(W > 0, W, mean)
-        F = jnp.where(F > 0, F, mean)
+    W, F = initialization.svd_factors(U, s, Vt, stacked_sum / (U.shape[0] * Vt.shape[1]),
+                                      variant)
     loadings = tuple(W[a:b] / scale for scale, (a, b) in zip(scales, spans))
     return F.astype(dtype), tuple(W.astype(dtype) for W in loadings)
 
