@@ -409,6 +409,12 @@ def _add_solver_options(parser):
         "(default: balanced)",
     )
     parser.add_argument(
+        "--pixel-share", metavar="F", type=_pixel_share, default=0.1,
+        help="with balanced weights, the pixel views' share of the objective, or 'equal' "
+        "for the paper's equal weight per view (default: 0.1, chosen by "
+        "experiments/validity.py: near the layers-only purity, latent images kept)",
+    )
+    parser.add_argument(
         "--unit-columns",
         action="store_true",
         help="normalise each loadings column to unit norm (scale lives in F)",
@@ -625,6 +631,18 @@ def _train(args):
     )
 
 
+def _pixel_share(text: str):
+    if text == "equal":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or 'equal', got {text!r}")
+    return value
+
+
 def _analyze(args):
     from jaxcnmf.runs import pipeline
 
@@ -644,6 +662,7 @@ def _analyze(args):
         restarts=args.restarts,
         devices=args.devices,
         weights=None if args.weights == "none" else args.weights,
+        pixel_share=args.pixel_share,
         unit_columns=args.unit_columns,
         group_lam=args.group_lam,
         group_lam_fraction=args.group_sparse,

@@ -106,6 +106,11 @@ class RunConfig:
             of them (``jax.local_device_count()``), 1 fits on one device.
         rank, method, max_iter, tol, restarts, weights, unit_columns: passed to
             :func:`jaxcnmf.fit` (``weights`` is "balanced" or None).
+        pixel_share: with balanced weights, the pixel views' share of the objective
+            (the layers share the rest equally); None gives every view the same weight,
+            as the paper's coupling does. 0.1 by the measurements in
+            ``experiments/results/validity`` (it keeps latent images while costing little
+            class purity); see :func:`view_weights`.
         group_lam: absolute group-lasso weight on F; 0 switches it off.
         group_lam_fraction: the group penalty as a fraction in (0, 1] of the smallest
             one that zeroes every group (``jaxcnmf.fit``'s ``group_lam_fraction``); the
@@ -145,6 +150,7 @@ class RunConfig:
     restarts: int = 1
     devices: int | None = None
     weights: str | None = "balanced"
+    pixel_share: float | None = 0.1
     unit_columns: bool = False
     group_lam: float = 0.0
     group_lam_fraction: float | None = None
@@ -311,6 +317,10 @@ def _check_config(config: RunConfig) -> None:
     if config.pixel_mode not in PIXEL_MODES:
         raise ValueError(f"pixels: expected True, False or one of {', '.join(PIXEL_MODES)}, "
                          f"got {config.pixels!r}")
+    if config.pixel_share is not None and not (
+            isinstance(config.pixel_share, (int, float)) and 0 < config.pixel_share < 1):
+        raise ValueError(f"pixel_share: expected a fraction in (0, 1) or None, got "
+                         f"{config.pixel_share!r}")
     if config.group_lam_fraction is not None:
         if not 0 < config.group_lam_fraction <= 1:
             raise ValueError(f"group_lam_fraction: expected a fraction in (0, 1], got "
@@ -810,7 +820,7 @@ def _factorize(views, config: RunConfig, probe_set, progress: bool):
         # fit's own warning names library internals; the one below names the setting.
         warnings.simplefilter("ignore", solver.DeadConceptWarning)
         result = jaxcnmf.fit(views, config.rank, progress=progress,
-                             **_fit_settings(config, probe_set))
+                             **_fit_settings(config, probe_set, views))
     dead = int(np.sum(~solver._live_mask(result)))
     if dead:
         if config.group_lam_fraction is not None:
@@ -838,10 +848,34 @@ def _mesh(config: RunConfig):
     return jax.make_mesh((devices,), ("n",), devices=jax.local_devices()[:devices])
 
 
-def _fit_settings(config: RunConfig, probe_set) -> dict[str, Any]:
+PIXEL_VIEWS = frozenset({"red", "green", "blue", "gray"})
+
+
+def view_weights(config: RunConfig, views) -> str | dict[str, float] | None:
+    """The fit's view weights: ``config.weights``, with the pixel views' share set.
+
+    Balanced weights give each view ``1 / ||X_v||^2`` (every view the same total weight);
+    with ``pixel_share`` the pixel views together get that share of the objective and the
+    layer views the rest, in equal parts.
+    """
+    pixels = [name for name in views if name in PIXEL_VIEWS]
+    layers = [name for name in views if name not in PIXEL_VIEWS]
+    if config.weights != "balanced" or config.pixel_share is None or not pixels or not layers:
+        return config.weights
+    weights = {}
+    for name in views:
+        X = np.asarray(views[name], np.float64)
+        norm = float(np.sum(X * X)) or 1.0
+        part = config.pixel_share / len(pixels) if name in pixels else \
+            (1.0 - config.pixel_share) / len(layers)
+        weights[name] = part / norm
+    return weights
+
+
+def _fit_settings(config: RunConfig, probe_set, views) -> dict[str, Any]:
     return dict(mesh=_mesh(config),
         method=config.method, max_iter=config.max_iter, tol=config.tol, seed=config.seed,
-        weights=config.weights, unit_columns=config.unit_columns,
+        weights=view_weights(config, views), unit_columns=config.unit_columns,
         groups=_group_ids(config, probe_set), group_lam=config.group_lam,
         group_lam_fraction=config.group_lam_fraction, restarts=config.restarts,
     )
@@ -854,8 +888,9 @@ def _without_pixels(config, views, probe_set, layers) -> dict[str, Any]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = jaxcnmf.fit({layer: views[layer] for layer in layers}, config.rank,
-                          progress=False, **{**_fit_settings(config, probe_set), "restarts": 1})
+        layer_views = {layer: views[layer] for layer in layers}
+        res = jaxcnmf.fit(layer_views, config.rank, progress=False,
+                          **{**_fit_settings(config, probe_set, layer_views), "restarts": 1})
     S = res.scaled_F()
     assignment = np.where(S.max(axis=0) > 0, S.argmax(axis=0), -1)
     return {"nmi": nmi(assignment, probe_set.labels),
@@ -884,7 +919,7 @@ def _fidelity(config, model, variables, views, result, probe_set, layers, progre
     ranks = sorted(set(config.fidelity_ranks) - {config.rank})
     fits = [result]
     if replaceable:
-        settings = {**_fit_settings(config, probe_set), "restarts": 1}
+        settings = {**_fit_settings(config, probe_set, views), "restarts": 1}
         for rank in progress_bar(ranks, progress, "fidelity fits"):
             fits.append(jaxcnmf.fit(views, rank, progress=False, **settings))
     rows = []

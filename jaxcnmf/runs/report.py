@@ -463,7 +463,9 @@ def _settings_section(page: _Page, out: Path) -> list[str]:
         ("restarts", config["restarts"]),
         ("devices", record.get("factorization", {}).get("devices", 1)),
         ("stability across restarts", _num(result.stability)),
-        ("view weights", config["weights"] or "none"),
+        ("view weights", (config["weights"] or "none") + (
+            f", pixel views' share {config['pixel_share']:g}"
+            if config.get("pixel_share") and page.channels else "")),
         ("unit columns", config["unit_columns"]),
         ("group sparsity", _group_sparsity(config, record.get("factorization", {}))),
         ("started", record.get("started", "")),

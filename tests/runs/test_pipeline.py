@@ -272,3 +272,21 @@ def test_devices_setting_builds_a_mesh_and_the_fit_records_it():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[:1] == ["2"] and "(2, 11)" in out.stdout
+
+
+def test_pixel_share_sets_the_pixel_views_part_of_the_objective():
+    rng = np.random.default_rng(0)
+    views = {"red": rng.random((4, 6)), "green": 3 * rng.random((4, 6)),
+             "blue": rng.random((4, 6)), "conv": 10 * rng.random((8, 6)),
+             "pool": rng.random((2, 6))}
+    weights = pipeline.view_weights(pipeline.RunConfig(pixel_share=0.1), views)
+    share = {k: weights[k] * float(np.sum(v * v)) for k, v in views.items()}
+    assert sum(share[k] for k in ("red", "green", "blue")) == pytest.approx(0.1)
+    assert share["conv"] == pytest.approx(0.45) and share["pool"] == pytest.approx(0.45)
+    assert pipeline.view_weights(pipeline.RunConfig(pixel_share=None), views) == "balanced"
+    layers_only = {"conv": views["conv"]}
+    assert pipeline.view_weights(pipeline.RunConfig(), layers_only) == "balanced"
+    with pytest.raises(ValueError, match=r"pixel_share: expected a fraction in \(0, 1\) or None"):
+        pipeline._check_config(pipeline.RunConfig(pixel_share=1.5))
+    assert cli.build_parser().parse_args(["analyze", "--checkpoint", "c", "--out", "o",
+                                          "--pixel-share", "equal"]).pixel_share is None
