@@ -552,10 +552,9 @@ def _pixel_cost_note(page: _Page, unpixelled: dict) -> str:
     """How much coupling the pixel views in (the paper's setting) costs or gains."""
     d_nmi = page.scores["nmi"] - float(unpixelled["nmi"])
     d_purity = page.scores["cluster_purity"] - float(unpixelled["purity"])
-    verb = "costs" if d_nmi < 0 else "gains"
-    return (f"Coupling the pixel views into the factorization (the paper's setting) {verb} "
-            f"{abs(d_nmi):.3f} NMI and {'-' if d_purity < 0 else '+'}{abs(d_purity):.3f} "
-            f"cluster purity here, against the same fit of the layers alone. The pixels "
+    return (f"Coupling the pixel views into the factorization (the paper's setting) changes "
+            f"class NMI by {d_nmi:+.3f} and cluster purity by {d_purity:+.3f} here, against "
+            f"the same fit of the layers alone. The pixels "
             f"give each concept its latent image; they also pull concepts towards what "
             f"images look like rather than what the network computes.")
 
