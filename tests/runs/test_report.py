@@ -94,7 +94,9 @@ def test_tables_are_written_as_csv_and_json(demo_dir):
         assert (tables / f"{name}.csv").is_file(), name
         assert isinstance(json.loads((tables / f"{name}.json").read_text()), list), name
     summary = json.loads((tables / "summary.json").read_text())
-    assert [row["method"].split(" ")[0] for row in summary] == ["coupled", "k-means"]
+    # The fit, the same fit of the layers alone (what coupling the pixels costs), k-means.
+    assert [row["method"].split(" ")[0] for row in summary] == ["coupled", "the", "k-means"]
+    assert "without the pixel views" in summary[1]["method"]
     assert all(0.0 <= row["NMI"] <= 1.0 and 0.0 <= row["cluster purity"] <= 1.0
                for row in summary)
     assert 0.0 <= summary[0]["concept purity"] <= 1.0
