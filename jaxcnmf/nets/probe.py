@@ -620,14 +620,7 @@ def collect(
             layers=layers, pooling=pooling, pixels=pixels, n_valid=n_valid,
         )
 
-    for name, lowest in zip(layers, jax.device_get(minima).tolist()):
-        if lowest < 0 and not allow_negative:
-            raise ValueError(
-                f"layer {name!r} has negative values (min {lowest:.4g}); is it a pre-ReLU "
-                f"layer? NMF needs non-negative views. Pass allow_negative=True to collect "
-                f"it anyway and factorize with jaxcnmf.fit(..., negative='clip') or "
-                f"negative='shift'"
-            )
+    _check_minima(layers, jax.device_get(minima), allow_negative)
     # jax hands dicts back in sorted key order; restore the documented one.
     buffers = {name: buffers[name] for name in rows}
     if output == "device":

@@ -884,15 +884,14 @@ def _fit_settings(config: RunConfig, probe_set, views) -> dict[str, Any]:
 def _without_pixels(config, views, probe_set, layers) -> dict[str, Any]:
     """The same fit of the layer views alone: what coupling the pixels in costs or gains."""
     import jaxcnmf
-    from jaxcnmf.concepts.labels import cluster_purity, nmi
+    from jaxcnmf.concepts.labels import cluster_purity, nmi, strongest_concept
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer_views = {layer: views[layer] for layer in layers}
         res = jaxcnmf.fit(layer_views, config.rank, progress=False,
                           **{**_fit_settings(config, probe_set, layer_views), "restarts": 1})
-    S = res.scaled_F()
-    assignment = np.where(S.max(axis=0) > 0, S.argmax(axis=0), -1)
+    assignment = strongest_concept(res.scaled_F())
     return {"nmi": nmi(assignment, probe_set.labels),
             "purity": cluster_purity(assignment, probe_set.labels), "n_iter": int(res.n_iter)}
 
