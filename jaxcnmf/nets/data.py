@@ -53,6 +53,7 @@ __all__ = [
     "balanced_subset",
     "channel_names",
     "load",
+    "load_probe_set",
     "same_channels",
     "select_classes",
     "to_float",
@@ -338,20 +339,94 @@ def balanced_subset(ds: Dataset, per_class: int, seed: int = 0) -> Dataset:
         >>> probe.class_counts().tolist()
         [5, 5, 5, 5, 5, 5, 5, 5, 5, 5]
     """
+    return ds.subset(
+        _balanced_indices(ds.labels, ds.class_names, per_class, seed, ds.name or "dataset")
+    )
+
+
+def _check_per_class(per_class) -> None:
     if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
         raise ValueError(f"per_class: expected an integer >= 1, got {per_class!r}")
+
+
+def _balanced_indices(labels, class_names, per_class, seed, name) -> np.ndarray:
+    """Indices :func:`balanced_subset` keeps, from the labels alone (no pixels needed)."""
+    _check_per_class(per_class)
     rng = np.random.default_rng(seed)
-    counts = ds.class_counts()
+    counts = np.bincount(labels, minlength=len(class_names))
     chosen = []
-    for label, name in enumerate(ds.class_names):
+    for label, class_name in enumerate(class_names):
         if counts[label] < per_class:
             raise ValueError(
-                f"balanced_subset: class {name!r} (label {label}) of {ds.name or 'dataset'}: "
+                f"balanced_subset: class {class_name!r} (label {label}) of {name}: "
                 f"expected at least per_class={per_class} images, got {counts[label]}"
             )
-        members = np.flatnonzero(ds.labels == label)
+        members = np.flatnonzero(labels == label)
         chosen.append(np.sort(rng.choice(members, size=per_class, replace=False)))
-    return ds.subset(np.concatenate(chosen))
+    return np.concatenate(chosen)
+
+
+def load_probe_set(
+    name_or_path: str | os.PathLike = "digits",
+    source: str | os.PathLike | None = None,
+    *,
+    split: str = "test",
+    per_class: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    channels: int | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """A probe set: one split, optionally a balanced draw of it, reading only what it needs.
+
+    The same images, labels and order as
+    ``balanced_subset(load(name_or_path, source, split=split, test_fraction=test_fraction,
+    seed=split_seed, channels=channels), per_class, seed)`` (or the whole split when
+    ``per_class`` is None). For an image folder, the split and the draw are made on the
+    labels that its folder names give, and only the chosen files are opened and decoded:
+    probing 30 images per class of a folder of 20,000 decodes 30 per class. Other sources
+    are read as :func:`load` reads them.
+
+    For an image folder, the checks that need the pixels (one image size, readable files)
+    and the gray-or-RGB choice when ``channels`` is None apply to the chosen images only.
+
+    Args:
+        name_or_path, source, channels, progress: as for :func:`load`.
+        split: "test" or "train": the split the probe set is drawn from.
+        per_class: images per class (>= 1), or None for the whole split.
+        seed: seed of the per-class draw (as :func:`balanced_subset`'s ``seed``).
+        test_fraction, split_seed: the train/test split where the source has none (as
+            :func:`load`'s ``test_fraction`` and ``seed``).
+
+    Returns:
+        A :class:`Dataset` of ``num_classes * per_class`` images (or the whole split).
+
+    Raises:
+        The errors of :func:`load` and :func:`balanced_subset`, with the same messages.
+
+    Example:
+        >>> probe = load_probe_set("digits", per_class=5, seed=1)
+        >>> len(probe), probe.name
+        (50, 'digits/test')
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    if per_class is not None:
+        _check_per_class(per_class)  # before anything is read
+    kwargs = {"test_fraction": test_fraction, "seed": split_seed, "channels": channels,
+              "progress": progress}
+    name = os.fspath(name_or_path)
+    path = Path(name)
+    if source is None and name not in KNOWN_DATASETS and path.is_dir() \
+            and _cifar_name_of(path) is None:
+        _check_load_args(split, test_fraction, channels)
+        ds = _image_folder_probe_set(path, split, per_class, seed, test_fraction,
+                                     split_seed, channels, progress)
+        if ds is not None:
+            return ds
+    ds = load(name_or_path, source, split=split, **kwargs)
+    return ds if per_class is None else balanced_subset(ds, per_class, seed)
 
 
 def select_classes(ds: Dataset, classes: Sequence[str | int]) -> Dataset:
@@ -478,12 +553,7 @@ def load(
         >>> ds.train.images.dtype, ds.test.images.shape, ds.class_names[:3]
         (dtype('uint8'), (359, 32, 32, 1), ('0', '1', '2'))
     """
-    if split is not None and split not in _SPLITS:
-        raise ValueError(f"split: expected None, 'train' or 'test', got {split!r}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels: expected None, 1 or 3, got {channels!r}")
+    _check_load_args(split, test_fraction, channels)
     splits = _SPLITS if split is None else (split,)
     name = os.fspath(name_or_path)
 
@@ -541,6 +611,15 @@ def load(
 
 
 # ----------------------------------------------------------------------------- validation
+
+
+def _check_load_args(split, test_fraction, channels) -> None:
+    if split is not None and split not in _SPLITS:
+        raise ValueError(f"split: expected None, 'train' or 'test', got {split!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels: expected None, 1 or 3, got {channels!r}")
 
 
 def _as_names(names, where: str) -> tuple[str, ...]:
@@ -1143,8 +1222,32 @@ def _scan_class_tree(root: Path):
     return entries
 
 
-def _load_image_folder(root, splits, test_fraction, seed, channels, progress) -> DatasetSplits:
-    name = root.name
+@dataclass(frozen=True)
+class _FolderIndex:
+    """An image folder's files and labels, from its folder names alone (nothing decoded).
+
+    ``entries`` maps "all" (no train/test folders) or each split present to its
+    [(superclass or None, class, path)], in file order.
+    """
+
+    name: str
+    has_splits: bool
+    entries: dict
+    class_names: tuple[str, ...]
+    superclass_names: tuple[str, ...] | None
+
+    def labels(self, key: str) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.class_names)}
+        return np.array([index[c] for _, c, _ in self.entries[key]], np.int64)
+
+    def coarse_labels(self, key: str) -> np.ndarray | None:
+        if self.superclass_names is None:
+            return None
+        index = {s: i for i, s in enumerate(self.superclass_names)}
+        return np.array([index[s] for s, _, _ in self.entries[key]], np.int64)
+
+
+def _index_image_folder(root: Path) -> _FolderIndex:
     has_splits = (root / "train").is_dir() or (root / "test").is_dir()
     # Names come from every split's folders, so loading one split numbers classes the same.
     if has_splits:
@@ -1164,37 +1267,79 @@ def _load_image_folder(root, splits, test_fraction, seed, channels, progress) ->
                 f"{str(root)!r}: class {cls!r}: expected one superclass, got "
                 f"{class_to_super[cls]!r} and {sup!r}"
             )
-    class_names = tuple(sorted(class_to_super))
     nested = next(iter(class_to_super.values())) is not None
-    superclass_names = tuple(sorted(set(class_to_super.values()))) if nested else None
-    class_index = {c: i for i, c in enumerate(class_names)}
-    super_index = {s: i for i, s in enumerate(superclass_names or ())}
+    return _FolderIndex(
+        name=root.name,
+        has_splits=has_splits,
+        entries=trees,
+        class_names=tuple(sorted(class_to_super)),
+        superclass_names=tuple(sorted(set(class_to_super.values()))) if nested else None,
+    )
 
-    read = {k: v for k, v in trees.items() if k == "all" or k in splits}
-    paths = [p for entries in read.values() for _, _, p in entries]
-    images = _read_images(paths, channels, progress, name)
+
+def _load_image_folder(root, splits, test_fraction, seed, channels, progress) -> DatasetSplits:
+    index = _index_image_folder(root)
+    name = index.name
+    read = [k for k in index.entries if k == "all" or k in splits]
+    paths = [p for key in read for _, _, p in index.entries[key]]
+    if paths:
+        images = _read_images(paths, channels, progress, name)
+    else:  # only an absent split asked for: it takes its image shape from the other's
+        first = next(p for entries in index.entries.values() for _, _, p in entries)
+        images = _read_images([first], channels, progress, name)[:0]
     offset, datasets = 0, {}
-    for key, entries in read.items():
-        count = len(entries)
-        coarse = np.array([super_index[s] for s, _, _ in entries], np.int64) if nested else None
+    for key in read:
+        count = len(index.entries[key])
         datasets[key] = Dataset(
             images=images[offset:offset + count],
-            labels=np.array([class_index[c] for _, c, _ in entries], np.int64),
-            class_names=class_names,
-            coarse_labels=coarse,
-            superclass_names=superclass_names,
+            labels=index.labels(key),
+            class_names=index.class_names,
+            coarse_labels=index.coarse_labels(key),
+            superclass_names=index.superclass_names,
             name=f"{name}/{key}",
         )
         offset += count
-    if not has_splits:
+    if not index.has_splits:
         return _split_dataset(datasets["all"], name, test_fraction, seed)
     for split in _SPLITS:
         if split not in datasets:
             datasets[split] = _empty_like(
-                class_names, superclass_names, images.shape[-1], f"{name}/{split}",
-                images.shape[1:3],
+                index.class_names, index.superclass_names, images.shape[-1],
+                f"{name}/{split}", images.shape[1:3],
             )
     return DatasetSplits(name=name, **datasets)
+
+
+def _image_folder_probe_set(root, split, per_class, seed, test_fraction, split_seed,
+                            channels, progress) -> Dataset | None:
+    """The probe set :func:`load_probe_set` describes, decoding only its images; None
+    when it would hold no image (the caller then takes the eager path, whose empty
+    dataset takes its image shape from the other split)."""
+    index = _index_image_folder(root)
+    key = split if index.has_splits else "all"
+    entries = index.entries.get(key, [])
+    labels = index.labels(key) if entries else np.zeros(0, np.int64)
+    if index.has_splits:
+        positions = np.arange(len(entries))
+    else:
+        # The split load() makes, from the labels alone.
+        train_idx, test_idx = _stratified_split(labels, test_fraction, split_seed)
+        positions = test_idx if split == "test" else train_idx
+    if per_class is not None:
+        positions = positions[_balanced_indices(
+            labels[positions], index.class_names, per_class, seed, f"{index.name}/{split}"
+        )]
+    if len(positions) == 0:
+        return None
+    coarse = index.coarse_labels(key)
+    return Dataset(
+        images=_read_images([entries[i][2] for i in positions], channels, progress, index.name),
+        labels=labels[positions],
+        class_names=index.class_names,
+        coarse_labels=None if coarse is None else coarse[positions],
+        superclass_names=index.superclass_names,
+        name=f"{index.name}/{split}",
+    )
 
 
 def _read_images(paths, channels, progress, desc) -> np.ndarray:

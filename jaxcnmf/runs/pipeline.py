@@ -660,14 +660,23 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         layers = _check_layers(model, config.layers)
 
     with stages("data", f"loading {config.dataset} and a balanced probe set"):
-        splits = data.load(config.dataset, source=config.source, progress=progress)
-        probe_set = getattr(splits, config.split)
-        if config.per_class is not None:
-            probe_set = data.balanced_subset(probe_set, config.per_class, seed=config.seed)
+        if variables is None:  # training needs both splits
+            splits = data.load(config.dataset, source=config.source, progress=progress)
+            probe_set = getattr(splits, config.split)
+            if config.per_class is not None:
+                probe_set = data.balanced_subset(probe_set, config.per_class, seed=config.seed)
+            dataset_name = splits.name
+        else:
+            # The same images as above, but an image folder decodes only the probe set's.
+            splits = None
+            probe_set = data.load_probe_set(config.dataset, config.source, split=config.split,
+                                            per_class=config.per_class, seed=config.seed,
+                                            progress=progress)
+            dataset_name = probe_set.name.rpartition("/")[0]
     _check_probe_set(config, probe_set)
-    model = _fit_classes(config, model, variables is not None, splits.num_classes)
+    model = _fit_classes(config, model, variables is not None, probe_set.num_classes)
     if tcav is not None:
-        _check_tcav_probe(tcav, len(probe_set.labels), splits.class_names)
+        _check_tcav_probe(tcav, len(probe_set.labels), probe_set.class_names)
         tcav_layers = _tcav_layers(model, tcav, layers, probe_set.images.shape[1:])
 
     pixels = _pixel_mode(config, probe_set.images, stages)
@@ -676,8 +685,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         "started": started,
         "config": config.to_json(),
         "dataset": {
-            "name": splits.name or config.dataset,
-            "class_names": list(splits.class_names),
+            "name": dataset_name or config.dataset,
+            "class_names": list(probe_set.class_names),
             "superclass_names": list(probe_set.superclass_names or ()),
             "split": config.split,
             "probe_images": int(len(probe_set.labels)),
@@ -795,7 +804,7 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
         with stages("tcav", f"{config.rank} concepts at {', '.join(tcav_layers)}, "
                             f"{tcav.random_runs} random runs"):
             _tcav_step(tcav, tcav_layers, model, variables, result, probe_set.images,
-                       probe_set.labels, splits.class_names, out, progress)
+                       probe_set.labels, probe_set.class_names, out, progress)
     save_record()
 
     with stages("report", "figures, tables and report.html"):

@@ -592,6 +592,106 @@ def test_balanced_subset_errors_name_the_class():
         data.balanced_subset(ds, per_class=0)
 
 
+# ----------------------------------------------------------------------------- load_probe_set
+
+
+def _unique_folder(root, rng, layout, per_class_images, size=4):
+    """A folder of distinct random PNGs; layout maps superclass (or None) to class names."""
+    for sup, classes in layout.items():
+        for cls in classes:
+            for i in range(per_class_images):
+                parts = (cls,) if sup is None else (sup, cls)
+                write_png(root.joinpath(*parts, f"{i:03d}.png"), _random_images(rng, 1, size=size)[0])
+    return root
+
+
+def _assert_same_dataset(got, want):
+    assert got.name == want.name and got.class_names == want.class_names
+    assert got.superclass_names == want.superclass_names
+    np.testing.assert_array_equal(got.images, want.images)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    if want.coarse_labels is None:
+        assert got.coarse_labels is None
+    else:
+        np.testing.assert_array_equal(got.coarse_labels, want.coarse_labels)
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "train_test"])
+def test_load_probe_set_picks_the_images_of_load_then_balanced_subset(tmp_path, rng, layout):
+    # Classes of different sizes, so the stratified split and the draw both matter.
+    if layout == "flat":
+        root = tmp_path / "flat"
+        for cls, count in (("b", 14), ("a", 18), ("c10", 10), ("c9", 11)):
+            _unique_folder(root, rng, {None: (cls,)}, count)
+    elif layout == "nested":
+        root = _unique_folder(tmp_path / "nested", rng,
+                              {"flora": ("oak", "tulip"), "insects": ("bee",)}, 10)
+    else:
+        root = tmp_path / "split"
+        _unique_folder(root / "train", rng, {None: ("x", "y")}, 3)
+        _unique_folder(root / "test", rng, {None: ("x", "y")}, 6)
+    for split in ("test", "train"):
+        for per_class, seed, split_seed in ((None, 0, 0), (1, 0, 0), (2, 5, 0), (2, 1, 3)):
+            want = data.load(root, seed=split_seed, progress=False)
+            want = getattr(want, split)
+            if per_class is not None:
+                want = data.balanced_subset(want, per_class, seed=seed)
+            got = data.load_probe_set(root, split=split, per_class=per_class, seed=seed,
+                                      split_seed=split_seed, progress=False)
+            _assert_same_dataset(got, want)
+    # Every image is distinct, so equal pixels mean the same files were chosen.
+    everything = data.load(root, progress=False)
+    assert len({bytes(im) for s in (everything.train, everything.test) for im in s.images}) \
+        == len(everything.train) + len(everything.test)
+
+
+def test_load_probe_set_decodes_only_the_chosen_files(tmp_path, rng, monkeypatch):
+    from PIL import Image as PILImage
+
+    classes, per_class = ("a", "b", "c"), 2
+    root = _unique_folder(tmp_path / "big", rng, {None: classes}, 20)
+    want = data.balanced_subset(data.load(root, progress=False).test, per_class, seed=4)
+    chosen = {bytes(im) for im in want.images}
+    # Every file outside the probe set becomes unreadable: the eager load now fails on
+    # them, and the probe set must not open one.
+    for path in root.rglob("*.png"):
+        if bytes(np.asarray(PILImage.open(path))) not in chosen:
+            path.write_bytes(b"\x89PNG not an image")
+    with pytest.raises(ValueError, match="unreadable or corrupt image"):
+        data.load(root, progress=False)
+    opened = []
+    real_open = PILImage.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage, "open", counting_open)
+    got = data.load_probe_set(root, per_class=per_class, seed=4, progress=False)
+    _assert_same_dataset(got, want)
+    assert len(opened) == per_class * len(classes) == len(set(opened))
+
+
+def test_load_probe_set_errors_are_those_of_load_and_balanced_subset(tmp_path, rng):
+    root = _unique_folder(tmp_path / "few", rng, {None: ("a", "b")}, 5)
+    with pytest.raises(ValueError, match=r"balanced_subset: class 'a' \(label 0\) of few/test: "
+                                         r"expected at least per_class=2 images, got 1"):
+        data.load_probe_set(root, per_class=2, progress=False)
+    with pytest.raises(ValueError, match=r"per_class: expected an integer >= 1, got 0"):
+        data.load_probe_set(root, per_class=0, progress=False)
+    with pytest.raises(ValueError, match=r"split: expected 'train' or 'test', got 'val'"):
+        data.load_probe_set(root, split="val")
+    with pytest.raises(ValueError, match=r"test_fraction: expected a number in \(0, 1\), got 1.5"):
+        data.load_probe_set(root, test_fraction=1.5)
+    only_train = _unique_folder(tmp_path / "only_train" / "train", rng, {None: ("a",)}, 3)
+    with pytest.raises(ValueError, match=r"class 'a' \(label 0\) of only_train/test: .* got 0"):
+        data.load_probe_set(only_train.parent, per_class=1, progress=False)
+    empty_test = data.load_probe_set(only_train.parent, progress=False)
+    assert empty_test.images.shape == (0, 4, 4, 3)
+    digits = data.load_probe_set("digits", per_class=3, seed=2)
+    _assert_same_dataset(digits, data.balanced_subset(data.load("digits").test, 3, seed=2))
+
+
 # ----------------------------------------------------------------------------- shared real data
 
 

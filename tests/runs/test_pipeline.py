@@ -290,3 +290,41 @@ def test_pixel_share_sets_the_pixel_views_part_of_the_objective():
         pipeline._check_config(pipeline.RunConfig(pixel_share=1.5))
     assert cli.build_parser().parse_args(["analyze", "--checkpoint", "c", "--out", "o",
                                           "--pixel-share", "equal"]).pixel_share is None
+
+
+def test_analyze_decodes_only_the_probe_images_of_a_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from jaxcnmf.nets import data, models
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.png")
+    (tmp_path / "ckpt").mkdir()  # _load_network is replaced below
+    config = pipeline.RunConfig(dataset=str(root), checkpoint=str(tmp_path / "ckpt"),
+                                per_class=2, rank=2, layers=("conv1",))
+    want = data.balanced_subset(data.load(root, progress=False).test, 2, seed=config.seed)
+    chosen = {bytes(im) for im in want.images}
+    for path in root.rglob("*.png"):
+        if bytes(np.asarray(Image.open(path))) not in chosen:
+            path.write_bytes(b"corrupt: analyze must not open this file")
+    network = models.small_cnn(2, width=0.25)
+    monkeypatch.setattr(pipeline, "_load_network", lambda config: (network, {}, {}))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(config, probe_set):
+        seen.append(probe_set)
+        raise Stop  # the data stage is all this test is about
+
+    monkeypatch.setattr(pipeline, "_check_probe_set", stop)
+    with pytest.raises(Stop):
+        pipeline.run(config, tmp_path / "run", progress=False)
+    np.testing.assert_array_equal(seen[0].images, want.images)
+    np.testing.assert_array_equal(seen[0].labels, want.labels)
