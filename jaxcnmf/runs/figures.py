@@ -29,6 +29,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -58,6 +59,13 @@ __all__ = [
 
 # Beyond this many ticks labels overlap; longer axes get every n-th label.
 _MAX_TICKS = 40
+
+# The report's column is about 800 px wide in a 900 px window. A figure much wider than
+# PAGE_WIDTH inches (at save_figure's 110 dpi) is shrunk to fit, and its 7-8 pt labels
+# with it, below reading size: the figures of many images are laid out to fit.
+PAGE_WIDTH = 8.6
+# Longest class caption (``class 'name'``) on one line under a thumbnail.
+_CAPTION_NAME = 16
 
 
 def plain_text():
@@ -135,13 +143,23 @@ def _class_name(index: int, labels, class_names) -> str | None:
 
 
 def _caption(index: int, labels, class_names) -> str:
-    """Two lines: the image's probe index (``#60``) and its class (``class '4'``).
+    """Two lines: the image's probe index (``#60``) and its class (``class '4'``); a
+    class name too long for one line under a thumbnail gets a third line, cut to 16
+    characters.
 
     The index is the image's column of ``F`` (its position in ``probe.npz``); the ``#``
     keeps it apart from class names that are numbers too.
     """
     name = _class_name(index, labels, class_names)
-    return f"#{int(index)}" if name is None else f"#{int(index)}\n{name}"
+    if name is None:
+        return f"#{int(index)}"
+    if len(name) > _CAPTION_NAME:
+        # A long name gets a line of its own, cut so that neighbouring captions never meet.
+        name = name.removeprefix("class ")
+        if len(name) > _CAPTION_NAME:
+            name = name[: _CAPTION_NAME - 2] + "…'"
+        return f"#{int(index)}\nclass\n{name}"
+    return f"#{int(index)}\n{name}"
 
 
 def _show(ax, image, title: str | None = None, fontsize: float = 8) -> None:
@@ -208,7 +226,8 @@ def concept_tile(
     n = max(1, min(int(n_images), len(record.top_images)))
     top = np.asarray(record.top_images[:n])
     overlays = masked_images(images[top], mask, background=background)
-    fig = _figure(1.25 * n + 4.6, 3.6)
+    # n + 3.2 units wide: n top images, the latent image, the bars; 6 images fit the page.
+    fig = _figure(min(0.9 * (n + 3.2) + 0.3, PAGE_WIDTH), 3.4)
     grid = fig.add_gridspec(2, n + 2, width_ratios=[1] * n + [1, 2.2])
     for i, index in enumerate(top):
         _show(fig.add_subplot(grid[0, i]), images[index], _caption(index, labels, class_names))
@@ -230,10 +249,10 @@ def concept_tile(
     bars.set_title("top classes", fontsize=9)
     bars.tick_params(axis="x", labelsize=7)
     fig.suptitle(
-        f"{concept_heading(record)} · class entropy {record.entropy_bits:.2f} bits"
+        f"{concept_heading(record)}\nclass entropy {record.entropy_bits:.2f} bits"
         f" ({record.entropy_normalized:.0%} of max) · {record.mass:.1%} of F's mass"
-        "\nabove each image: its probe index (#) and class",
-        fontsize=10,
+        " · above each image: its probe index (#) and class",
+        fontsize=9,
     )
     return fig
 
@@ -348,9 +367,12 @@ def similarity_heatmaps(summary: LayerSummary) -> Figure:
     """
     layers = summary.layers
     lo = min(0.0, min(float(s.min()) for s in summary.similarity.values()))
-    # Square panels plus room for two-line titles, tick labels and the suptitle.
-    fig = _figure(3.0 * len(layers) + 1.2, 4.2)
-    axes = [fig.add_subplot(1, len(layers), i + 1) for i in range(len(layers))]
+    # Square panels, at most 3 a row so that the page shows them at reading size, plus
+    # room for two-line titles, tick labels and the suptitle.
+    cols = min(len(layers), 3)
+    rows = -(-len(layers) // cols)
+    fig = _figure(min(2.6 * cols + 1.2, PAGE_WIDTH), 0.7 + 3.1 * rows)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(len(layers))]
     ticks = [str(k) for k in summary.order]
     for i, (ax, layer) in enumerate(zip(axes, layers, strict=True)):
         image = ax.imshow(
@@ -360,7 +382,7 @@ def similarity_heatmaps(summary: LayerSummary) -> Figure:
         _ticks(ax, "y", ticks)
         ax.set_title(f"{layer}\nlargest eigenvalue {summary.largest[i]:.2f}", fontsize=9)
         ax.set_xlabel("concept", fontsize=8)
-        if i == 0:
+        if i % cols == 0:
             ax.set_ylabel("concept", fontsize=8)
     fig.colorbar(image, ax=axes, label="cosine similarity of loadings", shrink=0.8)
     fig.suptitle("Do concepts share neurons? (cosine similarity of loading columns)", fontsize=10)
@@ -459,16 +481,20 @@ def neighbour_figure(
         raise ValueError(f"order: expected a permutation of 0..{rank - 1}, got {order.tolist()}")
 
     k = len(result.neighbours)
-    fig = _figure(1.3 * (k + 1) + 3.5, 2.9)
-    grid = fig.add_gridspec(1, k + 2, width_ratios=[1.3] + [1] * k + [3.0])
-    query = fig.add_subplot(grid[0, 0])
+    # At most 5 neighbours a row, so that 10 of them still fit the page at reading size;
+    # the query spans the rows, the bars take the right.
+    rows = max(1, -(-k // 5))
+    cols = max(1, -(-k // rows))
+    fig = _figure(min(0.88 * (cols + 4.6) + 0.3, PAGE_WIDTH), 0.5 + 1.45 * rows)
+    grid = fig.add_gridspec(rows, cols + 2, width_ratios=[1.6] + [1] * cols + [3.0])
+    query = fig.add_subplot(grid[:, 0])
     _show(query, images[result.index], _caption(result.index, labels, class_names), fontsize=9)
     query.set_xlabel("query", fontsize=9, fontweight="bold")
     for i, index in enumerate(result.neighbours):
-        ax = fig.add_subplot(grid[0, i + 1])
-        _show(ax, images[index], _caption(index, labels, class_names))
+        ax = fig.add_subplot(grid[i // cols, 1 + i % cols])
+        _show(ax, images[index], _caption(index, labels, class_names), fontsize=7)
         ax.set_xlabel(f"neighbour {i + 1}", fontsize=7)
-    bars = fig.add_subplot(grid[0, k + 1])
+    bars = fig.add_subplot(grid[:, cols + 1])
     positions = np.arange(rank)
     bars.bar(positions, np.asarray(result.distribution)[order], color="tab:orange")
     bars.set_ylim(0, 1)
@@ -478,8 +504,8 @@ def neighbour_figure(
     bars.set_title(f"entropy {result.entropy_bits:.2f} bits", fontsize=9)
     fig.suptitle(
         f"Probe image #{result.index} and its {k} nearest neighbours in F-space "
-        f"({result.metric}); above each image: probe index (#) and class",
-        fontsize=10,
+        f"({result.metric})\nabove each image: probe index (#) and class",
+        fontsize=9,
     )
     return fig
 
@@ -553,6 +579,17 @@ def fidelity_plot(tables: Sequence[FidelityTable]) -> Figure:
 
 
 @_plain
+class _PlainLogFormatter(matplotlib.ticker.LogFormatterSciNotation):
+    """Log-axis labels on the ticks matplotlib would label, as plain numbers (0.13, 1e-05).
+
+    matplotlib's own are mathtext, which :func:`plain_text` shows raw
+    (``$\\mathdefault{1.3\\times10^{-1}}$``).
+    """
+
+    def __call__(self, x, pos=None):
+        return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+
 def history_plot(history: Mapping) -> Figure:
     """Objective and per-view relative error over the solver's iterations.
 
@@ -575,6 +612,8 @@ def history_plot(history: Mapping) -> Figure:
     left.plot(iterations, objective, color="tab:blue")
     if objective.size and np.all(objective > 0):
         left.set_yscale("log")
+        left.yaxis.set_major_formatter(_PlainLogFormatter())
+        left.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
     left.set_xlabel("iteration")
     left.set_ylabel("objective")
     left.set_title("objective")

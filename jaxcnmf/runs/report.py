@@ -80,9 +80,10 @@ nav a { margin-right: 1rem; } .note { color: #555; font-size: 0.92rem; }
 .failed { color: #a00; }
 .table-wrap { max-width: 100%; overflow-x: auto; }
 table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }
-td { overflow-wrap: anywhere; }
-th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.45rem; text-align: left; }
+td { overflow-wrap: break-word; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 figure { margin: 0.8rem 0; } figure img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 0.9rem; }
 .concept { border: 1px solid #ddd; border-radius: 6px; padding: 0.6rem 1rem; margin: 1rem 0; }
@@ -151,7 +152,10 @@ def _cell(value: Any) -> str:
         return f'<td class="num">{value}</td>'
     if isinstance(value, float):
         return f'<td class="num">{value:.4g}</td>'
-    return f"<td>{html.escape(str(value))}</td>"
+    # A path may break after a slash; no word or number is ever broken inside (with
+    # overflow-wrap: anywhere the browser squeezed wide tables into the page by breaking
+    # "conv2" and "0.04667" over two lines, instead of letting the wrapper scroll).
+    return f"<td>{html.escape(str(value)).replace('/', '/<wbr>')}</td>"
 
 
 # Table headers as a reader says them; the CSV and JSON files keep the machine names.

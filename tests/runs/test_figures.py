@@ -152,6 +152,42 @@ def test_history_plot(tmp_path):
         figures.history_plot({"rel_error": {}})
 
 
+
+@pytest.mark.parametrize("objective", [np.geomspace(0.19, 0.11, 200), np.geomspace(30.0, 0.2, 50)])
+def test_history_plot_log_axis_labels_are_plain_numbers(objective):
+    # Under plain_text the default log labels came out as raw "$\\mathdefault{10^{-1}}$".
+    fig = figures.history_plot({"objective": objective, "rel_error": {}})
+    with figures.plain_text():
+        fig.canvas.draw()
+    texts = [t.get_text() for t in fig.axes[0].get_yticklabels(which="both")]
+    shown = [t for t in texts if t]
+    assert shown and not [t for t in shown if "$" in t or "\\" in t], texts
+    assert len(set(shown)) == len(shown), texts  # each tick says its own value
+    values = [float(t.replace("\u2212", "-")) for t in shown]
+    assert min(values) <= objective.max() and max(values) >= objective.min()
+
+
+def test_figures_of_many_images_fit_the_report_column(case, tmp_path):
+    # The report column is about 800 px at a 900 px window; a wider PNG is shrunk and its
+    # 7-8 pt labels with it (the 10-neighbour figure was 1958 px wide, shown at 43%).
+    most = figures.PAGE_WIDTH * 110 + 1
+    probe_images, _, latent, masks = concept_inputs(case, "gray")
+    long_names = ["aquarium_fish", "a_very_long_class_name_indeed", "two", "three"]
+    records = labels.concept_table(case["F"], case["labels"], long_names, n_images=6)
+    tile = figures.concept_tile(probe_images, records[1], latent[1], masks[1], n_images=6,
+                                labels=case["labels"], class_names=long_names)
+    # A long class name takes a line of its own under the index, cut to 16 characters.
+    assert tile.axes[0].get_title() == f"#{records[1].top_images[0]}\nclass\n'a_very_long_c…'"
+    result = neighbours.neighbour_concepts(case["F"], 3, k=10)
+    neighbour = figures.neighbour_figure(case["gray"], result, case["labels"], long_names)
+    assert neighbour.axes[10].get_xlabel() == "neighbour 10"
+    summary = neurons.layer_summary({f"layer{i}": case["loadings"]["conv1"] for i in range(5)})
+    heatmaps = figures.similarity_heatmaps(summary)
+    for name, fig in (("tile", tile), ("neighbours", neighbour), ("similarity", heatmaps)):
+        with Image.open(figures.save_figure(fig, tmp_path / f"{name}.png")) as png:
+            assert png.size[0] <= most, (name, png.size)
+
+
 def test_docstring_example_runs():
     result = doctest.testmod(figures)
     assert result.attempted >= 1 and result.failed == 0

@@ -380,6 +380,23 @@ def test_tcav_in_order_permutes_every_concept_array():
     assert report.tcav_in_order(renamed, [2, 0, 3, 1]) is renamed
 
 
+
+def test_page_at_900px_scales_figures_and_never_breaks_a_number_or_word(toy):
+    _, page = toy
+    css = page.split("<style>")[1].split("</style>")[0]
+    # Every image is in a <figure>, whose images shrink to the column (thumbnails have a
+    # fixed 96 px size).
+    assert "figure img { max-width: 100%; height: auto; }" in css
+    assert page.count("<img") == len(re.findall(r'<figure(?: class="thumb")?><img ', page)) > 3
+    # Numbers never wrap; with "overflow-wrap: anywhere" on every cell the browser fitted
+    # wide tables by breaking "conv2" and "0.04667" over two lines instead of scrolling.
+    assert re.search(r"td\.num \{[^}]*white-space: nowrap", css)
+    assert "anywhere" not in css
+    assert '<td class="num">0.04667</td>' in report._cell(0.0466667)
+    # A long path may still break, after a slash.
+    assert report._cell("/tmp/run/ckpt") == "<td>/<wbr>tmp/<wbr>run/<wbr>ckpt</td>"
+
+
 def test_page_fits_900px_tables_scroll_and_headers_are_human(toy):
     run_dir, page = toy
     assert page.count("<table>") == page.count('<div class="table-wrap"><table>') > 5
