@@ -672,6 +672,19 @@ def test_load_probe_set_decodes_only_the_chosen_files(tmp_path, rng, monkeypatch
     assert len(opened) == per_class * len(classes) == len(set(opened))
 
 
+
+def test_folder_files_in_natural_order_hidden_and_other_files_skipped(tmp_path):
+    root = tmp_path / "order"
+    for value in (10, 2, 1):
+        write_png(root / "test" / "a" / f"{value}.png", np.full((2, 2, 1), value, np.uint8))
+    write_png(root / "test" / "a" / ".hidden.png", np.full((2, 2, 1), 99, np.uint8))
+    (root / "test" / "a" / "README").write_text("not an image")
+    (root / "test" / ".cache").mkdir()
+    ds = data.load(root, split="test", progress=False)
+    assert ds.class_names == ("a",) and ds.images[:, 0, 0, 0].tolist() == [1, 2, 10]
+    probe = data.load_probe_set(root, progress=False)
+    assert probe.images[:, 0, 0, 0].tolist() == [1, 2, 10]
+
 def test_load_probe_set_errors_are_those_of_load_and_balanced_subset(tmp_path, rng):
     root = _unique_folder(tmp_path / "few", rng, {None: ("a", "b")}, 5)
     with pytest.raises(ValueError, match=r"balanced_subset: class 'a' \(label 0\) of few/test: "
