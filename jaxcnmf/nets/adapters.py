@@ -171,13 +171,16 @@ class LinenAdapter(Adapter):
         return self.module.apply(state, x, **dict(self.call_kwargs), **kwargs)
 
     def trace(self, state, image_shape):
+        order: list[str] = []
         shapes: dict[str, tuple[int, ...]] = {}
 
         def interceptor(next_fun, args, kwargs, context):
+            path = _linen_path(context.module) if context.method_name == "__call__" else ""
+            if path and path not in order:
+                order.append(path)  # on entry: a block comes before the layers inside it
             out = next_fun(*args, **kwargs)
-            path = _linen_path(context.module)
             shape = _per_image_shape(out)
-            if context.method_name == "__call__" and path and shape is not None:
+            if path and shape is not None:
                 shapes.setdefault(path, shape)
             return out
 
@@ -193,7 +196,7 @@ class LinenAdapter(Adapter):
             args = (state, x)
         with nn.intercept_methods(interceptor):
             logits = jax.eval_shape(run, *args)
-        return Traced(shapes, tuple(logits.shape[1:]))
+        return Traced({p: shapes[p] for p in order if p in shapes}, tuple(logits.shape[1:]))
 
     def forward(self, state, x, capture=()):
         if not capture:
