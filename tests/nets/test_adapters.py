@@ -198,6 +198,7 @@ def kinds(nnx_net, nnx_eval, linen_net, fn_net):
 def test_available_layers_paths_and_shapes_in_call_order(nnx_net, linen_net, fn_net):
     assert list(probe.available_layers(nnx_net, image_shape=(H, H, 3)).items()) == [
         ("blocks.0", (4, 4, 4)), ("blocks.0.conv", (4, 4, 4)), ("blocks.0.bn", (4, 4, 4)),
+        ("blocks", (2, 2, 6)),  # the list of blocks: its last block's output
         ("blocks.1", (2, 2, 6)), ("blocks.1.conv", (2, 2, 6)), ("blocks.1.bn", (2, 2, 6)),
         ("drop", (6,)), ("head", (K,)),
     ]
@@ -226,7 +227,9 @@ def test_collect_equals_hand_written_forward_pass(kinds, images, kind):
 
 def test_nnx_model_is_left_unchanged_and_state_can_be_given(nnx_net, images):
     before = jax.tree.map(np.asarray, nnx.state(nnx_net, nnx.Param))
-    views = probe.collect(nnx_net, None, images, ["blocks.1"], pixels=False, progress=False)
+    views = probe.collect(nnx_net, None, images, ["blocks.1", "blocks"], pixels=False,
+                          progress=False)
+    np.testing.assert_array_equal(views["blocks"], views["blocks.1"])
     assert type(nnx_net.blocks[0]) is _Block and type(nnx_net.blocks[0].conv) is nnx.Conv
     after = jax.tree.map(np.asarray, nnx.state(nnx_net, nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, before, after)
@@ -294,8 +297,11 @@ def test_negative_layer_refused_or_clipped_or_shifted(linen_net, images):
         "NMF needs non-negative views: probe the activation after it (its ReLU), or pass "
         "negative='clip' or negative='shift' (as jaxcnmf.fit does), or allow_negative=True "
         "to keep the values as they are")
-    run = lambda **kw: probe.collect(model, variables, images, [layer], pixels=False,  # noqa: E731
-                                     batch_size=2, progress=False, **kw)[layer]
+
+    def run(**kw):
+        return probe.collect(model, variables, images, [layer], pixels=False, batch_size=2,
+                             progress=False, **kw)[layer]
+
     np.testing.assert_allclose(run(negative="clip"), np.maximum(raw, 0), rtol=RTOL, atol=ATOL)
     shifted = run(negative="shift", output="device")
     np.testing.assert_allclose(np.asarray(shifted), raw - raw.min(), rtol=RTOL, atol=1e-5)
@@ -320,7 +326,7 @@ def test_clip_with_store_and_shift_refused(linen_net, images, tmp_path):
 def test_unknown_layer_lists_available_paths(nnx_net, linen_net, fn_net, images):
     with pytest.raises(ValueError, match=(
             r"layers: unknown layer\(s\) \['blocks.2'\] for _NNXNet; available layers are "
-            r"\['blocks.0', 'blocks.0.conv', 'blocks.0.bn', 'blocks.1', 'blocks.1.conv', "
+            r"\['blocks.0', 'blocks.0.conv', 'blocks.0.bn', 'blocks', 'blocks.1', 'blocks.1.conv', "
             r"'blocks.1.bn', 'drop', 'head'\]")):
         probe.collect(nnx_net, None, images, ["blocks.2"], progress=False)
     with pytest.raises(ValueError, match=r"unknown layer\(s\) \['stage1'\] for _LinenNet; available layers are \['backbone', 'backbone/stage1',"):
@@ -348,6 +354,7 @@ def test_adapter_interface_directly(nnx_net, nnx_eval, images):
     x = _float(images)
     logits, acts = jax.jit(net.adapter.forward, static_argnums=2)(net.state, x, ("blocks.1",))
     hand_acts, hand_logits = _nnx_hand(nnx_eval, x)
+    np.testing.assert_allclose(logits, hand_logits, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(acts["blocks.1"], hand_acts["blocks.1"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(net.forward_replaced(x, "blocks.1", hand_acts["blocks.1"]),
                                hand_logits, rtol=RTOL, atol=ATOL)
