@@ -10,7 +10,7 @@ of ``--repeats`` runs. Writes ``benchmarks/results/probe_speed.json`` next to a 
 table.
 
 ``--models nnx_resnet18`` runs the same comparison for a Flax NNX port of ResNet-18 (a
-user's own NNX class, probed by attribute path: ``layer3``, ``layer4``, ``layer4.1``),
+user's own NNX class, probed by attribute path: ``layer3``, ``layer4``, the outputs of its last two stages),
 against plain jitted inference of the split model (``nnx.split`` / ``nnx.merge`` inside
 ``jax.jit``, eval mode), which is how NNX users run inference.
 
@@ -42,7 +42,7 @@ DEFAULT_LAYERS = {
     "small": ("conv2", "conv3", "pool"),
     "resnet18": ("conv4_x", "conv5_x", "avgpool"),
     "vgg11": ("block3", "block4", "block5"),
-    "nnx_resnet18": ("layer3", "layer4.1", "layer4"),
+    "nnx_resnet18": ("layer3", "layer4"),  # resnet18's conv4_x and conv5_x
 }
 NNX_MODELS = ("nnx_resnet18",)
 
@@ -217,12 +217,12 @@ def main(argv=None):
     rows = [bench(m, args.width, args.n, args.batch_size, args.pooling, args.repeats) for m in args.models]
 
     print(
-        f"{'model':<10}{'width':>7}{'N':>7}{'batch':>7}{'MB':>8}{'plain img/s':>13}"
+        f"{'model':<14}{'width':>7}{'N':>7}{'batch':>7}{'MB':>8}{'plain img/s':>13}"
         f"{'numpy img/s':>13}{'ratio':>7}{'device img/s':>14}{'ratio':>7}{'equal':>7}"
     )
     for r in rows:
         print(
-            f"{r['model']:<10}{r['width']:>7.3g}{r['n_images']:>7}{r['batch_size']:>7}"
+            f"{r['model']:<14}{r['width']:>7.3g}{r['n_images']:>7}{r['batch_size']:>7}"
             f"{r['view_megabytes']:>8.1f}{r['plain_images_per_s']:>13.1f}"
             f"{r['collect_images_per_s']:>13.1f}{r['ratio']:>7.2f}"
             f"{r['collect_device_images_per_s']:>14.1f}{r['ratio_device']:>7.2f}"
