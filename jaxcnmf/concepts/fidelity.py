@@ -223,8 +223,9 @@ def fidelity(
     network) and ``FitResult.transform`` of this layer alone (``F`` from ``A_j`` only).
 
     Args:
-        model: flax module from ``jaxcnmf.models``.
-        variables: its variables.
+        model: a Flax Linen module, a Flax NNX module or ``probe.from_function(...)``
+            (see :mod:`jaxcnmf.nets.adapters`).
+        variables: a Linen module's variables; ``None`` for NNX modules and functions.
         images: uint8 (N, H, W, C) (or float32 in [0, 1]) probe images.
         labels: int (N,) true classes.
         results: a ``FitResult`` or a sequence of them (one per rank) whose views include
