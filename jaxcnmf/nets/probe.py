@@ -591,7 +591,7 @@ def collect(
     if layers:
         _check_input_channels(model, variables, image_shape)
     if store is not None:
-        return _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size,
+        return _collect_to_store(model, variables, arr, layers, mode, pooling, batch_size,
                                  progress, allow_negative, store, dtype, store_info)
     if dtype != "float32":
         raise ValueError(f"dtype: expected 'float32' without store=..., got {dtype!r}")
@@ -661,9 +661,11 @@ def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size
     n, h, w, c = arr.shape
     b = min(batch_size, n)
     shapes = _layer_shapes(model, arr.shape[1:]) if layers else {}
-    rows = {name: h * w for name in PIXEL_NAMES[c]} if pixels else {}
+    # ``pixels`` is the resolved mode: "rgb" (a view per channel), "gray" or "none".
+    pixel_names = {"none": (), "gray": ("gray",)}.get(pixels, PIXEL_NAMES[c])
+    rows = {name: h * w for name in pixel_names}
     rows.update({name: _view_rows(shapes[name], pooling) for name in layers})
-    view_shapes = {name: (h, w) for name in PIXEL_NAMES[c]} if pixels else {}
+    view_shapes = {name: (h, w) for name in pixel_names}
     view_shapes.update({name: shapes[name] for name in layers})
     info = dict(info or {})
     unknown = sorted(set(info) - {"labels", "class_names", "superclasses", "provenance"})
@@ -671,7 +673,7 @@ def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size
         raise ValueError(f"store_info: unknown key(s) {unknown}, expected labels, "
                          f"class_names, superclasses, provenance")
     provenance = {"model": type(model).__name__, "layers": list(layers), "pooling": pooling,
-                  "pixels": bool(pixels), "image_shape": [h, w, c], "batch_size": b,
+                  "pixels": pixels, "image_shape": [h, w, c], "batch_size": b,
                   **(info.get("provenance") or {})}
     writer = _store.Writer(path, rows, n, block_size=b, dtype=dtype, shapes=view_shapes,
                            labels=info.get("labels"), class_names=info.get("class_names"),
@@ -682,7 +684,7 @@ def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size
         if layers:
             views, minima = jax.device_get((views, minima))
             _check_minima(layers, minima, allow_negative)
-        pix = pixel_views(arr[start:stop]) if pixels else {}
+        pix = pixel_views(arr[start:stop], pixels) if pixel_names else {}
         writer.write_block(i, {name: pix[name] if name in pix
                                else views[name][:, start - first:stop - first]
                                for name in rows})
