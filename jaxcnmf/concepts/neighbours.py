@@ -25,24 +25,54 @@ __all__ = [
 ]
 
 
-def _distances(F: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
-    """(len(queries), N) distances in F-space between images ``queries`` and all images."""
+# Candidates compared with a chunk of queries at once: the distance matrix in memory is
+# (queries, _CANDIDATES), never (queries, N), so memory does not grow with N beyond F.
+_CANDIDATES = 8192
+
+
+def _points(F: np.ndarray, metric: str) -> np.ndarray:
+    """(N, rank) images as points: unit rows for the cosine (a zero row stays zero)."""
     X = F.T
     if metric == "cosine":
-        unit = _safe_divide(X, np.linalg.norm(X, axis=1, keepdims=True))
-        return 1.0 - unit[queries] @ unit.T
-    Q = X[queries]
+        return _safe_divide(X, np.linalg.norm(X, axis=1, keepdims=True))
+    return X
+
+
+def _distances(P: np.ndarray, queries: np.ndarray, start: int, stop: int,
+               metric: str) -> np.ndarray:
+    """(len(queries), stop - start) distances between images ``queries`` and
+    ``start:stop`` (``P`` from :func:`_points`)."""
+    Q, X = P[queries], P[start:stop]
+    if metric == "cosine":
+        return 1.0 - Q @ X.T
     squared = (Q**2).sum(1)[:, None] + (X**2).sum(1)[None, :] - 2.0 * Q @ X.T
     return np.sqrt(np.maximum(squared, 0.0))
 
 
-def _nearest(F: np.ndarray, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
-    """(len(queries), k) nearest images of each query, nearest first, self excluded."""
-    dist = _distances(F, queries, metric)
-    dist[np.arange(len(queries)), queries] = np.inf
-    part = np.argpartition(dist, k - 1, axis=1)[:, :k]
-    within = np.take_along_axis(dist, part, axis=1)
-    return np.take_along_axis(part, np.argsort(within, axis=1, kind="stable"), axis=1)
+def _nearest(F: np.ndarray, queries: np.ndarray, k: int, metric: str,
+             candidates: int = _CANDIDATES) -> np.ndarray:
+    """(len(queries), k) nearest images of each query, nearest first, self excluded.
+
+    The candidates are scanned in chunks of ``candidates`` images, keeping a running
+    top-``k`` per query; ties are broken by the smaller image index.
+    """
+    P = _points(F, metric)
+    n, q = P.shape[0], len(queries)
+    best_d = np.full((q, k), np.inf)
+    best_i = np.full((q, k), n, dtype=np.int64)
+    rows = np.arange(q)[:, None]
+    for start in range(0, n, candidates):
+        stop = min(start + candidates, n)
+        dist = _distances(P, queries, start, stop, metric)
+        inside = (queries >= start) & (queries < stop)
+        dist[np.flatnonzero(inside), queries[inside] - start] = np.inf
+        take = min(k, stop - start)
+        part = np.argpartition(dist, take - 1, axis=1)[:, :take]
+        d = np.concatenate([best_d, np.take_along_axis(dist, part, axis=1)], axis=1)
+        i = np.concatenate([best_i, part + start], axis=1)
+        order = np.lexsort((i, d), axis=1)[:, :k]
+        best_d, best_i = d[rows, order], i[rows, order]
+    return best_i
 
 
 def nearest_neighbours(F, index: int, k: int, metric: str = "cosine") -> np.ndarray:
@@ -128,7 +158,9 @@ def neighbour_entropy_all(F, k: int, metric: str = "cosine", chunk_size: int = 1
         F: (rank, N) embedding.
         k: number of neighbours, ``1 <= k < N``.
         metric: "cosine" or "euclidean".
-        chunk_size: queries per chunk; memory is about ``chunk_size * N`` floats.
+        chunk_size: queries per chunk; memory is ``F`` plus about
+            ``chunk_size * min(N, 8192)`` floats (candidates are scanned in chunks too,
+            never an ``N x N`` matrix), so it suits an ``F`` of millions of images.
 
     Returns:
         float64 (N,) entropies in bits, in ``[0, log2(min(k, rank))]``.

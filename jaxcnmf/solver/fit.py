@@ -348,13 +348,16 @@ class FitResult:
             l1_F=self.config["l1_F"], l2_F=self.config["l2_F"], max_iter=max_iter,
             tol=tol, eps=self.config["eps"], dtype=self.config["dtype"])
 
-    def transform(self, views, max_iter=200, tol=None, method="nnls", mesh=None):
+    def transform(self, views, max_iter=200, tol=None, method="nnls", mesh=None, *,
+                  use=None, progress=True):
         """Embed images with the loadings fixed: non-negative least squares for ``F``.
 
         Args:
             views: dict name -> ``(rows_v, N_new)`` holding any subset of the fitted view
-                names (a list is read as all fitted views in order). Their fitted weights
-                and ``F`` penalties are used; the group lasso is not.
+                names (a list is read as all fitted views in order), or a
+                :class:`jaxcnmf.store.Store`: then ``F`` is solved block by block of the
+                store's columns (exact NNLS only; memory: ``F`` plus one block). Their
+                fitted weights and ``F`` penalties are used; the group lasso is not.
             max_iter: bound on the ``F`` updates (``method="fit"`` only).
             tol: KKT tolerance; default the fit's ``tol`` (``method="fit"`` only).
             method: ``"nnls"`` (default): the exact solution by an active-set method on
@@ -363,15 +366,35 @@ class FitResult:
                 ill-conditioned loadings.
             mesh: optional 1-D ``jax.sharding.Mesh`` to shard the images over, as in
                 :func:`fit` (views already sharded over their columns are used as they are).
+            use: with a store, the fitted views to embed from (default every fitted view);
+                each must be in the store with its fitted number of rows.
+            progress: with a store, a progress bar over its blocks.
 
         Returns:
             ``(rank, N_new)`` float32 embedding (float64 where the data's scale is beyond
             float32; a global ``jax.Array`` when the views span processes).
 
+        Raises:
+            ValueError: unknown views, or rows that differ from the fitted loadings' (the
+                view is named); with a store also a fitted view the store lacks.
+
         Example:
             >>> F_new = res.transform({"conv": A_new})  # doctest: +SKIP
+            >>> F_all = res.transform(store.open("acts/"))  # doctest: +SKIP
         """
         _check_choice("method", method, ("nnls", "fit"))
+        if isinstance(views, Store):
+            if method != "nnls":
+                raise ValueError("method: expected 'nnls' for a store (the exact solution "
+                                 "is column-separable, the fit's iterations are not), got "
+                                 f"{method!r}")
+            if mesh is not None:
+                raise ValueError("mesh: a transform from a store runs on one device; pass "
+                                 "mesh=None")
+            return _transform_store(self, views, use, progress)
+        if use is not None:
+            raise ValueError("use: expected None for in-memory views (pass only the views "
+                             "to embed from), got a value")
         if isinstance(views, (list, tuple)):
             if len(views) != len(self.view_names):
                 raise ValueError(f"views: a list must hold all {len(self.view_names)} "
@@ -516,6 +539,82 @@ _CONFIG_TYPES = {
     "l2_F": float, "l2_W": float, "group_lam": float, "max_iter": int, "tol": float,
     "negative": str, "dtype": str, "eps": float,
 }
+
+
+def _store_view_names(res, store, use):
+    """The fitted views to read from ``store``, each checked to be there with its rows."""
+    names = list(res.view_names) if use is None else list(use)
+    if not names:
+        raise ValueError("use: expected at least one fitted view name, got none")
+    unknown = [name for name in names if name not in res.loadings]
+    if unknown:
+        raise ValueError(f"use: unknown view(s) {unknown}, expected names among "
+                         f"{list(res.view_names)}")
+    for name in names:
+        if name not in store.rows:
+            raise ValueError(f"view {name!r}: fitted, but not in the store {str(store.path)!r} "
+                             f"(its views: {list(store.views)}); pass use=[...] to embed "
+                             f"from the others")
+        rows = res.loadings[name].shape[0]
+        if store.rows[name] != rows:
+            raise ValueError(f"view {name!r}: expected {rows} rows as when fitted, got "
+                             f"{store.rows[name]} in the store {str(store.path)!r}")
+    return names
+
+
+def _store_block(store, i, names, negative, minima=None):
+    """Block ``i`` of ``names`` as float arrays (float64 stays float64), after the checks
+    of :func:`_check_view`; ``minima`` (``"shift"``) are the views' minima over the store."""
+    out = []
+    for name, X in store.read_block(i, views=names).items():
+        X = np.asarray(X, np.float64 if X.dtype == np.float64 else np.float32)
+        if minima is not None:
+            X = X - minima[name] if minima[name] < 0 else X
+        out.append(_check_view(name, X, negative))
+    return out
+
+
+def _transform_store(res, store, use, progress):
+    """:meth:`FitResult.transform` of a store: exact NNLS, one block of columns at a time.
+
+    A first pass takes every view's largest entry (and minimum, for ``negative="shift"``)
+    so the solve is scaled as in memory; the second solves each block, zero-padded to the
+    block size so that one compiled program serves all.
+    """
+    from tqdm.auto import tqdm
+
+    names = _store_view_names(res, store, use)
+    negative = res.config["negative"]
+    minima = None
+    if negative == "shift":
+        minima = dict.fromkeys(names, 0.0)
+        for i in range(store.n_blocks):
+            for name, X in store.read_block(i, views=names).items():
+                minima[name] = min(minima[name], float(np.min(X)))
+    scale = 0.0
+    for i in range(store.n_blocks):
+        for X in _store_block(store, i, names, negative, minima):
+            scale = max(scale, float(np.max(X)))
+    scale = scale or 1.0
+    config = res._solver_config(tuple(names), 1, res.config["tol"])
+    top = max(config.weights)
+    config = config._replace(weights=tuple(w / top for w in config.weights),
+                             l1_F=config.l1_F / (scale * top), l2_F=config.l2_F / top)
+    dtype = res.config["dtype"]
+    loadings = tuple(jnp.asarray(res.loadings[name], dtype) for name in names)
+    F = np.empty((config.rank, store.n), np.float32)
+    for i in tqdm(range(store.n_blocks), desc="transform", unit="block", leave=False,
+                  disable=not progress, file=sys.stderr):
+        start, stop = store.columns(i)
+        pad = store.block_size - (stop - start)
+        jviews = tuple(_scaled(np.pad(X, ((0, 0), (0, pad))), scale, dtype)
+                       for X in _store_block(store, i, names, negative, minima))
+        F_b = np.asarray(_nnls_F(jviews, loadings, config=config), np.float64)
+        F_b = F_b[:, :stop - start] * scale
+        if F.dtype == np.float32 and np.max(F_b, initial=0.0) >= _FLOAT32_MAX:
+            F = F.astype(np.float64)
+        F[:, start:stop] = F_b
+    return F
 
 
 def _load_error(path, field, message):

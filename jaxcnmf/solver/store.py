@@ -264,6 +264,53 @@ class Store:
             else:
                 yield self.read_block(i, views=(view,))[view]
 
+    def read_columns(self, indices, views=None):
+        """Given columns (images) of some views, reading only the blocks that hold them.
+
+        For the analyses that need a few images' values (top images of a concept, a random
+        subset for fidelity): memory is the result plus one block per view at a time.
+
+        Args:
+            indices: int array-like ``(n,)`` of column indices in ``[0, N)``, any order,
+                repeats allowed.
+            views: view names to read (default all, in store order).
+
+        Returns:
+            dict view name -> ``(rows_v, n)`` array of :attr:`dtype` (a copy), column ``j``
+            being column ``indices[j]`` of the view.
+
+        Raises:
+            ValueError: ``indices`` not 1-D integers or out of range.
+            KeyError: an unknown view name (named).
+
+        Example:
+            >>> top = s.read_columns([7, 3, 41], views=["red"])["red"]  # doctest: +SKIP
+            >>> top.shape  # doctest: +SKIP
+            (1024, 3)
+        """
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ValueError(f"indices: expected a 1-D array of integer column indices, got "
+                             f"shape {idx.shape} dtype {idx.dtype}")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            bad = int(idx[(idx < 0) | (idx >= self.n)][0])
+            raise ValueError(f"indices: expected column indices in [0, {self.n}), got {bad}")
+        names = self.views if views is None else tuple(views)
+        unknown = [name for name in names if name not in self.rows]
+        if unknown:
+            raise KeyError(f"views: unknown view(s) {unknown}, expected names among "
+                           f"{list(self.views)}")
+        out = {name: np.empty((self.rows[name], idx.size), _numpy_dtype(self.dtype))
+               for name in names}
+        which = idx // self.block_size
+        for i in np.unique(which):
+            here = np.flatnonzero(which == i)
+            start, _ = self.columns(int(i))
+            for name, array in self.read_block(int(i), views=names).items():
+                out[name][:, here] = array[:, idx[here] - start]
+        return out
+
     def read_all(self, views=None):
         """Whole views in memory, ``(rows_v, N)`` each (for stores that fit in memory).
 
