@@ -13,7 +13,7 @@ run needs around the store:
   that names it;
 - views of a store: :func:`select` (some of its views, e.g. without the logits, or the
   layers alone), :func:`sq_norms` (one pass), :func:`predictions` (the logits view's arg
-  max), :func:`columns` (given columns of one view);
+  max);
 - :func:`describe`: path, size on disk and blocks, for ``run.json`` and the report.
 
 Example:
@@ -192,22 +192,6 @@ def sq_norms(s) -> dict[str, float]:
 def predictions(s, view: str) -> np.ndarray:
     """int64 ``(N,)``: the row of largest value in each column of ``view`` (the logits)."""
     return np.concatenate([np.asarray(X, np.float32).argmax(axis=0) for X in s.blocks(view)])
-
-
-def columns(s, view: str, indices) -> np.ndarray:
-    """Columns ``indices`` of one view, float32 ``(rows_v, len(indices))``, in that order.
-
-    Reads only the blocks that hold one of them.
-    """
-    indices = np.asarray(indices, np.int64)
-    out = np.empty((s.rows[view], len(indices)), np.float32)
-    blocks = indices // s.block_size
-    for i in np.unique(blocks):
-        mine = np.flatnonzero(blocks == i)
-        start, _ = s.columns(int(i))
-        X = s.read_block(int(i), views=(view,))[view]
-        out[:, mine] = np.asarray(X[:, indices[mine] - start], np.float32)
-    return out
 
 
 def disk_bytes(path) -> int:
