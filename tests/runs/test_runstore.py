@@ -226,3 +226,31 @@ def test_store_options_need_store(capsys):
     line = _error_line(capsys, ["analyze", "--checkpoint", "c", "--out", "o",
                                 "--store-dtype", "bfloat16"])
     assert line == "jaxcnmf: error: --store-dtype needs --store"
+
+
+def test_tcav_from_a_store_draws_classes_and_random_sets_from_the_subset(monkeypatch):
+    from jaxcnmf.concepts import tcav
+
+    labels = np.arange(60) % 3
+    images = np.arange(60, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1),
+                                                                         np.uint8)
+    config = pipeline.RunConfig(store="acts", fidelity_images=24, seed=0)
+    pool = pipeline._analysis_subset(config, labels)
+    assert len(pool) == 24 and np.all(np.diff(pool) > 0)
+    assert pipeline._analysis_subset(config.to_json(), labels).tolist() == pool.tolist()
+    assert pipeline._analysis_subset(pipeline.RunConfig(fidelity_images=24), labels) is None
+    F = np.zeros((2, 60))
+    F[0, 50:55], F[1, 3:8] = 1.0, 1.0  # the concepts' top images lie outside the subset too
+    seen = {}
+
+    def fake_run(model, variables, layers, concepts, classes, **kwargs):
+        seen.update(concepts=concepts, classes=classes, pool=kwargs["pool"])
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(tcav, "run", fake_run)
+    with pytest.raises(RuntimeError, match="stop"):
+        pipeline._tcav_step(pipeline.TcavConfig(top=5), ("pool",), None, None, F, images,
+                            labels, ("a", "b", "c"), Path("."), False, pool=pool)
+    assert sorted(seen["concepts"]["concept0"][:, 0, 0, 0].tolist()) == [50, 51, 52, 53, 54]
+    np.testing.assert_array_equal(seen["pool"][:, 0, 0, 0], pool)
+    np.testing.assert_array_equal(seen["classes"]["b"][:, 0, 0, 0], pool[labels[pool] == 1])
