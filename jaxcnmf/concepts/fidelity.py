@@ -21,6 +21,7 @@ __all__ = [
     "accuracy",
     "fidelity",
     "fidelity_from_logits_fn",
+    "fidelity_from_store",
     "flatten_activations",
     "unflatten_activations",
 ]
@@ -106,6 +107,9 @@ class FidelityTable:
         ranks: int64 (R,) ranks of the factorizations.
         accuracy: float64 (R,) accuracy with ``O_j F`` in place of the layer.
         relative_error: float64 (R,) ``||A_j - O_j F|| / ||A_j||`` on these images.
+        n_images: images measured on when they are a subset of the probe set
+            (:func:`fidelity_from_store`), else ``None`` (all of them).
+        n_total: images in the probe set the subset was drawn from, or ``None``.
     """
 
     layer: str
@@ -113,9 +117,14 @@ class FidelityTable:
     ranks: np.ndarray
     accuracy: np.ndarray
     relative_error: np.ndarray
+    n_images: int | None = None
+    n_total: int | None = None
 
     def to_rows(self) -> list[dict]:
-        """One JSON-serialisable dict per rank."""
+        """One JSON-serialisable dict per rank (with ``n_images`` and ``n_total`` when
+        measured on a subset)."""
+        subset = {} if self.n_images is None else {"n_images": int(self.n_images),
+                                                   "n_total": int(self.n_total)}
         return [
             {
                 "layer": self.layer,
@@ -124,6 +133,7 @@ class FidelityTable:
                 "original_accuracy": self.original_accuracy,
                 "accuracy_drop": self.original_accuracy - float(a),
                 "relative_error": float(e),
+                **subset,
             }
             for r, a, e in zip(self.ranks, self.accuracy, self.relative_error)
         ]
@@ -273,3 +283,83 @@ def fidelity(
         accuracy=np.array([s[0] for s in scores]),
         relative_error=np.array([s[1] for s in scores]),
     )
+
+
+def fidelity_from_store(
+    model, variables, store, results, layer: str, *, n_images: int = 2000, seed: int = 0,
+    images=None, labels=None,
+) -> FidelityTable:
+    """:func:`fidelity` on a seeded random subset of a store's images.
+
+    Reads the layer's columns of ``n_images`` images drawn without replacement (seeded)
+    from the store (only the blocks holding them), and their images and labels, then runs
+    :func:`fidelity` on them; the table records the subset's size and the store's ``N``.
+    Memory is the subset's activations and images, whatever the store's size.
+
+    Args:
+        model, variables: the network the store was probed from.
+        store: :class:`jaxcnmf.store.Store` holding ``layer`` unpooled (``"flatten"``) or
+            a vector layer.
+        results: a ``FitResult`` or a sequence of them whose views include ``layer``.
+        layer: the layer to replace.
+        n_images: subset size (all ``N`` if larger).
+        seed: seed of the draw.
+        images: the probe images ``(N, H, W, C)`` in store column order (e.g. a
+            memory-mapped dataset; only the subset is read). Default: rebuilt from the
+            store's pixel views (:func:`jaxcnmf.concepts.images.store_images`).
+        labels: int (N,) classes; default the store's labels.
+
+    Returns:
+        :class:`FidelityTable` with ``n_images`` and ``n_total`` set.
+
+    Raises:
+        ValueError: ``layer`` not in the store (or its rows unlike the loadings'), pooled
+            conv activations, no labels or images to be had (each named).
+
+    Example:
+        >>> table = fidelity_from_store(model, variables, store.open("acts/"), res,
+        ...                             "conv4_x", n_images=1000)  # doctest: +SKIP
+        >>> table.n_images, table.to_rows()[0]["accuracy"]  # doctest: +SKIP
+    """
+    from jaxcnmf.concepts.images import store_images
+
+    where = f"store {str(store.path)!r}"
+    if layer not in store.rows:
+        raise ValueError(f"layer: expected one of the store's views {list(store.views)}, "
+                         f"got {layer!r} ({where})")
+    shape = store.shapes.get(layer)
+    if shape is None:
+        raise ValueError(f"layer {layer!r}: expected its per-image shape in the manifest of "
+                         f"{where}, got none")
+    shape = _layer_shape(shape)
+    if store.rows[layer] != math.prod(shape):
+        raise ValueError(f"layer {layer!r}: {where} holds it pooled ({store.rows[layer]} rows "
+                         f"for layer shape {shape}); pooled conv activations cannot be put "
+                         f"back into the network")
+    for res in results if isinstance(results, (list, tuple)) else [results]:
+        rows = np.shape(res.loadings.get(layer, np.zeros((0, 0))))[0]
+        if layer in res.loadings and rows != store.rows[layer]:
+            raise ValueError(f"view {layer!r}: expected {rows} rows as when fitted, got "
+                             f"{store.rows[layer]} in {where}")
+    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) \
+            or n_images < 1:
+        raise ValueError(f"n_images: expected a positive integer, got {n_images!r}")
+    if labels is None:
+        if store.labels is None:
+            raise ValueError(f"labels: expected (N,) class ids, got None and {where} holds "
+                             f"no labels")
+        labels = store.labels
+    labels = _labels(labels, store.n)
+    count = min(int(n_images), store.n)
+    subset = np.sort(np.random.default_rng(seed).choice(store.n, count, replace=False))
+    if images is None:
+        subset_images = store_images(store, subset)
+    else:
+        if np.shape(images)[0] != store.n:
+            raise ValueError(f"images: expected {store.n} images (the store's columns), got "
+                             f"{np.shape(images)[0]}")
+        subset_images = np.asarray(images[subset])
+    activations = np.asarray(store.read_columns(subset, views=[layer])[layer], np.float32)
+    table = fidelity(model, variables, subset_images, labels[subset], results, layer,
+                     activations=activations, shape=shape)
+    return dataclasses.replace(table, n_images=count, n_total=store.n)

@@ -2,6 +2,10 @@
 their median masks, and top images with the mask applied.
 
 A pixel loading ``P_i`` is float (H*W, rank) with row ``h*W + w``.
+
+Latent images and median masks need only the loadings; the top images themselves come
+from the probe images or, for views on disk, from the store's pixel views
+(:func:`store_images`, which reads only the blocks holding the images asked for).
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ __all__ = [
     "latent_images",
     "masked_images",
     "median_mask",
+    "store_images",
 ]
+
+# Pixel views as ``probe.collect`` names them, in channel order.
+_PIXEL_VIEWS = (("red", "green", "blue"), ("gray",))
 
 def latent_images(
     pixel_loadings: Mapping[str, np.ndarray], image_shape: Sequence[int]
@@ -120,3 +128,51 @@ def masked_images(images, mask, background: float = 0.15) -> np.ndarray:
         raise ValueError(f"background: expected a value in [0, 1], got {background}")
     factor = np.where(mask, 1.0, background)[..., None]
     return np.round(images * factor).astype(np.uint8)
+
+
+def store_images(store, indices) -> np.ndarray:
+    """Images rebuilt from a store's pixel views, reading only the blocks that hold them.
+
+    ``probe.collect(..., store=DIR)`` writes the pixels at full resolution as views
+    ``"red"``, ``"green"``, ``"blue"`` (or ``"gray"`` for one-channel images) of ``(H*W,
+    N)`` values in [0, 1], so an image is ``round(255 * value)``: exact for float32 and
+    float16 stores, within one grey level for bfloat16. A store written without pixel
+    views cannot give its images: index the source dataset with the same ``indices``
+    (columns are images in probing order).
+
+    Args:
+        store: :class:`jaxcnmf.store.Store` with pixel views.
+        indices: int (n,) image (column) indices, any order.
+
+    Returns:
+        uint8 (n, H, W, C), C = 3 (red, green, blue) or 1 (gray).
+
+    Raises:
+        ValueError: the store has no pixel views, or their shape is unknown.
+
+    Example:
+        >>> top = store_images(s, top_images(res.F, 8)[0])  # doctest: +SKIP
+        >>> top.shape  # doctest: +SKIP
+        (8, 32, 32, 3)
+    """
+    channels = next((names for names in _PIXEL_VIEWS
+                     if all(name in store.rows for name in names)), None)
+    if channels is None:
+        raise ValueError(f"store {str(store.path)!r}: expected pixel views "
+                         f"('red', 'green', 'blue' or 'gray') to rebuild images from, got "
+                         f"views {list(store.views)}; index the source dataset instead")
+    rows = store.rows[channels[0]]
+    shape = store.shapes.get(channels[0])
+    if shape is None or len(shape) < 2 or shape[0] * shape[1] != rows:
+        image_shape = store.provenance.get("image_shape")
+        shape = tuple(image_shape[:2]) if image_shape else None
+    if shape is None or shape[0] * shape[1] != rows:
+        raise ValueError(f"store {str(store.path)!r}: expected the image shape (H, W) of "
+                         f"pixel view {channels[0]!r} ({rows} rows) in the manifest, got "
+                         f"{store.shapes.get(channels[0])}")
+    height, width = int(shape[0]), int(shape[1])
+    arrays = store.read_columns(indices, views=channels)
+    stacked = np.stack([np.asarray(arrays[name], np.float32) for name in channels], axis=-1)
+    pixels = np.clip(np.rint(stacked * 255.0), 0, 255).astype(np.uint8)  # (H*W, n, C)
+    return np.ascontiguousarray(
+        pixels.transpose(1, 0, 2).reshape(-1, height, width, len(channels)))

@@ -6,6 +6,10 @@ another on the CPU; here k-means++ seeding and Lloyd iterations are pure functio
 arrays, vmapped over restarts and compiled once, so every restart shares each pass over
 the data and the whole baseline runs on whatever device JAX uses.
 
+For views on disk (:class:`jaxcnmf.store.Store`), :func:`kmeans_store` seeds and restarts
+on a seeded sample of the columns held in memory, then runs Lloyd passes over the store's
+column blocks: memory is the sample, the centers and one block, whatever ``N``.
+
 Example:
     >>> import numpy as np
     >>> X = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]], np.float32)
@@ -17,13 +21,15 @@ Example:
 from __future__ import annotations
 
 import functools
+import sys
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["KMeansResult", "kmeans"]
+__all__ = ["KMeansResult", "kmeans", "kmeans_store"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -106,6 +112,16 @@ def _restarts(X, keys, tol, *, k, max_iter):
     return jax.vmap(one)(keys)
 
 
+def _check_settings(n, k, n_init, max_iter, tol):
+    for name, value, low in (("k", k, 1), ("n_init", n_init, 1), ("max_iter", max_iter, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    if k > n:
+        raise ValueError(f"k: expected at most the number of points ({n}), got {k}")
+    if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol: expected a finite number >= 0, got {tol!r}")
+
+
 def kmeans(X, k: int, *, n_init: int = 10, max_iter: int = 300, tol: float = 1e-4,
            seed: int = 0) -> KMeansResult:
     """k-means (k-means++ seeding, Lloyd iterations), ``n_init`` restarts in one compiled call.
@@ -127,14 +143,7 @@ def kmeans(X, k: int, *, n_init: int = 10, max_iter: int = 300, tol: float = 1e-
         raise ValueError(f"X: expected a non-empty (N, D) array, got shape {X.shape}")
     if not np.isfinite(X).all():
         raise ValueError("X: expected finite values, got NaN or Inf")
-    n = X.shape[0]
-    for name, value, low in (("k", k, 1), ("n_init", n_init, 1), ("max_iter", max_iter, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    if k > n:
-        raise ValueError(f"k: expected at most the number of points ({n}), got {k}")
-    if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol: expected a finite number >= 0, got {tol!r}")
+    _check_settings(X.shape[0], k, n_init, max_iter, tol)
     abs_tol = float(tol) * float(np.mean(np.var(X, axis=0)))
     keys = jax.random.split(jax.random.PRNGKey(seed), int(n_init))
     assignment, centers, inertia, n_iter = jax.device_get(
@@ -147,3 +156,160 @@ def kmeans(X, k: int, *, n_init: int = 10, max_iter: int = 300, tol: float = 1e-
         n_iter=int(n_iter[best]),
         inertias=np.asarray(inertia, np.float64),
     )
+
+
+# The in-memory sample that seeds a k-means of a store holds about this many bytes.
+_SAMPLE_BYTES = 256 * 2**20
+
+
+def store_points(store, indices=None, *, views: Sequence[str] | None = None, block=None,
+                 unit_columns: bool = True) -> np.ndarray:
+    """Points of a k-means of a store: its columns, views stacked, as float32 rows.
+
+    Args:
+        store: :class:`jaxcnmf.store.Store`.
+        indices: int (n,) columns to read (:meth:`Store.read_columns`); or
+        block: a block index to read instead (exactly one of the two).
+        views: view names to stack (default all, in store order).
+        unit_columns: scale each view's columns to unit L2 norm before stacking (an
+            all-zero column stays zero), as :func:`jaxcnmf.concepts.labels.kmeans_baseline`
+            does in memory.
+
+    Returns:
+        float32 (n, sum of the views' rows).
+
+    Raises:
+        ValueError: a view holds NaN or Inf (named).
+    """
+    if (indices is None) == (block is None):
+        raise ValueError("store_points: expected exactly one of indices and block")
+    names = list(store.views if views is None else views)
+    arrays = (store.read_block(block, views=names) if indices is None
+              else store.read_columns(indices, views=names))
+    parts = []
+    for name in names:
+        X = np.asarray(arrays[name], np.float32)
+        if not np.isfinite(X).all():
+            raise ValueError(f"store view {name!r}: expected finite values, got NaN or Inf")
+        if unit_columns:
+            norms = np.linalg.norm(X, axis=0, keepdims=True)
+            X = np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
+        parts.append(X)
+    return np.ascontiguousarray(np.concatenate(parts, axis=0).T)
+
+
+@jax.jit
+def _block_pass(X, valid, centers):
+    """One block's share of a Lloyd pass: cluster sums, counts, inertia and assignment."""
+    d = _sq_distances(X, jnp.sum(X**2, axis=1), centers)
+    nearest = jnp.argmin(d, axis=1)
+    members = jax.nn.one_hot(nearest, centers.shape[0], dtype=X.dtype) * valid[:, None]
+    sums = jnp.matmul(members.T, X, precision=_HIGHEST)
+    inertia = jnp.sum(jnp.min(d, axis=1) * valid)
+    return sums, jnp.sum(members, axis=0), inertia, nearest
+
+
+def _store_pass(store, names, unit_columns, centers, desc, progress):
+    """Lloyd statistics of ``centers`` over every block: (sums, counts, inertia, assignment)."""
+    from tqdm.auto import tqdm
+
+    centers = jnp.asarray(centers)
+    sums = jnp.zeros_like(centers)
+    counts = jnp.zeros(centers.shape[0], centers.dtype)
+    inertia = jnp.zeros((), centers.dtype)
+    assignment = np.empty(store.n, np.int64)
+    pending = []
+    for i in tqdm(range(store.n_blocks), desc=desc, unit="block", leave=False,
+                  disable=not progress, file=sys.stderr):
+        start, stop = store.columns(i)
+        X = store_points(store, block=i, views=names, unit_columns=unit_columns)
+        pad = store.block_size - X.shape[0]
+        valid = jnp.asarray(np.arange(store.block_size) < X.shape[0], X.dtype)
+        s, c, e, nearest = _block_pass(jnp.asarray(np.pad(X, ((0, pad), (0, 0)))), valid,
+                                       centers)
+        sums, counts, inertia = sums + s, counts + c, inertia + e
+        pending.append((start, stop, nearest))
+        if len(pending) > 1:  # fetch the previous block's assignment while this one runs
+            a, b, near = pending.pop(0)
+            assignment[a:b] = np.asarray(near)[: b - a]
+    for a, b, near in pending:
+        assignment[a:b] = np.asarray(near)[: b - a]
+    return sums, counts, float(inertia), assignment
+
+
+def kmeans_store(store, k: int, *, views: Sequence[str] | None = None, n_init: int = 10,
+                 max_iter: int = 300, max_passes: int = 30, tol: float = 1e-4, seed: int = 0,
+                 sample: int | None = None, unit_columns: bool = True,
+                 progress: bool = True) -> KMeansResult:
+    """k-means of a store's columns (views stacked), reading the store block by block.
+
+    1. A seeded random sample of ``sample`` columns is read into memory and clustered by
+       :func:`kmeans` (k-means++ seeding, ``n_init`` restarts, Lloyd to convergence).
+    2. If the sample is the whole store that is the result: the same as :func:`kmeans` of
+       the stacked views in memory. Otherwise Lloyd passes over the store's blocks start
+       from the best restart's centers (each pass reads every block once; the centers move
+       to the means of their points) until they move less than the tolerance or after
+       ``max_passes``; a last pass assigns every column and sums the inertia.
+
+    Memory: the sample (``sample x D`` float32), ``k x D`` centers, one block and the
+    ``(N,)`` assignment; nothing grows with ``N`` beyond that.
+
+    Args:
+        store: :class:`jaxcnmf.store.Store`.
+        k: number of clusters, ``1 <= k <= N``.
+        views: views to stack (default all, in store order), e.g. the layers only.
+        n_init, max_iter, tol, seed: as :func:`kmeans` (on the sample); ``tol`` is also
+            the stop of the passes over the store (times the sample's mean variance).
+        max_passes: Lloyd passes over the store at most.
+        sample: columns in the in-memory sample; default all ``N`` when they fit in about
+            256 MiB, else as many as do (at least ``50 * k``).
+        unit_columns: scale each view's columns to unit norm first (see
+            :func:`store_points`).
+        progress: a progress bar per pass.
+
+    Returns:
+        :class:`KMeansResult`: ``assignment`` (N,) and ``inertia`` over all columns;
+        ``n_iter`` Lloyd iterations on the sample plus passes over the store;
+        ``inertias`` of the restarts, on the sample.
+
+    Example:
+        >>> result = kmeans_store(store.open("acts/"), 10, views=["conv4_x"])  # doctest: +SKIP
+        >>> result.assignment.shape, result.inertia  # doctest: +SKIP
+    """
+    names = list(store.views if views is None else views)
+    unknown = [name for name in names if name not in store.rows]
+    if unknown or not names:
+        raise ValueError(f"views: expected names among the store's views "
+                         f"{list(store.views)}, got {names}")
+    n, dims = store.n, sum(store.rows[name] for name in names)
+    _check_settings(n, k, n_init, max_iter, tol)
+    if isinstance(max_passes, bool) or not isinstance(max_passes, (int, np.integer)) \
+            or max_passes < 1:
+        raise ValueError(f"max_passes: expected an integer >= 1, got {max_passes!r}")
+    if sample is None:
+        sample = min(n, max(50 * int(k), _SAMPLE_BYTES // (4 * dims)))
+    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) \
+            or not k <= sample <= n:
+        raise ValueError(f"sample: expected an integer in [k={k}, N={n}], got {sample!r}")
+    rng = np.random.default_rng(seed)
+    indices = np.arange(n) if sample == n else np.sort(rng.choice(n, int(sample), replace=False))
+    X = store_points(store, indices, views=names, unit_columns=unit_columns)
+    seeded = kmeans(X, k, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed)
+    if sample == n:
+        return seeded
+    abs_tol = float(tol) * float(np.mean(np.var(X, axis=0)))
+    del X
+    centers = jnp.asarray(seeded.centers)
+    passes = 0
+    while passes < max_passes:
+        sums, counts, _, _ = _store_pass(store, names, unit_columns, centers,
+                                         f"k-means pass {passes + 1}", progress)
+        new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centers)
+        shift = float(jnp.sum((new - centers) ** 2))
+        centers, passes = new, passes + 1
+        if shift <= abs_tol:
+            break
+    _, _, inertia, assignment = _store_pass(store, names, unit_columns, centers,
+                                            "k-means assignment", progress)
+    return KMeansResult(assignment=assignment, centers=np.asarray(centers), inertia=inertia,
+                        n_iter=seeded.n_iter + passes, inertias=seeded.inertias)

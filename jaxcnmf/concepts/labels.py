@@ -275,18 +275,26 @@ def _stack_views(activations) -> np.ndarray:
     return np.concatenate(blocks, axis=0)
 
 
-def kmeans_baseline(activations, labels, k: int, seed: int = 0, n_init: int = 10) -> BaselineScores:
+def kmeans_baseline(activations, labels, k: int, seed: int = 0, n_init: int = 10, *,
+                    views: Sequence[str] | None = None, progress: bool = False
+                    ) -> BaselineScores:
     """k-means on the same activations as the NMF: the report's baseline for NMI and purity.
 
     Args:
         activations: a layer view (rows, N), or a dict name -> (rows_v, N) of layer views;
             each view's columns are scaled to unit L2 norm before the views are stacked,
-            so the clustering sees the same information as the factorization.
-        labels: int (N,) class ids.
+            so the clustering sees the same information as the factorization. Or a
+            :class:`jaxcnmf.store.Store`: its ``views`` are clustered block by block
+            (:func:`jaxcnmf.concepts.kmeans.kmeans_store`; identical to the in-memory
+            baseline while the stacked views fit in its 256 MiB sample).
+        labels: int (N,) class ids (with a store, ``None`` takes the store's labels).
         k: number of clusters (use the NMF rank for a fair comparison).
         seed: k-means seed.
         n_init: k-means restarts (the best inertia is kept), all in one compiled call
             (:func:`jaxcnmf.concepts.kmeans.kmeans`).
+        views: with a store, the views to stack (default all; pass the layers to leave the
+            pixel views out, as the pipeline's baseline does).
+        progress: with a store, a progress bar per pass over it.
 
     Returns:
         :class:`BaselineScores` with NMI, purity and the (N,) assignment.
@@ -296,8 +304,25 @@ def kmeans_baseline(activations, labels, k: int, seed: int = 0, n_init: int = 10
         >>> kmeans_baseline(X, np.array([0, 0, 1, 1]), k=2).nmi
         1.0
     """
-    from jaxcnmf.concepts.kmeans import kmeans
+    from jaxcnmf.concepts.kmeans import kmeans, kmeans_store
+    from jaxcnmf.solver.store import Store
 
+    if isinstance(activations, Store):
+        if labels is None:
+            if activations.labels is None:
+                raise ValueError(f"labels: expected (N,) class ids, got None and the store "
+                                 f"{str(activations.path)!r} holds no labels")
+            labels = activations.labels
+        labels = _labels(labels, activations.n)
+        k = _positive_int(k, "k", upper=activations.n)
+        n_init = _positive_int(n_init, "n_init")
+        assignment = kmeans_store(activations, k, views=views, n_init=n_init, seed=seed,
+                                  progress=progress).assignment
+        return BaselineScores(nmi(assignment, labels), cluster_purity(assignment, labels),
+                              assignment)
+    if views is not None:
+        raise ValueError("views: expected None for in-memory activations (pass only the "
+                         "views to cluster), got a value")
     X = _stack_views(activations)
     labels = _labels(labels, X.shape[1])
     k = _positive_int(k, "k", upper=X.shape[1])

@@ -519,6 +519,48 @@ def concepts_from_factors(
     return {name: images[idx] for name, idx in zip(names, order)}
 
 
+def concepts_from_store(
+    res_or_F: Any, store: Any, top: int = 50, names: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """:func:`concepts_from_factors` with the images read from a store's pixel views.
+
+    Only the ``rank * top`` top images are read (the blocks holding them), rebuilt by
+    :func:`jaxcnmf.concepts.images.store_images`. A store without pixel views has no
+    images: use ``concepts_from_factors(res, source_images[...])`` with the dataset the
+    store was probed from (columns are images in probing order). The classes' and the
+    random pool's images for :func:`run` are likewise the dataset's or
+    ``store_images(store, indices)`` of a seeded subset of the store.
+
+    Args:
+        res_or_F: a FitResult (its ``F``) or an array (rank, N), N the store's columns.
+        store: :class:`jaxcnmf.store.Store` with pixel views.
+        top: images per concept.
+        names: concept names (default "concept0", "concept1", ...).
+
+    Returns:
+        dict name -> uint8 (top, H, W, C) images, strongest first, in row order of F.
+
+    Example:
+        >>> concepts = concepts_from_store(res, store.open("acts/"), top=50)  # doctest: +SKIP
+    """
+    from jaxcnmf.concepts.images import store_images
+
+    F = np.asarray(getattr(res_or_F, "F", res_or_F))
+    if F.ndim != 2 or F.shape[1] != store.n:
+        raise ValueError(f"F: expected shape (rank, {store.n}) matching the store's "
+                         f"columns, got {F.shape}")
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) \
+            or not 1 <= top <= F.shape[1]:
+        raise ValueError(f"top: expected an int in [1, {F.shape[1]}], got {top!r}")
+    names = [f"concept{i}" for i in range(F.shape[0])] if names is None else list(names)
+    if len(names) != F.shape[0] or len(set(names)) != len(names):
+        raise ValueError(f"names: expected {F.shape[0]} distinct names, got {names!r}")
+    order = np.argsort(-F, axis=1, kind="stable")[:, :top]
+    wanted, where = np.unique(order, return_inverse=True)
+    images = store_images(store, wanted)[where.reshape(order.shape)]
+    return dict(zip(names, images))
+
+
 def _image_keys(images: np.ndarray) -> np.ndarray:
     """A content hash per image (of its [0, 1] float pixels, so uint8 and float copies
     of an image match), to find a concept's images inside the pool."""

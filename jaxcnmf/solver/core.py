@@ -746,15 +746,19 @@ def _lawson_hanson(R, c, max_outer):
         return jnp.any(mask & (s <= 0)) & (it < rank)
 
     def outer(carry):
-        f, mask, w, it, _ = carry
-        j = jnp.argmax(jnp.where(mask, -jnp.inf, w))
-        mask = mask.at[j].set(True)
+        f_before, mask_before, w, it, _ = carry
+        j = jnp.argmax(jnp.where(mask_before, -jnp.inf, w))
+        mask = mask_before.at[j].set(True)
         s = _masked_lstsq(R, c, mask, scale)
-        # Rounding can make the entering coefficient non-positive: stop rather than cycle.
+        # Rounding can make the entering coefficient non-positive: stop rather than cycle,
+        # keeping the iterate from before the entry. The inner loop is skipped then: its
+        # step ratio would be 0 / 0 for the entering entry (f_j = s_j = 0), a NaN that
+        # zeroed the whole column.
         stuck = s[j] <= 0
-        f, mask, s, _ = lax.while_loop(inner_going, inner, (f, mask, s, 0))
-        f = jnp.where(stuck, f, jnp.where(mask, jnp.maximum(s, 0.0), 0.0))
-        mask = jnp.where(stuck, mask.at[j].set(False), mask)
+        f, mask, s, _ = lax.while_loop(inner_going, inner,
+                                       (f_before, mask, s, jnp.where(stuck, rank, 0)))
+        f = jnp.where(stuck, f_before, jnp.where(mask, jnp.maximum(s, 0.0), 0.0))
+        mask = jnp.where(stuck, mask_before, mask)
         return f, mask, dual(f), it + 1, stuck
 
     def outer_going(carry):

@@ -596,7 +596,8 @@ def _transform_store(res, store, use, progress):
         for X in _store_block(store, i, names, negative, minima):
             scale = max(scale, float(np.max(X)))
     scale = scale or 1.0
-    config = res._solver_config(tuple(names), 1, res.config["tol"])
+    # The in-memory defaults (unused by NNLS): the same static config shares its compile.
+    config = res._solver_config(tuple(names), 200, res.config["tol"])
     top = max(config.weights)
     config = config._replace(weights=tuple(w / top for w in config.weights),
                              l1_F=config.l1_F / (scale * top), l2_F=config.l2_F / top)

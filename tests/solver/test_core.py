@@ -426,3 +426,20 @@ def test_residual_objective_in_row_blocks_matches_numpy(monkeypatch):
     np.testing.assert_allclose(value, 0.5 * fits[0] + 2.0 * fits[1], rtol=1e-12)
     np.testing.assert_allclose(rel, [np.sqrt(f) / np.linalg.norm(X)
                                      for f, X in zip(fits, views)], rtol=1e-12)
+
+
+def test_lawson_hanson_keeps_its_iterate_when_the_entering_coefficient_is_zero():
+    # A transform column whose second entering coefficient rounds to exactly -0.0 (float32
+    # bits from a fit): the inner step's ratio was then 0 / 0, and the NaN zeroed the
+    # column instead of keeping the optimum found before the entry.
+    from scipy.optimize import nnls
+
+    from jaxcnmf.solver import core
+
+    R = np.array([[3236757166, 3232336310, 3231478378], [0, 1083451167, 1064229858],
+                  [0, 0, 3227889554]], np.uint32).view(np.float32)
+    c = np.array([3205279008, 1037486041, 3201206341], np.uint32).view(np.float32)
+    f = np.asarray(core._lawson_hanson(jnp.asarray(R), jnp.asarray(c), 9))
+    reference = nnls(R.astype(np.float64), c.astype(np.float64))[0]
+    np.testing.assert_allclose(f, reference, atol=1e-6)
+    assert f[2] > 0.1

@@ -354,3 +354,44 @@ def test_transform_defaults_to_exact_nnls(hals_fit):
     assert np.linalg.norm(F_new - reference) < 1e-3 * np.linalg.norm(reference)
     iterative = res.transform({"conv": views["conv"][:, :20]}, method="fit")
     assert iterative.shape == F_new.shape
+
+
+def test_transform_from_a_store_equals_in_memory(tmp_path, hals_fit):
+    from jaxcnmf import store
+
+    views, _, res = hals_fit
+    # Shapes the other transform tests compile: all views in one block of N columns, and
+    # "conv" alone in blocks of 20.
+    whole = store.save(tmp_path / "whole", views)
+    F_disk = res.transform(whole, progress=False)
+    assert F_disk.shape == (RANK, N) and F_disk.dtype == np.float32
+    np.testing.assert_allclose(F_disk, res.transform(views), rtol=1e-5, atol=1e-6)
+    s = store.save(tmp_path / "s", views, block_size=20)
+    F_conv = res.transform(s, use=["conv"], progress=False)
+    np.testing.assert_allclose(F_conv, res.transform({"conv": views["conv"]}), rtol=1e-5,
+                               atol=1e-6)
+    # A last block of 10 columns is padded to 20 and cut: the same columns come back (up
+    # to rounding: the data's largest entry, which scales the solve, differs).
+    short = store.save(tmp_path / "short", {k: X[:, :70] for k, X in views.items()},
+                       block_size=20)
+    np.testing.assert_allclose(res.transform(short, use=["conv"], progress=False),
+                               F_conv[:, :70], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="method: expected 'nnls' for a store"):
+        res.transform(s, method="fit")
+    with pytest.raises(ValueError, match="use: expected None for in-memory views"):
+        res.transform(views, use=["conv"])
+
+
+def test_transform_from_a_store_that_does_not_match_names_the_view(tmp_path, hals_fit):
+    from jaxcnmf import store
+
+    views, _, res = hals_fit
+    missing = store.save(tmp_path / "a", {"conv": views["conv"]})
+    with pytest.raises(ValueError, match="view 'red': fitted, but not in the store"):
+        res.transform(missing)
+    wrong = store.save(tmp_path / "b", {"red": views["red"], "conv": views["conv"][:-2]})
+    with pytest.raises(ValueError, match="view 'conv': expected 20 rows as when fitted, "
+                                         "got 18 in the store"):
+        res.transform(wrong)
+    with pytest.raises(ValueError, match=r"use: unknown view\(s\) \['blue'\]"):
+        res.transform(wrong, use=["blue"])

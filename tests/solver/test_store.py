@@ -253,3 +253,22 @@ def test_interrupted_collect_resumes_at_the_first_missing_block(tmp_path, small,
     assert written == [0, "interrupted", 1, 2]
     assert hashlib.sha256((tmp_path / "acts" / "manifest.json").read_bytes()).hexdigest() \
         == digest
+
+
+def test_read_columns_reads_the_given_columns_in_order(tmp_path, views):
+    s = store.save(tmp_path / "s", views, block_size=BLOCK)
+    idx = [9, 0, 5, 5, 3]  # last, first, middle blocks; a repeat
+    got = s.read_columns(idx)
+    for name, X in views.items():
+        np.testing.assert_array_equal(got[name], X[:, idx])
+    assert list(s.read_columns(np.array([2]), views=["conv"])) == ["conv"]
+    assert s.read_columns([], views=["red"])["red"].shape == (5, 0)
+    b = store.save(tmp_path / "b", views, block_size=BLOCK, dtype="bfloat16")
+    np.testing.assert_array_equal(b.read_columns(idx)["red"],
+                                  views["red"][:, idx].astype(ml_dtypes.bfloat16))
+    with pytest.raises(ValueError, match=r"indices: expected column indices in \[0, 10\), got 10"):
+        s.read_columns([1, 10])
+    with pytest.raises(ValueError, match="indices: expected a 1-D array of integer"):
+        s.read_columns([0.5])
+    with pytest.raises(KeyError, match=r"unknown view\(s\) \['blue'\]"):
+        s.read_columns([1], views=["blue"])
