@@ -1084,11 +1084,12 @@ def _fidelity(config, model, variables, views, result, probe_set, layers, progre
     """Fidelity per layer and rank (it needs the network: not redone later).
 
     From a store, the fits at the other ranks stream from it too, and the network runs on
-    :func:`_analysis_subset`'s images, whose activations are read from the store one
-    layer at a time.
+    ``fidelity_images`` probe images drawn with the seed (the images of
+    :func:`_analysis_subset`), whose activations are read from the store one layer at a
+    time (:func:`jaxcnmf.concepts.fidelity.fidelity_from_store`).
     """
     import jaxcnmf
-    from jaxcnmf.concepts.fidelity import fidelity
+    from jaxcnmf.concepts.fidelity import fidelity, fidelity_from_store
     from jaxcnmf.nets import probe
 
     shapes = probe.available_layers(model, input_shape=tuple(probe_set.images.shape[1:]))
@@ -1100,25 +1101,21 @@ def _fidelity(config, model, variables, views, result, probe_set, layers, progre
         settings = {**_fit_settings(config, probe_set, views), "restarts": 1}
         for rank in progress_bar(ranks, progress, "fidelity fits"):
             fits.append(jaxcnmf.fit(views, rank, progress=False, **settings))
-    subset = _analysis_subset(config, probe_set.labels)
-    images, labels = probe_set.images, probe_set.labels
-    if subset is not None:
-        images, labels = images[subset], labels[subset]
     rows = []
     for layer in progress_bar(replaceable, progress, "fidelity"):
         if isinstance(views, dict):
-            activations = views[layer]
+            table = fidelity(model, variables, probe_set.images, probe_set.labels, fits,
+                             layer, activations=views[layer], shape=shapes[layer])
         else:
-            columns = np.arange(views.n) if subset is None else subset
-            activations = np.asarray(views.read_columns(columns, views=(layer,))[layer],
-                                     np.float32)
-        table = fidelity(model, variables, images, labels, fits, layer,
-                         activations=activations, shape=shapes[layer])
+            table = fidelity_from_store(model, variables, views, fits, layer,
+                                        n_images=config.fidelity_images, seed=config.seed,
+                                        images=probe_set.images, labels=probe_set.labels)
         rows.extend(table.to_rows())
+    subset = _analysis_subset(config, probe_set.labels)
     return {
         "fidelity": rows,
         "fidelity_skipped": [l for l in layers if l not in replaceable],
-        "fidelity_images": int(len(labels)),
+        "fidelity_images": len(probe_set.labels) if subset is None else len(subset),
     }
 
 

@@ -14,7 +14,7 @@ from jaxcnmf.nets import data, models, probe, train
 from jaxcnmf.runs import cli, figures, pipeline, runstore
 from jaxcnmf.solver import store
 
-# A small analysis: 50 digits, the pool layer and the gray pixels, 4 blocks of 16 images.
+# A small analysis: 50 digits, the pool layer and the gray pixels, 2 blocks of 25 images.
 ANALYZE = ["--layers", "pool", "--per-class", "5", "--rank", "3", "--max-iter", "20",
            "--fidelity-ranks", "3", "--batch-size", "25", "--fidelity-images", "30"]
 
@@ -67,7 +67,7 @@ def test_analyze_from_a_store_finds_the_in_memory_concepts(stored_run, checkpoin
     assert record["status"] == "complete" and (run_dir / "COMPLETE").is_file()
     assert record["config"]["store"] == str(acts)
     assert record["store"] == {"path": str(acts.resolve()), "bytes": runstore.disk_bytes(acts),
-                               "blocks": 4, "block_size": 16, "images": 50,
+                               "blocks": 2, "block_size": 25, "images": 50,
                                "dtype": "float32", "state": "written"}
     assert record["views"] == {"gray": [1024, 50], "pool": [record["views"]["pool"][0], 50]}
     assert saved.result.config["store"] == str(acts)
@@ -76,8 +76,9 @@ def test_analyze_from_a_store_finds_the_in_memory_concepts(stored_run, checkpoin
     assert analysis["kmeans"]["k"] == 3 and len(analysis["kmeans"]["assignment"]) == 50
     assert analysis["without_pixels"]["n_iter"] >= 1
     assert analysis["fidelity_images"] == 30 and len(analysis["fidelity"]) == 1
+    assert analysis["fidelity"][0]["n_images"] == 30 and analysis["fidelity"][0]["n_total"] == 50
     page = (run_dir / "report.html").read_text()
-    assert f"the fit streamed from {acts.resolve()}" in page and "4 blocks of 16 images" in page
+    assert f"the fit streamed from {acts.resolve()}" in page and "2 blocks of 25 images" in page
     assert "Fidelity on 30 of 50 images" in page
 
     # The same fit in memory, from the views collect() gives for the saved probe images.
@@ -85,8 +86,8 @@ def test_analyze_from_a_store_finds_the_in_memory_concepts(stored_run, checkpoin
     views = probe.collect(ckpt.model, ckpt.variables, saved.images, ["pool"], pixels="rgb",
                           batch_size=16, progress=False)
     config = pipeline.RunConfig(checkpoint=str(checkpoint), layers=("pool",), rank=3,
-                                max_iter=40, seed=0)
-    with pytest.warns(jaxcnmf.ConvergenceWarning):  # 40 iterations, as the run had
+                                max_iter=20, seed=0)
+    with pytest.warns(jaxcnmf.ConvergenceWarning):  # 20 iterations, as the run had
         in_memory = jaxcnmf.fit(views, 3, progress=False,
                                 **pipeline._fit_settings(config, None, views))
     assert saved.result.n_iter == in_memory.n_iter
