@@ -16,6 +16,13 @@ run never leaves a report that looks finished.
 
 The run directory's files and their layout are described in :mod:`jaxcnmf.runs.rundir`.
 
+With ``RunConfig(store=DIR)`` (``analyze --store DIR``) the probe stage writes the views to
+an on-disk store instead of memory (resuming an unfinished store of the same run, reusing a
+complete one, refusing another run's: :mod:`jaxcnmf.runs.runstore`), the fits stream from
+it and the baseline, the layers-only fit, fidelity and TCAV read from it. In memory remain
+the probe images (uint8, as the dataset loader holds them), ``F``, labels and predictions,
+one batch or a few blocks of the views, and the fidelity subset's activations of one layer.
+
 Example:
     >>> from jaxcnmf import pipeline
     >>> report = pipeline.run(pipeline.demo_config(quick=True), "/tmp/demo")  # doctest: +SKIP
@@ -925,7 +932,8 @@ def _probe_to_store(config: RunConfig, store_plan, model, variables, probe_set, 
             store_info={"labels": np.asarray(probe_set.labels, np.int64),
                         "class_names": list(splits.class_names),
                         "superclasses": superclasses, "provenance": identity})
-    predictions = runstore.predictions(s, LOGITS)
+    # One pass: the predictions, and the norms the view weights need (kept on the store).
+    predictions, _ = runstore.scan(s, LOGITS)
     state = {"new": "written", "resume": "resumed", "reuse": "reused"}[plan.state]
     views = runstore.select(s, [name for name in s.views if name != LOGITS])
     return views, predictions, runstore.describe(s, state)
@@ -1010,7 +1018,7 @@ def view_weights(config: RunConfig, views) -> str | dict[str, float] | None:
     if isinstance(views, dict):
         norms = {name: float(np.sum(np.square(np.asarray(X, np.float64))))
                  for name, X in views.items()}
-    else:  # a store: one pass over its blocks
+    else:  # a store: the norms of its first scan, else one pass over its blocks
         from jaxcnmf.runs import runstore
 
         norms = runstore.sq_norms(views)

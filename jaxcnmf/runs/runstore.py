@@ -12,8 +12,8 @@ run needs around the store:
   the first missing block) or complete and reusable; any difference is refused in one line
   that names it;
 - views of a store: :func:`select` (some of its views, e.g. without the logits, or the
-  layers alone), :func:`sq_norms` (one pass), :func:`predictions` (the logits view's arg
-  max);
+  layers alone), :func:`scan` (in one pass, the logits view's arg max and the other views'
+  squared norms, which the view weights need), :func:`sq_norms`;
 - :func:`describe`: path, size on disk and blocks, for ``run.json`` and the report.
 
 Example:
@@ -176,22 +176,41 @@ def select(s, names):
                             for block in s.manifest["blocks"]])
     subset = store.Store(s.path, manifest)
     subset._verified = s._verified  # one record of checked files for both
+    known = getattr(s, "known_sq_norms", None)
+    if known is not None:
+        subset.known_sq_norms = {name: known[name] for name in names if name in known}
     return subset
 
 
 def sq_norms(s) -> dict[str, float]:
-    """``||X_v||^2`` of every view of ``s`` (float64 sums; one pass over the store)."""
-    totals = dict.fromkeys(s.views, 0.0)
+    """``||X_v||^2`` of every view of ``s`` (float64 sums): those :func:`scan` or
+    :func:`select` left on it (``known_sq_norms``), else from one pass over the store."""
+    known = getattr(s, "known_sq_norms", None) or {}
+    if all(name in known for name in s.views):
+        return {name: known[name] for name in s.views}
+    return scan(s)[1]
+
+
+def scan(s, logits: str | None = None):
+    """One pass over ``s``: the arg max of each column of the ``logits`` view (the
+    network's predictions) and ``||X_v||^2`` of every other view.
+
+    Returns:
+        ``(predictions, norms)``: int64 ``(N,)`` (None without ``logits``) and a dict view
+        name -> float; the norms are also kept on ``s`` as ``known_sq_norms``, where
+        :func:`sq_norms` and :func:`select` find them.
+    """
+    totals = {name: 0.0 for name in s.views if name != logits}
+    predicted = []
     for arrays in s.blocks():
         for name, X in arrays.items():
             X = np.asarray(X, np.float32)
-            totals[name] += float(np.einsum("ij,ij->", X, X, dtype=np.float64))
-    return totals
-
-
-def predictions(s, view: str) -> np.ndarray:
-    """int64 ``(N,)``: the row of largest value in each column of ``view`` (the logits)."""
-    return np.concatenate([np.asarray(X, np.float32).argmax(axis=0) for X in s.blocks(view)])
+            if name == logits:
+                predicted.append(X.argmax(axis=0))
+            else:
+                totals[name] += float(np.einsum("ij,ij->", X, X, dtype=np.float64))
+    s.known_sq_norms = totals
+    return (np.concatenate(predicted) if logits is not None else None), totals
 
 
 def disk_bytes(path) -> int:

@@ -255,3 +255,20 @@ def test_tcav_from_a_store_draws_classes_and_random_sets_from_the_subset(monkeyp
     assert sorted(seen["concepts"]["concept0"][:, 0, 0, 0].tolist()) == [50, 51, 52, 53, 54]
     np.testing.assert_array_equal(seen["pool"][:, 0, 0, 0], pool)
     np.testing.assert_array_equal(seen["classes"]["b"][:, 0, 0, 0], pool[labels[pool] == 1])
+
+
+def test_scan_gives_predictions_and_norms_in_one_pass(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    views = {"gray": rng.random((6, 11)), "pool": rng.random((4, 11)),
+             "fc": rng.normal(size=(3, 11))}
+    s = store.save(tmp_path / "acts", views, block_size=4)
+    predicted, norms = runstore.scan(s, "fc")
+    np.testing.assert_array_equal(predicted, views["fc"].argmax(axis=0))
+    layers = runstore.select(s, ["pool"])
+    assert layers.views == ("pool",) and layers.n_blocks == 3
+    np.testing.assert_allclose(layers.read_all()["pool"], views["pool"].astype(np.float32))
+    monkeypatch.setattr(runstore, "scan", None)  # the norms are known: no second pass
+    for name in ("gray", "pool"):
+        expected = float(np.sum(views[name].astype(np.float32).astype(np.float64) ** 2))
+        assert norms[name] == pytest.approx(expected, rel=1e-12)
+        assert runstore.sq_norms(runstore.select(s, [name])) == {name: norms[name]}
