@@ -50,12 +50,14 @@ def _distances(P: np.ndarray, queries: np.ndarray, start: int, stop: int,
 
 
 def _nearest(F: np.ndarray, queries: np.ndarray, k: int, metric: str,
-             candidates: int = _CANDIDATES) -> np.ndarray:
+             candidates: int | None = None) -> np.ndarray:
     """(len(queries), k) nearest images of each query, nearest first, self excluded.
 
-    The candidates are scanned in chunks of ``candidates`` images, keeping a running
-    top-``k`` per query; ties are broken by the smaller image index.
+    The candidates are scanned in chunks of ``candidates`` images (default
+    ``_CANDIDATES``), keeping a running top-``k`` per query; ties are broken by the
+    smaller image index.
     """
+    candidates = _CANDIDATES if candidates is None else candidates
     P = _points(F, metric)
     n, q = P.shape[0], len(queries)
     best_d = np.full((q, k), np.inf)

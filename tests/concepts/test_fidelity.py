@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import nnls
 
-from jaxcnmf.concepts.fidelity import fidelity, fidelity_from_logits_fn, flatten_activations, unflatten_activations
+from jaxcnmf.concepts.fidelity import fidelity, fidelity_from_logits_fn, fidelity_from_store, flatten_activations, unflatten_activations
 
 
 def test_flatten_unflatten_channel_major_round_trip():
@@ -117,3 +117,56 @@ def test_fidelity_wrapper_uses_probe_and_transform(monkeypatch):
     assert rows[1]["accuracy_drop"] == 0.0
     with pytest.raises(ValueError, match="layer: expected one of the fitted views"):
         fidelity(None, None, images, labels, FakeResult(u), "fc")
+
+
+def test_fidelity_from_a_store_measures_a_seeded_subset(monkeypatch, tmp_path):
+    from jaxcnmf.nets.probe import pixel_views
+    from jaxcnmf.solver import store
+
+    A, labels, O_true, _, shape = linear_network(per_class=10)
+    images = np.random.default_rng(1).integers(0, 256, (labels.size, 2, 2, 3), np.uint8)
+    head = np.linalg.pinv(O_true)
+    seen = []
+
+    def intervene(model, variables, imgs, layer, acts):
+        seen.append(imgs)
+        assert acts.shape == (len(imgs), *shape)
+        return (head @ flatten_activations(acts)).T
+
+    fake_probe = types.SimpleNamespace(
+        available_layers=lambda model, input_shape: {"conv": shape}, intervene=intervene)
+    import jaxcnmf.nets
+
+    monkeypatch.setitem(sys.modules, "jaxcnmf.nets.probe", fake_probe)
+    monkeypatch.setattr(jaxcnmf.nets, "probe", fake_probe, raising=False)
+
+    class FakeResult:
+        def __init__(self, O):
+            self.loadings = {"conv": O}
+            self.F = np.zeros((O.shape[1], labels.size))
+
+        def transform(self, views):
+            return nnls_transform(self.loadings["conv"])(views["conv"])
+
+    views = {**pixel_views(images), "conv": A.astype(np.float32)}
+    s = store.save(tmp_path / "s", views, labels=labels, block_size=7,
+                   shapes={"red": (2, 2), "green": (2, 2), "blue": (2, 2), "conv": shape})
+    res = FakeResult(O_true)
+    table = fidelity_from_store(None, None, s, res, "conv", n_images=12, seed=3)
+    subset = np.sort(np.random.default_rng(3).choice(labels.size, 12, replace=False))
+    expected = fidelity(None, None, images[subset], labels[subset], res, "conv",
+                        activations=A[:, subset].astype(np.float32), shape=shape)
+    assert (table.n_images, table.n_total) == (12, labels.size)
+    np.testing.assert_array_equal(seen[0], images[subset])  # rebuilt from the pixel views
+    assert table.original_accuracy == expected.original_accuracy == 1.0
+    np.testing.assert_allclose(table.accuracy, expected.accuracy)
+    np.testing.assert_allclose(table.relative_error, expected.relative_error, rtol=1e-5)
+    assert table.to_rows()[0]["n_images"] == 12 and "n_images" not in expected.to_rows()[0]
+    with pytest.raises(ValueError, match=r"layer: expected one of the store's views"):
+        fidelity_from_store(None, None, s, res, "fc")
+    pooled = store.save(tmp_path / "p", {"conv": A[:3]}, labels=labels,
+                        shapes={"conv": shape})
+    with pytest.raises(ValueError, match="holds it pooled"):
+        fidelity_from_store(None, None, pooled, FakeResult(O_true[:3]), "conv")
+    with pytest.raises(ValueError, match=r"view 'conv': expected 3 rows as when fitted, got 12"):
+        fidelity_from_store(None, None, s, FakeResult(O_true[:3]), "conv")

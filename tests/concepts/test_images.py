@@ -39,3 +39,27 @@ def test_median_mask_and_masked_images():
     out = masked_images(images, mask[0], background=0.5)
     assert out.dtype == np.uint8
     assert (out[:, 1] == 100).all() and (out[:, 0] == 50).all()
+
+
+@pytest.mark.parametrize("dtype, exact", [("float32", True), ("bfloat16", False)])
+def test_store_images_rebuild_the_probed_pictures(tmp_path, dtype, exact):
+    from jaxcnmf.concepts.images import store_images
+    from jaxcnmf.nets.probe import pixel_views
+    from jaxcnmf.solver import store
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (11, 4, 3, 3), dtype=np.uint8)
+    views = {**pixel_views(images), "conv": rng.random((5, 11), dtype=np.float32)}
+    s = store.save(tmp_path / "s", views, block_size=4, dtype=dtype,
+                   shapes={name: (4, 3) for name in ("red", "green", "blue")})
+    got = store_images(s, [10, 0, 5])
+    assert got.dtype == np.uint8 and got.shape == (3, 4, 3, 3)
+    difference = np.abs(got.astype(int) - images[[10, 0, 5]].astype(int)).max()
+    assert difference == 0 if exact else difference <= 1
+    gray = rng.integers(0, 256, (6, 2, 2, 1), dtype=np.uint8)
+    g = store.save(tmp_path / "g", pixel_views(gray), shapes={"gray": (2, 2)})
+    np.testing.assert_array_equal(store_images(g, [3, 1]), gray[[3, 1]])
+    layers = store.save(tmp_path / "l", {"conv": views["conv"]})
+    with pytest.raises(ValueError, match=r"expected pixel views \('red', 'green', 'blue' or "
+                                         r"'gray'\).*index the source dataset"):
+        store_images(layers, [0])

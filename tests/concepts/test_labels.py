@@ -161,3 +161,48 @@ def test_scaled_F_gives_the_same_assignment_for_every_scale_split():
     np.testing.assert_allclose(a, norms[:, None] * F)
     with pytest.raises(ValueError, match=r"loadings: expected 4 columns \(the rank of F\), got 3"):
         scaled_F(F, {"a": loadings["a"][:, :3]})
+
+
+def test_kmeans_baseline_from_a_store_equals_in_memory(tmp_path):
+    from jaxcnmf.solver import store
+
+    # The shapes of test_kmeans_baseline_recovers_clusters_and_normalises_views (30 points
+    # of 6 dimensions, k=3): its compiled k-means serves both calls.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    conv = (np.eye(3)[labels].T.repeat(2, axis=0) + 0.2 * rng.random((6, 30))).astype(np.float32)
+    red = rng.random((4, 30), dtype=np.float32)
+    s = store.save(tmp_path / "s", {"red": red, "conv": conv}, labels=labels, block_size=8)
+    memory = kmeans_baseline({"conv": conv}, labels, k=3)
+    disk = kmeans_baseline(s, None, k=3, views=["conv"])
+    np.testing.assert_array_equal(disk.assignment, memory.assignment)
+    assert disk.nmi == pytest.approx(memory.nmi) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="views: expected None for in-memory activations"):
+        kmeans_baseline({"conv": conv}, labels, k=3, views=["conv"])
+
+
+def test_class_shares_and_similarity_of_a_fit_from_a_store(tmp_path):
+    # They read only F and the loadings, so a streamed fit serves them as a fit in memory.
+    import warnings
+
+    import jaxcnmf
+    from jaxcnmf.concepts.neurons import loading_similarity
+    from jaxcnmf.solver import store
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 15)
+    F = np.eye(2)[labels].T + 0.1 * rng.random((2, 30))
+    views = {"red": (rng.random((8, 2)) @ F).astype(np.float32),
+             "conv": (rng.random((6, 2)) @ F).astype(np.float32)}
+    init = {"F": rng.random((2, 30)), "loadings": {k: rng.random((X.shape[0], 2))
+                                                   for k, X in views.items()}}
+    s = store.save(tmp_path / "s", views, labels=labels, block_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        options = dict(rank=2, method="hals", init=init, max_iter=15, progress=False)
+        disk, memory = jaxcnmf.fit(s, **options), jaxcnmf.fit(views, **options)
+    np.testing.assert_allclose(class_shares(disk.F, s.labels, 2),
+                               class_shares(memory.F, labels, 2), atol=1e-4)
+    np.testing.assert_allclose(loading_similarity(disk.loadings["conv"]),
+                               loading_similarity(memory.loadings["conv"]), atol=1e-4)
+    assert purity(disk.F, s.labels, 2) == pytest.approx(purity(memory.F, labels, 2), abs=1e-4)

@@ -54,3 +54,25 @@ def test_accuracy_vs_entropy_bins():
     assert table.to_rows()[1]["accuracy"] is None
     constant = accuracy_vs_entropy(np.zeros(4), np.ones(4, bool), bins=3)
     assert constant.count.sum() == 4 and constant.accuracy[0] == 1.0
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_chunked_neighbours_equal_a_full_distance_matrix(metric, monkeypatch):
+    from jaxcnmf.concepts import neighbours
+
+    rng = np.random.default_rng(2)
+    F = rng.random((4, 90))
+    X = F.T / np.linalg.norm(F.T, axis=1, keepdims=True) if metric == "cosine" else F.T
+    if metric == "cosine":
+        full = 1.0 - X @ X.T
+    else:
+        full = np.sqrt(np.maximum(((X[:, None] - X[None]) ** 2).sum(-1), 0.0))
+    np.fill_diagonal(full, np.inf)
+    expected = np.argsort(full, axis=1, kind="stable")[:, :5]
+    # Candidates in chunks of 13 (the last one short), queries in chunks of 7.
+    np.testing.assert_array_equal(neighbours._nearest(F, np.arange(90), 5, metric, 13),
+                                  expected)
+    entropy = neighbour_entropy_all(F, 5, metric, chunk_size=7)
+    monkeypatch.setattr(neighbours, "_CANDIDATES", 13)
+    np.testing.assert_array_equal(neighbour_entropy_all(F, 5, metric, chunk_size=7), entropy)
+    assert nearest_neighbours(F, 40, 5, metric).tolist() == expected[40].tolist()

@@ -472,3 +472,21 @@ def test_constant_gradients_tolerance_and_single_input_classes():
     # constant, and one input alone says nothing about the layer.
     assert tcav.constant_gradients(grads, labels, 5).tolist() == [True, False, True, False,
                                                                   False]
+
+
+def test_concepts_from_store_equal_concepts_from_factors(tmp_path):
+    from jaxcnmf.nets.probe import pixel_views
+    from jaxcnmf.solver import store
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (9, 2, 2, 3), dtype=np.uint8)
+    F = rng.random((3, 9))
+    s = store.save(tmp_path / "s", pixel_views(images), block_size=4,
+                   shapes={name: (2, 2) for name in ("red", "green", "blue")})
+    got = tcav.concepts_from_store(F, s, top=4)
+    expected = tcav.concepts_from_factors(F, images, top=4)
+    assert list(got) == list(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+    with pytest.raises(ValueError, match=r"F: expected shape \(rank, 9\)"):
+        tcav.concepts_from_store(F[:, :5], s)
