@@ -753,7 +753,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         before = files_under(out)  # the user's own files, which the run leaves alone
 
         def save_record():
-            record["files"] = written_files(out, before, [RUN_JSON])
+            record["files"] = _outside_store(written_files(out, before, [RUN_JSON]), out,
+                                             config.store)
             write_json_atomic(out / RUN_JSON, record)
 
         try:
@@ -771,6 +772,19 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
             save_record()
             raise
     return report_path
+
+
+def _outside_store(files, out: Path, store) -> list[str]:
+    """``files`` (relative to ``out``) without those of a store inside ``out``: a store
+    outlives its run, so ``--force`` (which deletes what a run wrote) leaves it to be
+    resumed or reused."""
+    if store is None:
+        return files
+    try:
+        inside = Path(store).resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return files
+    return [f for f in files if f != inside and not f.startswith(inside + "/")]
 
 
 def _pixel_mode(config: RunConfig, images, stages) -> str:
@@ -897,12 +911,10 @@ def _store_plan(config: RunConfig, checkpoint, variables, layers, pixels, stages
     identity = _store_identity(config, checkpoint, variables, layers, pixels)
     plan = runstore.plan(config.store, identity, dtype=config.store_dtype,
                          batch_size=config.batch_size)
-    if stages is None:
-        pass
-    elif plan.state == "reuse":
+    if stages is not None and plan.state == "reuse":
         stages.log(f"store: reusing the complete store {config.store} of this checkpoint, "
                    f"layers and probe set ({plan.n_blocks} blocks); probing is skipped")
-    elif plan.state == "resume":
+    elif stages is not None and plan.state == "resume":
         stages.log(f"store: resuming the unfinished store {config.store}: {plan.written} of "
                    f"{plan.n_blocks} blocks written, probing the rest")
     return plan, identity

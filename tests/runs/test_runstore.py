@@ -142,7 +142,9 @@ def test_a_store_of_other_layers_or_dtype_is_refused_in_one_line(stored_run, che
 
 def test_an_interrupted_store_resumes_at_its_first_missing_block(checkpoint, tmp_path,
                                                                 monkeypatch):
-    acts = tmp_path / "acts"
+    # The store inside the run directory: rerunning with force redoes the run, not the store.
+    out = tmp_path / "run"
+    acts = out / "acts"
     config = pipeline.RunConfig(checkpoint=str(checkpoint), layers=("pool",), per_class=5,
                                 rank=3, batch_size=16, store=str(acts))
     original, written = store.Writer.write_block, []
@@ -154,7 +156,8 @@ def test_an_interrupted_store_resumes_at_its_first_missing_block(checkpoint, tmp
 
     monkeypatch.setattr(store.Writer, "write_block", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(config, tmp_path / "first", progress=False)
+        pipeline.run(config, out, progress=False)
+    assert not any("acts" in f for f in json.loads((out / "run.json").read_text())["files"])
     with pytest.raises(store.StoreError, match="2 of 4 blocks written, first missing block 2"):
         store.open(acts)
 
@@ -168,9 +171,9 @@ def test_an_interrupted_store_resumes_at_its_first_missing_block(checkpoint, tmp
     monkeypatch.setattr(store.Writer, "write_block", counted)
     monkeypatch.setattr(pipeline, "_factorize", stop)
     with pytest.raises(RuntimeError, match="stopped after the probe stage"):
-        pipeline.run(config, tmp_path / "second", progress=False)
+        pipeline.run(config, out, force=True, progress=False)
     assert written == [2, 3]
-    record = json.loads((tmp_path / "second" / "run.json").read_text())
+    record = json.loads((out / "run.json").read_text())
     assert record["store"]["state"] == "resumed"
     # The resumed store holds what one uninterrupted probe gives.
     ckpt = train.load_checkpoint(checkpoint)
