@@ -824,8 +824,8 @@ def _fidelity_section(page: _Page, out: Path) -> list[str]:
     if measured is not None and measured < total:
         blocks.append(paragraph(
             f"Fidelity on {measured} of {total} images: a random subset of the probe set "
-            "(the activations came from the run's store, where the probe set is too large "
-            "to run the network on whole; the fits use every image).", note=True))
+            "(--fidelity-images; from a store the network runs on a subset, whose "
+            "activations are read from the store); the fits use every image.", note=True))
     skipped = page.saved.network.get("fidelity_skipped") or []
     if skipped:
         blocks.append(paragraph(
