@@ -356,7 +356,8 @@ class FitResult:
             views: dict name -> ``(rows_v, N_new)`` holding any subset of the fitted view
                 names (a list is read as all fitted views in order), or a
                 :class:`jaxcnmf.store.Store`: then ``F`` is solved block by block of the
-                store's columns (exact NNLS only; memory: ``F`` plus one block). Their
+                store's columns (exact NNLS only; memory: ``F`` plus one block; two passes
+                over the store, one for the data's scale and one to solve). Their
                 fitted weights and ``F`` penalties are used; the group lasso is not.
             max_iter: bound on the ``F`` updates (``method="fit"`` only).
             tol: KKT tolerance; default the fit's ``tol`` (``method="fit"`` only).

@@ -199,7 +199,7 @@ def test_class_shares_and_similarity_of_a_fit_from_a_store(tmp_path):
     s = store.save(tmp_path / "s", views, labels=labels, block_size=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        options = dict(rank=2, method="hals", init=init, max_iter=15, progress=False)
+        options = {"rank": 2, "method": "hals", "init": init, "max_iter": 15, "progress": False}
         disk, memory = jaxcnmf.fit(s, **options), jaxcnmf.fit(views, **options)
     np.testing.assert_allclose(class_shares(disk.F, s.labels, 2),
                                class_shares(memory.F, labels, 2), atol=1e-4)
