@@ -623,7 +623,7 @@ def collect(
         raise ValueError("layers: expected at least one layer when pixels=False, got none")
     keep = "keep" if allow_negative else negative
     if store is not None:
-        return _collect_to_store(net, arr, layers, pixels, pooling, batch_size,
+        return _collect_to_store(net, arr, layers, mode, pooling, batch_size,
                                  progress, keep, store, dtype, store_info)
     if dtype != "float32":
         raise ValueError(f"dtype: expected 'float32' without store=..., got {dtype!r}")
@@ -713,9 +713,11 @@ def _collect_to_store(net, arr, layers, pixels, pooling, batch_size, progress,
     n, h, w, c = arr.shape
     b = min(batch_size, n)
     shapes = _shapes(net, arr.shape[1:]).layers if layers else {}
-    rows = {name: h * w for name in PIXEL_NAMES[c]} if pixels else {}
+    # ``pixels`` is the resolved mode: "rgb" (a view per channel), "gray" or "none".
+    pixel_names = {"none": (), "gray": ("gray",)}.get(pixels, PIXEL_NAMES[c])
+    rows = {name: h * w for name in pixel_names}
     rows.update({name: _view_rows(shapes[name], pooling) for name in layers})
-    view_shapes = {name: (h, w) for name in PIXEL_NAMES[c]} if pixels else {}
+    view_shapes = {name: (h, w) for name in pixel_names}
     view_shapes.update({name: shapes[name] for name in layers})
     info = dict(info or {})
     unknown = sorted(set(info) - {"labels", "class_names", "superclasses", "provenance"})
@@ -724,7 +726,7 @@ def _collect_to_store(net, arr, layers, pixels, pooling, batch_size, progress,
                          f"class_names, superclasses, provenance")
     provenance = {"model": net.adapter.name, "model_kind": net.adapter.kind,
                   "layers": list(layers), "pooling": pooling, "negative": negative,
-                  "pixels": bool(pixels), "image_shape": [h, w, c], "batch_size": b,
+                  "pixels": pixels, "image_shape": [h, w, c], "batch_size": b,
                   **(info.get("provenance") or {})}
     writer = _store.Writer(path, rows, n, block_size=b, dtype=dtype, shapes=view_shapes,
                            labels=info.get("labels"), class_names=info.get("class_names"),
@@ -737,7 +739,7 @@ def _collect_to_store(net, arr, layers, pixels, pooling, batch_size, progress,
             for name in _check_minima(layers, minima, negative):
                 if negative == "clip":  # "shift" is refused with store=
                     views[name] = np.maximum(views[name], 0)
-        pix = pixel_views(arr[start:stop]) if pixels else {}
+        pix = pixel_views(arr[start:stop], pixels) if pixel_names else {}
         writer.write_block(i, {name: pix[name] if name in pix
                                else views[name][:, start - first:stop - first]
                                for name in rows})

@@ -101,6 +101,19 @@ examples:
                   --layers conv4_x,conv5_x,avgpool --per-class 30 --rank 20 \\
                   --group-sparse 0.1 --groups superclass --out runs/r18/concepts
 
+--store DIR is for probe sets whose activations do not fit in memory: the probe stage writes
+them to DIR block by block (one block per --batch-size images), the fit streams the blocks
+(HALS or MU, one device, one start, no group penalty), and the k-means baseline, the
+layers-only fit, fidelity (on --fidelity-images of the probe images) and TCAV read from it.
+Rerunning with --force after an interruption continues the store at its first missing block
+(--force redoes the run directory, never the store); a complete
+store of the same checkpoint, layers and probe set is reused without probing; a store of
+anything else is refused. In memory remain the probe images (uint8), F (rank x N) and a few
+blocks.
+  jaxcnmf analyze --checkpoint runs/r18/ckpt --dataset cifar10 --source DIR --split train \\
+                  --per-class 5000 --layers conv4_x,conv5_x,avgpool --pooling mean \\
+                  --store runs/r18/acts --store-dtype bfloat16 --out runs/r18/train50k
+
 --group-sparse F sets the group penalty as a fraction F in (0, 1] of the smallest penalty
 that zeroes every group, whatever the data's scale; concepts that end empty are reported
 in a note line and in run.json ("dead_concepts"); if every concept dies the run fails.
@@ -474,6 +487,22 @@ def _add_analyze(commands):
         "--batch-size", metavar="N", type=_positive_int, default=256,
         help="images per forward pass when probing (default: 256)",
     )
+    analyze.add_argument(
+        "--store", metavar="DIR", default=None,
+        help="probe into an on-disk activation store in DIR, fit by streaming from it and "
+        "run the analyses from it, for probe sets whose activations do not fit in memory "
+        "(a rerun resumes an unfinished store and reuses a complete one; see below)",
+    )
+    analyze.add_argument(
+        "--store-dtype", choices=("float32", "bfloat16"), default=None,
+        help="dtype of the stored activations; bfloat16 halves disk and reads (default: "
+        "float32; needs --store)",
+    )
+    analyze.add_argument(
+        "--fidelity-images", metavar="N", type=_positive_int, default=None,
+        help="with --store, measure fidelity (and draw TCAV's classes and random sets) on a "
+        "random subset of N probe images (default: 2000; needs --store)",
+    )
     _add_tcav_step(analyze)
     analyze.add_argument(
         "--tcav-top", metavar="N", type=_positive_int, default=None,
@@ -671,10 +700,26 @@ def _analyze(args):
         fidelity_ranks=args.fidelity_ranks,
         batch_size=args.batch_size,
         seed=args.seed,
+        **_store_settings(args),
     )
     tcav = _tcav_settings(args)
     return pipeline.run(config, _check_out_arg(args.out), force=args.force,
                         progress=not args.quiet, tcav=tcav)
+
+
+def _store_settings(args) -> dict:
+    """RunConfig's store fields from --store, --store-dtype and --fidelity-images."""
+    from jaxcnmf.runs import pipeline
+
+    if args.store is None:
+        given = [flag for flag, value in (("--store-dtype", args.store_dtype),
+                                          ("--fidelity-images", args.fidelity_images))
+                 if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --store")
+        return {}
+    return {"store": args.store, "store_dtype": args.store_dtype or "float32",
+            "fidelity_images": args.fidelity_images or pipeline.DEFAULT_FIDELITY_IMAGES}
 
 
 def _tcav(args):

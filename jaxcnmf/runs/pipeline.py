@@ -16,6 +16,13 @@ run never leaves a report that looks finished.
 
 The run directory's files and their layout are described in :mod:`jaxcnmf.runs.rundir`.
 
+With ``RunConfig(store=DIR)`` (``analyze --store DIR``) the probe stage writes the views to
+an on-disk store instead of memory (resuming an unfinished store of the same run, reusing a
+complete one, refusing another run's: :mod:`jaxcnmf.runs.runstore`), the fits stream from
+it and the baseline, the layers-only fit, fidelity and TCAV read from it. In memory remain
+the probe images (uint8, as the dataset loader holds them), ``F``, labels and predictions,
+one batch or a few blocks of the views, and the fidelity subset's activations of one layer.
+
 Example:
     >>> from jaxcnmf import pipeline
     >>> report = pipeline.run(pipeline.demo_config(quick=True), "/tmp/demo")  # doctest: +SKIP
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -71,6 +79,10 @@ PIXEL_MODES = ("auto", "rgb", "gray", "none")
 # and the experiments' activation problems, while MU is not within 1% after 1000.
 DEFAULT_METHOD = "hals"
 DEFAULT_MAX_ITER = 500
+STORE_DTYPES = ("float32", "bfloat16")
+# Fidelity from a store runs the network on this many probe images (a random subset): it
+# needs their layer activations in memory, one layer at a time.
+DEFAULT_FIDELITY_IMAGES = 2000
 # The RunConfig fields that describe a network to train: recorded only when one is trained.
 TRAINING_FIELDS = ("model", "width", "epochs", "train_batch_size", "lr", "augment",
                    "schedule", "warmup", "label_smoothing")
@@ -123,6 +135,17 @@ class RunConfig:
         top_images: images shown per concept in the report.
         neighbours: K of the nearest-neighbour analysis.
         seed: seeds the probe subset, training and the solver.
+        store: a directory for an on-disk activation store (``jaxcnmf.store``), for probe
+            sets whose activations do not fit in memory: the probe stage writes it block
+            by block (resuming an unfinished store of the same run, reusing a complete
+            one), the fit streams from it, and the baseline, the layers-only fit,
+            fidelity and TCAV read from it. None keeps the views in memory. With a store
+            the fit runs on one device, with one start and without a group penalty.
+        store_dtype: "float32" or "bfloat16" (half the disk and reads; values rounded to
+            8 bits of mantissa), the stored values' dtype.
+        fidelity_images: with ``store``, fidelity is measured on this many probe images
+            (a random subset drawn with ``seed``; all of them when there are fewer); its
+            size goes to ``analysis.json`` and the report. Without a store, on all of them.
     """
 
     command: str = "analyze"
@@ -161,6 +184,9 @@ class RunConfig:
     top_images: int = 8
     neighbours: int = 10
     seed: int = 0
+    store: str | None = None
+    store_dtype: str = "float32"
+    fidelity_images: int = DEFAULT_FIDELITY_IMAGES
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (tuples become lists), without the training
@@ -333,6 +359,33 @@ def _check_config(config: RunConfig) -> None:
         raise ValueError("layers: expected at least one layer, got none")
     if config.checkpoint is not None and not Path(config.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint: {config.checkpoint} does not exist")
+    if config.store is not None:
+        _check_store_config(config)
+
+
+def _check_store_config(config: RunConfig) -> None:
+    """What a run from a store cannot do, said before anything is loaded."""
+    if config.store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype: expected one of {', '.join(STORE_DTYPES)}, got "
+                         f"{config.store_dtype!r}")
+    if config.group_penalty:
+        raise ValueError("store: the fit streamed from a store has no group penalty (its "
+                         "step needs every column at once); leave out --group-sparse and "
+                         "--group-lam, or fit in memory without --store")
+    if config.restarts != 1:
+        raise ValueError(f"restarts: the fit streamed from a store runs one start; expected "
+                         f"1, got {config.restarts}")
+    if config.devices not in (None, 1):
+        raise ValueError(f"devices: the fit streamed from a store runs on one device; "
+                         f"expected 1, got {config.devices}")
+    if isinstance(config.fidelity_images, bool) or not isinstance(config.fidelity_images, int) \
+            or config.fidelity_images < 1:
+        raise ValueError(f"fidelity_images: expected a positive integer, got "
+                         f"{config.fidelity_images!r}")
+    path = Path(config.store)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"store: {path} exists and is not a directory; expected a new "
+                         "directory or a store written by an earlier run")
 
 
 def _check_tcav_config(tcav_config: TcavConfig) -> None:
@@ -675,11 +728,16 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
             dataset_name = probe_set.name.rpartition("/")[0]
     _check_probe_set(config, probe_set)
     model = _fit_classes(config, model, variables is not None, probe_set.num_classes)
+    analysed = _analysis_subset(config, probe_set.labels)
     if tcav is not None:
-        _check_tcav_probe(tcav, len(probe_set.labels), probe_set.class_names)
+        _check_tcav_probe(tcav, len(probe_set.labels) if analysed is None else len(analysed),
+                          probe_set.class_names)
         tcav_layers = _tcav_layers(model, tcav, layers, probe_set.images.shape[1:])
 
     pixels = _pixel_mode(config, probe_set.images, stages)
+    if config.store is not None and variables is not None:
+        # A store of another checkpoint or probe set is refused before the run starts.
+        _store_plan(config, meta["checkpoint"], variables, layers, pixels)
     record = {
         "status": "running",
         "started": started,
@@ -704,7 +762,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
         before = files_under(out)  # the user's own files, which the run leaves alone
 
         def save_record():
-            record["files"] = written_files(out, before, [RUN_JSON])
+            record["files"] = _outside_store(written_files(out, before, [RUN_JSON]), out,
+                                             config.store)
             write_json_atomic(out / RUN_JSON, record)
 
         try:
@@ -722,6 +781,19 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
             save_record()
             raise
     return report_path
+
+
+def _outside_store(files, out: Path, store) -> list[str]:
+    """``files`` (relative to ``out``) without those of a store inside ``out``: a store
+    outlives its run, so ``--force`` (which deletes what a run wrote) leaves it to be
+    resumed or reused."""
+    if store is None:
+        return files
+    try:
+        inside = Path(store).resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return files
+    return [f for f in files if f != inside and not f.startswith(inside + "/")]
 
 
 def _pixel_mode(config: RunConfig, images, stages) -> str:
@@ -753,19 +825,30 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
             variables, trained = _train(config, model, splits, out / CHECKPOINT_DIR,
                                         progress)
             record["model"].update(trained)
-    with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"):
-        # The logits come from the same forward pass; they are the one view that may
-        # be negative, and they are not factorized.
-        views = probe.collect(
-            model, variables, probe_set.images, layers + (LOGITS,), pixels=pixels,
-            pooling=config.pooling, batch_size=config.batch_size, progress=progress,
-            allow_negative=True,
-        )
-        predictions = views.pop(LOGITS).argmax(axis=0)
-    record["views"] = {name: list(view.shape) for name, view in views.items()}
+    store_plan = None
+    if config.store is not None:
+        store_plan = _store_plan(config, record["model"]["checkpoint"], variables, layers,
+                                 pixels, stages)
+    with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"
+                         + ("" if config.store is None else f", into the store {config.store}")):
+        if config.store is None:
+            # The logits come from the same forward pass; they are the one view that may
+            # be negative, and they are not factorized.
+            views = probe.collect(
+                model, variables, probe_set.images, layers + (LOGITS,), pixels=pixels,
+                pooling=config.pooling, batch_size=config.batch_size, progress=progress,
+                allow_negative=True,
+            )
+            predictions = views.pop(LOGITS).argmax(axis=0)
+        else:
+            views, predictions, record["store"] = _probe_to_store(
+                config, store_plan, model, variables, probe_set, splits, layers, pixels,
+                progress)
+    record["views"] = {name: list(_view_shape(views, name)) for name in _view_names(views)}
     record["probe_accuracy"] = float(np.mean(predictions == probe_set.labels))
 
-    with stages("factorize", f"rank {config.rank}, {config.method}, {len(views)} views"):
+    with stages("factorize", f"rank {config.rank}, {config.method}, {len(record['views'])} "
+                             f"views" + ("" if config.store is None else ", streamed")):
         result, dead = _factorize(views, config, probe_set, progress)
     result.save(out / FACTORIZATION)
     np.savez_compressed(
@@ -788,12 +871,12 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
     }
 
     analyses = {"kmeans": None, "dead_concepts": dead, "without_pixels": None}
-    with_pixels = any(name not in layers for name in views)
+    with_pixels = any(name not in layers for name in _view_names(views))
     if config.baseline:
         with stages("baseline", f"k-means with k={config.rank} on {', '.join(layers)}"
                                 + (", and the same fit without the pixel views"
                                    if with_pixels else "")):
-            analyses["kmeans"] = _kmeans(config, views, probe_set, layers)
+            analyses["kmeans"] = _kmeans(config, views, probe_set, layers, progress)
             if with_pixels:
                 analyses["without_pixels"] = _without_pixels(config, views, probe_set, layers)
     with stages("fidelity", "fidelity per layer and rank"):
@@ -804,7 +887,8 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
         with stages("tcav", f"{config.rank} concepts at {', '.join(tcav_layers)}, "
                             f"{tcav.random_runs} random runs"):
             _tcav_step(tcav, tcav_layers, model, variables, result, probe_set.images,
-                       probe_set.labels, probe_set.class_names, out, progress)
+                       probe_set.labels, probe_set.class_names, out, progress,
+                       pool=_analysis_subset(config, probe_set.labels))
     save_record()
 
     with stages("report", "figures, tables and report.html"):
@@ -817,6 +901,85 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
     record["files"] = sorted(set(record["files"]) | {COMPLETE})
     write_json_atomic(out / RUN_JSON, record)
     return report_path
+
+
+def _store_identity(config: RunConfig, checkpoint, variables, layers, pixels) -> dict[str, Any]:
+    from jaxcnmf.runs import runstore
+
+    return runstore.identity(
+        checkpoint=checkpoint, variables=variables, layers=layers,
+        pooling=config.pooling, pixels=pixels, dataset=config.dataset, split=config.split,
+        per_class=config.per_class, seed=config.seed)
+
+
+def _store_plan(config: RunConfig, checkpoint, variables, layers, pixels, stages=None):
+    """Check ``config.store`` against this run and say (with ``stages``, in a log line)
+    what the probe stage will do with it; returns the plan and the run's identity."""
+    from jaxcnmf.runs import runstore
+
+    identity = _store_identity(config, checkpoint, variables, layers, pixels)
+    plan = runstore.plan(config.store, identity, dtype=config.store_dtype,
+                         batch_size=config.batch_size)
+    if stages is not None and plan.state == "reuse":
+        stages.log(f"store: reusing the complete store {config.store} of this checkpoint, "
+                   f"layers and probe set ({plan.n_blocks} blocks); probing is skipped")
+    elif stages is not None and plan.state == "resume":
+        stages.log(f"store: resuming the unfinished store {config.store}: {plan.written} of "
+                   f"{plan.n_blocks} blocks written, probing the rest")
+    return plan, identity
+
+
+def _probe_to_store(config: RunConfig, store_plan, model, variables, probe_set, splits,
+                    layers, pixels, progress):
+    """The probe stage with a store: write (or resume, or reuse) it, then read back the
+    network's predictions from its logits view.
+
+    Returns the store without the logits view (what the fit streams), the ``(N,)``
+    predictions and ``run.json``'s ``"store"`` record.
+    """
+    from jaxcnmf.nets import probe
+    from jaxcnmf.runs import runstore
+    from jaxcnmf.solver import store
+
+    plan, identity = store_plan
+    if plan.state == "reuse":
+        s = store.open(config.store)
+    else:
+        superclasses = list(probe_set.superclass_names or ()) or None
+        s = probe.collect(
+            model, variables, probe_set.images, layers + (LOGITS,), pixels=pixels,
+            pooling=config.pooling, batch_size=config.batch_size, progress=progress,
+            allow_negative=True, store=config.store, dtype=config.store_dtype,
+            store_info={"labels": np.asarray(probe_set.labels, np.int64),
+                        "class_names": list(probe_set.class_names),
+                        "superclasses": superclasses, "provenance": identity})
+    # One pass: the predictions, and the norms the view weights need (kept on the store).
+    predictions, _ = runstore.scan(s, LOGITS)
+    state = {"new": "written", "resume": "resumed", "reuse": "reused"}[plan.state]
+    views = runstore.select(s, [name for name in s.views if name != LOGITS])
+    return views, predictions, runstore.describe(s, state)
+
+
+def _view_shape(views, name) -> tuple[int, int]:
+    """``(rows, N)`` of a view of a dict of views or of a store."""
+    if isinstance(views, dict):
+        return tuple(views[name].shape)
+    return views.rows[name], views.n
+
+
+def _analysis_subset(config, labels) -> np.ndarray | None:
+    """With a store, the probe images fidelity and TCAV run on: ``fidelity_images`` of
+    them at random (drawn with the seed, in probe order); None (all) without a store or
+    when there are no more than that.
+
+    ``config`` is a :class:`RunConfig` or its ``to_json`` dict (a saved run's).
+    """
+    get = config.get if isinstance(config, dict) else functools.partial(getattr, config)
+    n, size = len(labels), get("fidelity_images", DEFAULT_FIDELITY_IMAGES)
+    if get("store", None) is None or n <= size:
+        return None
+    rng = np.random.default_rng(get("seed", 0))
+    return np.sort(rng.choice(n, size=size, replace=False))
 
 
 def _factorize(views, config: RunConfig, probe_set, progress: bool):
@@ -865,24 +1028,37 @@ def view_weights(config: RunConfig, views) -> str | dict[str, float] | None:
 
     Balanced weights give each view ``1 / ||X_v||^2`` (every view the same total weight);
     with ``pixel_share`` the pixel views together get that share of the objective and the
-    layer views the rest, in equal parts.
+    layer views the rest, in equal parts. ``views`` is a dict of ``(rows_v, N)`` arrays or
+    a :class:`jaxcnmf.store.Store` (its norms then take one pass over its blocks).
     """
-    pixels = [name for name in views if name in PIXEL_VIEWS]
-    layers = [name for name in views if name not in PIXEL_VIEWS]
+    names = _view_names(views)
+    pixels = [name for name in names if name in PIXEL_VIEWS]
+    layers = [name for name in names if name not in PIXEL_VIEWS]
     if config.weights != "balanced" or config.pixel_share is None or not pixels or not layers:
         return config.weights
+    if isinstance(views, dict):
+        norms = {name: float(np.sum(np.square(np.asarray(X, np.float64))))
+                 for name, X in views.items()}
+    else:  # a store: the norms of its first scan, else one pass over its blocks
+        from jaxcnmf.runs import runstore
+
+        norms = runstore.sq_norms(views)
     weights = {}
-    for name in views:
-        X = np.asarray(views[name], np.float64)
-        norm = float(np.sum(X * X)) or 1.0
+    for name in names:
+        norm = norms[name] or 1.0
         part = config.pixel_share / len(pixels) if name in pixels else \
             (1.0 - config.pixel_share) / len(layers)
         weights[name] = part / norm
     return weights
 
 
+def _view_names(views) -> tuple[str, ...]:
+    """The view names of a dict of views or of a store."""
+    return tuple(views) if isinstance(views, dict) else tuple(views.views)
+
+
 def _fit_settings(config: RunConfig, probe_set, views) -> dict[str, Any]:
-    return dict(mesh=_mesh(config),
+    return dict(mesh=None if config.store is not None else _mesh(config),
         method=config.method, max_iter=config.max_iter, tol=config.tol, seed=config.seed,
         weights=view_weights(config, views), unit_columns=config.unit_columns,
         groups=_group_ids(config, probe_set), group_lam=config.group_lam,
@@ -897,7 +1073,7 @@ def _without_pixels(config, views, probe_set, layers) -> dict[str, Any]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer_views = {layer: views[layer] for layer in layers}
+        layer_views = _layer_views(views, layers)
         res = jaxcnmf.fit(layer_views, config.rank, progress=False,
                           **{**_fit_settings(config, probe_set, layer_views), "restarts": 1})
     assignment = strongest_concept(res.scaled_F())
@@ -905,20 +1081,44 @@ def _without_pixels(config, views, probe_set, layers) -> dict[str, Any]:
             "purity": cluster_purity(assignment, probe_set.labels), "n_iter": int(res.n_iter)}
 
 
-def _kmeans(config, views, probe_set, layers) -> dict[str, Any]:
-    """The k-means baseline on the layer activations (it needs them: not redone later)."""
+def _layer_views(views, layers):
+    """The layer views alone: a dict of them, or the store restricted to them (a streamed
+    fit of it reads those views only)."""
+    if isinstance(views, dict):
+        return {layer: views[layer] for layer in layers}
+    from jaxcnmf.runs import runstore
+
+    return runstore.select(views, layers)
+
+
+def _kmeans(config, views, probe_set, layers, progress: bool = False) -> dict[str, Any]:
+    """The k-means baseline on the layer activations (it needs them: not redone later).
+
+    From a store, mini-batch style: seeded on an in-memory sample of its columns, then
+    Lloyd passes over its blocks (:func:`jaxcnmf.concepts.kmeans.kmeans_store`).
+    """
     from jaxcnmf.concepts.labels import kmeans_baseline
 
-    layer_views = {layer: views[layer] for layer in layers}
-    baseline = kmeans_baseline(layer_views, probe_set.labels, k=config.rank, seed=config.seed)
+    if isinstance(views, dict):
+        baseline = kmeans_baseline(_layer_views(views, layers), probe_set.labels,
+                                   k=config.rank, seed=config.seed)
+    else:
+        baseline = kmeans_baseline(views, probe_set.labels, k=config.rank, seed=config.seed,
+                                   views=list(layers), progress=progress)
     return {"k": config.rank, "nmi": baseline.nmi, "purity": baseline.purity,
             "views": list(layers), "assignment": baseline.assignment.tolist()}
 
 
 def _fidelity(config, model, variables, views, result, probe_set, layers, progress):
-    """Fidelity per layer and rank (it needs the network: not redone later)."""
+    """Fidelity per layer and rank (it needs the network: not redone later).
+
+    From a store, the fits at the other ranks stream from it too, and the network runs on
+    ``fidelity_images`` probe images drawn with the seed (the images of
+    :func:`_analysis_subset`), whose activations are read from the store one layer at a
+    time (:func:`jaxcnmf.concepts.fidelity.fidelity_from_store`).
+    """
     import jaxcnmf
-    from jaxcnmf.concepts.fidelity import fidelity
+    from jaxcnmf.concepts.fidelity import fidelity, fidelity_from_store
     from jaxcnmf.nets import probe
 
     shapes = probe.available_layers(model, input_shape=tuple(probe_set.images.shape[1:]))
@@ -932,21 +1132,37 @@ def _fidelity(config, model, variables, views, result, probe_set, layers, progre
             fits.append(jaxcnmf.fit(views, rank, progress=False, **settings))
     rows = []
     for layer in progress_bar(replaceable, progress, "fidelity"):
-        table = fidelity(model, variables, probe_set.images, probe_set.labels, fits,
-                         layer, activations=views[layer], shape=shapes[layer])
+        if isinstance(views, dict):
+            table = fidelity(model, variables, probe_set.images, probe_set.labels, fits,
+                             layer, activations=views[layer], shape=shapes[layer])
+        else:
+            table = fidelity_from_store(model, variables, views, fits, layer,
+                                        n_images=config.fidelity_images, seed=config.seed,
+                                        images=probe_set.images, labels=probe_set.labels)
         rows.extend(table.to_rows())
+    subset = _analysis_subset(config, probe_set.labels)
     return {
         "fidelity": rows,
         "fidelity_skipped": [l for l in layers if l not in replaceable],
+        "fidelity_images": len(probe_set.labels) if subset is None else len(subset),
     }
 
 
 def _tcav_step(tcav_config: TcavConfig, layers, model, variables, result, images, labels,
-               class_names, out: Path, progress: bool):
-    """Concepts from F's top images, classes from the probe set; TCAV; save the result."""
+               class_names, out: Path, progress: bool, pool=None):
+    """Concepts from F's top images, classes from the probe set; TCAV; save the result.
+
+    ``pool``: indices of the probe images the classes and the random sets come from
+    (None: all; a run from a store passes its analysis subset, which bounds the images
+    whose activations and gradients TCAV holds). The concepts are always the top images
+    of all of F.
+    """
     from jaxcnmf.concepts import tcav
 
     class_names = tuple(class_names)
+    concepts_images = images
+    if pool is not None:
+        images, labels = images[pool], labels[pool]
     classes = {name: images[labels == class_names.index(name)]
                for name in tcav_config.classes or class_names}
     empty = [name for name, members in classes.items() if not len(members)]
@@ -954,7 +1170,7 @@ def _tcav_step(tcav_config: TcavConfig, layers, model, variables, result, images
         raise ValueError(f"classes: class {empty[0]!r} has no probe images")
     classes = {name: members for name, members in classes.items() if len(members)}
     top = _tcav_top(tcav_config, len(images))
-    concepts = tcav.concepts_from_factors(result, images, top=top)
+    concepts = tcav.concepts_from_factors(result, concepts_images, top=top)
     scores = tcav.run(
         model, variables, list(layers), concepts, classes, class_names=class_names,
         random_runs=tcav_config.random_runs, pool=images, seed=tcav_config.seed,
@@ -1015,7 +1231,9 @@ def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(),
     _check_tcav_config(tcav_config)
     saved = load_run(run_dir)
     class_names = tuple(saved.record["dataset"]["class_names"])
-    _check_tcav_probe(tcav_config, len(saved.labels), class_names)
+    pool = _analysis_subset(saved.record["config"], saved.labels)
+    _check_tcav_probe(tcav_config, len(saved.labels) if pool is None else len(pool),
+                      class_names)
     stages = _Stages(progress)
     with stages("model", "loading the run's network"):
         checkpoint = train.load_checkpoint(_run_checkpoint(saved))
@@ -1033,7 +1251,7 @@ def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(),
                             f"{tcav_config.random_runs} random runs"):
             _tcav_step(tcav_config, layers, checkpoint.model, checkpoint.variables,
                        saved.result, saved.images, saved.labels, class_names, saved.path,
-                       progress)
+                       progress, pool=pool)
         record = saved.record
         record["tcav"] = tcav_config.to_json()
         record.setdefault("seconds", {})["tcav"] = stages.seconds["tcav"]

@@ -472,6 +472,7 @@ def _settings_section(page: _Page, out: Path) -> list[str]:
             if config.get("pixel_share") and page.channels else "")),
         ("unit columns", config["unit_columns"]),
         ("group sparsity", _group_sparsity(config, record.get("factorization", {}))),
+        *([("activation store", _store_text(record["store"]))] if record.get("store") else []),
         ("started", record.get("started", "")),
     ]
     settings_rows = [{"setting": key, "value": value} for key, value in settings]
@@ -492,6 +493,17 @@ def _settings_section(page: _Page, out: Path) -> list[str]:
         table_html(time_rows),
         paragraph("The report stage is not timed here: this page is its output.", note=True),
     ]
+
+
+def _store_text(store: dict) -> str:
+    """The settings row of a run whose fit streamed from an on-disk store."""
+    from jaxcnmf.runs.runstore import human_bytes
+
+    done = {"written": "written by this run", "resumed": "resumed by this run",
+            "reused": "reused from an earlier run"}.get(store.get("state"), store.get("state"))
+    return (f"the fit streamed from {store['path']} ({human_bytes(store['bytes'])} on disk, "
+            f"{store['blocks']} blocks of {store['block_size']} images, {store['dtype']}; "
+            f"{done})")
 
 
 def _time_rows(record: dict) -> list[dict]:
@@ -811,6 +823,13 @@ def _fidelity_section(page: _Page, out: Path) -> list[str]:
         "replaced by their reconstruction O_j F, with F computed from that layer alone "
         "(FitResult.transform), against its accuracy with the layer's own activations. "
         "It says how much of what the network uses the concepts capture.")]
+    measured = page.saved.network.get("fidelity_images")
+    total = int(page.record["dataset"]["probe_images"])
+    if measured is not None and measured < total:
+        blocks.append(paragraph(
+            f"Fidelity on {measured} of {total} images: a random subset of the probe set "
+            "(--fidelity-images; from a store the network runs on a subset, whose "
+            "activations are read from the store); the fits use every image.", note=True))
     skipped = page.saved.network.get("fidelity_skipped") or []
     if skipped:
         blocks.append(paragraph(

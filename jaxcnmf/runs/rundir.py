@@ -8,7 +8,8 @@ before this module existed.
 
 Run directory layout::
 
-    run.json            settings, model, accuracy, relative errors, wall times, status
+    run.json            settings, model, accuracy, relative errors, wall times, status;
+                        with --store, "store": path, bytes, blocks, dtype, written/resumed/reused
     factorization.npz   the FitResult (jaxcnmf.load_result)
     probe.npz           probe images (N, H, W, C) uint8, labels, coarse labels, predictions
     analysis.json       k-means baseline and fidelity (they need activations / the network)

@@ -445,3 +445,17 @@ def test_auto_pixels_keep_colour_and_gray_gives_luma(small, images):
     assert list(probe.pixel_views(images[..., :1], pixels="auto")) == ["gray"]
     with pytest.raises(ValueError, match=r"pixels: expected True, False or one of \('rgb', 'gray', 'auto', 'none'\), got 'grey'"):
         probe.collect(model, variables, images, ["pool"], pixels="grey", progress=False)
+
+
+@pytest.mark.parametrize("pixels", ["gray", "auto", "none"])
+def test_collect_to_a_store_honours_pixels(small, images, pixels, tmp_path):
+    model, variables = small
+    gray_rgb = np.repeat(images[..., :1], 3, axis=-1)  # "auto" gives one gray view
+    source = images if pixels == "gray" else gray_rgb
+    expected = probe.collect(model, variables, source, ["pool"], pixels=pixels, batch_size=3,
+                             progress=False)
+    s = probe.collect(model, variables, source, ["pool"], pixels=pixels, batch_size=3,
+                      progress=False, store=tmp_path / "acts")
+    assert s.views == tuple(expected)
+    for name, X in s.read_all().items():
+        _assert_close(X, expected[name])
