@@ -77,7 +77,7 @@ def test_analyze_from_a_store_finds_the_in_memory_concepts(stored_run, checkpoin
     assert analysis["without_pixels"]["n_iter"] >= 1
     assert analysis["fidelity_images"] == 30 and len(analysis["fidelity"]) == 1
     assert analysis["fidelity"][0]["n_images"] == 30 and analysis["fidelity"][0]["n_total"] == 50
-    page = (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text().replace("<wbr>", "")  # paths may break after a slash
     assert f"the fit streamed from {acts.resolve()}" in page and "2 blocks of 25 images" in page
     assert "Fidelity on 30 of 50 images" in page
 
