@@ -16,13 +16,14 @@ that is not one of ``jaxcnmf.models``. The builder contract:
   - a ``flax.linen.Module``, ``model.apply(variables, x) -> logits``; the checkpoint
     holds its variables (``{"params": ..., "batch_stats": ...}``), checked against those
     ``model.init`` would create for ``input_shape``;
-  - a function adapter (``jaxcnmf.probe.from_function``), which holds its own
-    parameters: it takes no checkpoint.
+  - a function adapter, ``jaxcnmf.probe.from_function(apply_fn, params, layers)``; the
+    checkpoint, if any, holds ``params`` (the tree the builder put there is the
+    template).
 
   ``x`` is ``(B, H, W, C)`` float32 pixels in [0, 1]; logits are ``(B, num_classes)``.
 
 * Without ``--checkpoint`` the network is used as the builder returns it (an NNX model
-  that loads its own weights, a function adapter); a Linen module needs one.
+  or function adapter that loads its own weights); a Linen module needs one.
 
 Checkpoints are orbax-checkpoint directories, the format the JAX ecosystem uses:
 ``save_orbax`` writes one the way a user's training code would
@@ -40,6 +41,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import inspect
 import os
@@ -68,7 +71,7 @@ class UserModel(NamedTuple):
         model: what the builder returned (its state replaced by the checkpoint's when
             it is an NNX module).
         variables: the Linen variables from the checkpoint; None for NNX modules and
-            function adapters (they hold their own).
+            function adapters (they hold their own, restored).
         kind: "nnx", "linen" or "function".
         spec: the builder, ``"module:name"``.
         checkpoint: the orbax directory read (the step's item folder), or None.
@@ -151,12 +154,11 @@ def model_kind(model: Any) -> str | None:
         return "nnx"
     if isinstance(model, nn.Module):
         return "linen"
-    from jaxcnmf.nets import probe
-
-    adapter = getattr(probe, "FunctionModel", None)
-    if adapter is not None and isinstance(model, adapter):
-        return "function"
-    return None
+    try:
+        from jaxcnmf.nets.adapters import ProbedFunction
+    except ImportError:  # a jaxcnmf without function adapters
+        return None
+    return "function" if isinstance(model, ProbedFunction) else None
 
 
 def build(builder: Callable, spec: str = "the builder", **kwargs) -> Any:
@@ -382,8 +384,10 @@ def load_orbax(model: Any, path: str | os.PathLike, *,
         return model
     if isinstance(model, nn.Module):
         x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+        takes_train = "train" in inspect.signature(type(model).__call__).parameters
+        init = functools.partial(model.init, **({"train": False} if takes_train else {}))
         try:
-            template = jax.eval_shape(model.init, jax.random.key(0), x)
+            template = jax.eval_shape(init, jax.random.key(0), x)
         except Exception as err:  # flax's own errors; restate them with the input shape
             raise ValueError(f"model_module: {what} does not run on input_shape "
                              f"{tuple(input_shape)}: {type(err).__name__}: "
@@ -407,7 +411,7 @@ def load(spec: str, checkpoint: str | os.PathLike | None, *, num_classes: int | 
 
     Raises:
         ValueError: as :func:`import_builder`, :func:`build` and :func:`load_orbax`; a
-            Linen module without a checkpoint; a checkpoint for a function adapter.
+            Linen module without a checkpoint.
         FileNotFoundError: no such checkpoint directory.
 
     Example:
@@ -423,14 +427,51 @@ def load(spec: str, checkpoint: str | os.PathLike | None, *, num_classes: int | 
             raise _err(f"{spec} returned a flax.linen.Module, whose variables live outside "
                        "it; pass --checkpoint DIR with them (an orbax checkpoint)")
         return UserModel(model, None, kind, spec, None)
+    path = find_orbax_or_raise(checkpoint)
     if kind == "function":
-        raise _err(f"{spec} returned a function adapter, which holds its own parameters; "
-                   "leave out --checkpoint")
-    restored = load_orbax(model, checkpoint, input_shape=input_shape or (32, 32, 3), what=what)
+        params = _restore_into(model.params, path, what)
+        return UserModel(dataclasses.replace(model, params=params), None, kind, spec, path)
+    restored = load_orbax(model, path, input_shape=input_shape or (32, 32, 3), what=what)
     variables = restored if kind == "linen" else None
-    return UserModel(model, variables, kind, spec, find_orbax_or_raise(checkpoint))
+    return UserModel(model, variables, kind, spec, path)
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds an orbax checkpoint (itself, or a CheckpointManager's step)."""
     return find_orbax(path) is not None
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def _logits_batch(adapter, state, x):
+    return adapter.forward(state, x)[0]
+
+
+def predict(model: Any, variables: Any, images: Any, batch_size: int = 256) -> np.ndarray:
+    """The network's logits for ``images``, run as the probe runs it (eval mode).
+
+    Args:
+        model, variables: as for :func:`jaxcnmf.probe.collect` (any of the three kinds).
+        images: ``(N, H, W, C)`` uint8 or float32 in [0, 1].
+        batch_size: images per forward pass (the last batch is padded, so one compiled
+            shape serves all).
+
+    Returns:
+        ``(N, num_classes)`` float32 numpy logits.
+
+    Example:
+        >>> predict(model, None, images).argmax(axis=1)  # doctest: +SKIP
+    """
+    from jaxcnmf.nets import adapters, probe
+
+    net = adapters.adapt(model, variables)
+    pixels = probe.float_pixels(images)  # on the host, as collect scales them
+    n = len(pixels)
+    b = max(1, min(int(batch_size), n))
+    out = []
+    for start in range(0, n, b):
+        batch = pixels[start:start + b]
+        if len(batch) < b:
+            batch = np.concatenate([batch, np.zeros((b - len(batch), *batch.shape[1:]),
+                                                    batch.dtype)])
+        out.append(_logits_batch(net.adapter, net.state, batch)[:min(b, n - start)])
+    return np.asarray(jnp.concatenate(out), np.float32)

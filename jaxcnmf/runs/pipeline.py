@@ -872,7 +872,7 @@ def _pixel_mode(config: RunConfig, images, stages) -> str:
 def _run_stages(config, tcav, out, stages, record, save_record, model, variables, splits,
                 probe_set, layers, pixels, tcav_layers, progress) -> Path:
     """The stages after the run directory is set up; ``record`` is updated as they go."""
-    from jaxcnmf.nets import probe
+    from jaxcnmf.nets import probe, usermodel
     from jaxcnmf.runs import report
 
     if config.trains:
@@ -881,14 +881,24 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
                                         progress)
             record["model"].update(trained)
     with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"):
-        # The logits come from the same forward pass; they are the one view that may
-        # be negative, and they are not factorized.
-        views = probe.collect(
-            model, variables, probe_set.images, layers + (LOGITS,), pixels=pixels,
-            pooling=config.pooling, batch_size=config.batch_size, progress=progress,
-            allow_negative=True,
-        )
-        predictions = views.pop(LOGITS).argmax(axis=0)
+        if config.model_module is None:
+            # The logits come from the same forward pass; they are the one view that may
+            # be negative, and they are not factorized.
+            views = probe.collect(
+                model, variables, probe_set.images, layers + (LOGITS,), pixels=pixels,
+                pooling=config.pooling, batch_size=config.batch_size, progress=progress,
+                allow_negative=True,
+            )
+            predictions = views.pop(LOGITS).argmax(axis=0)
+        else:
+            # The user's logits need not be any layer's output; a layer with negative
+            # values (pre-activation) is refused with the advice to probe the one after.
+            views = probe.collect(
+                model, variables, probe_set.images, layers, pixels=pixels,
+                pooling=config.pooling, batch_size=config.batch_size, progress=progress,
+            )
+            predictions = usermodel.predict(model, variables, probe_set.images,
+                                            config.batch_size).argmax(axis=1)
     record["views"] = {name: list(view.shape) for name, view in views.items()}
     record["probe_accuracy"] = float(np.mean(predictions == probe_set.labels))
 
