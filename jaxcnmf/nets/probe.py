@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcnmf.nets import data, models
+from jaxcnmf.nets import adapters, data, models
+from jaxcnmf.nets.adapters import Bound, ProbedFunction, adapt, from_function  # noqa: F401
 from jaxcnmf.solver import store as _store
 
 logger = logging.getLogger(__name__)
@@ -58,22 +59,12 @@ logger = logging.getLogger(__name__)
 POOLINGS = ("flatten", "mean", "max")
 OUTPUTS = ("numpy", "device")
 PIXELS = ("rgb", "gray", "auto", "none")
+NEGATIVES = ("raise", "clip", "shift")
 PIXEL_NAMES = {c: data.channel_names(c) for c in (1, 3)}
 # ITU-R BT.601 luma, Pillow's convert("L") weights, for one gray view of colour images.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 # Fewer batches than this finish too fast for a progress bar to help.
 _PROGRESS_MIN_BATCHES = 4
-
-
-def _is_direct_child(mdl: nn.Module) -> bool:
-    return mdl.scope is not None and len(mdl.scope.path) == 1
-
-
-def _layer_filter(layers: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
-    def keep(mdl: nn.Module, method_name: str) -> bool:
-        return method_name == "__call__" and mdl.name in layers and _is_direct_child(mdl)
-
-    return keep
 
 
 def float_pixels(images: Any) -> np.ndarray:
@@ -109,76 +100,106 @@ def _to_float_traced(x: jnp.ndarray) -> jnp.ndarray:
 # ------------------------------------------------------------------------ layer shapes
 
 
-class NetworkShapes(NamedTuple):
-    """Per-image output shapes of a network's direct children and of its logits.
+NetworkShapes = adapters.Traced
 
-    Attributes:
-        layers: dict layer name -> per-image shape, e.g. ``(8, 8, 256)`` or ``(512,)``,
-            in the order the network calls them.
-        logits: per-image shape of the network's output, e.g. ``(10,)``.
-    """
-
-    layers: dict[str, tuple[int, ...]]
-    logits: tuple[int, ...]
+# Traced layer shapes per (adapter, image shape, variable shapes): tracing a network costs
+# as much as compiling a small one, and every front door needs them.
+_TRACES: dict[tuple, Any] = {}
+_TRACES_MAX = 256
 
 
-def _trace_shapes(forward: Callable, *args) -> NetworkShapes:
-    """Shapes of what ``forward(*args)`` computes, traced abstractly (``jax.eval_shape``).
-
-    The one place that reads layer shapes: an interceptor records the first output of
-    every direct child's ``__call__`` in call order (a child called twice keeps its first
-    shape, the one ``collect`` and the gradients see).
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if (context.method_name == "__call__" and _is_direct_child(context.module)
-                and hasattr(out, "shape")):
-            shapes.setdefault(context.module.name, tuple(out.shape[1:]))
-        return out
-
-    with nn.intercept_methods(interceptor):
-        logits = jax.eval_shape(forward, *args)
-    return NetworkShapes(shapes, tuple(logits.shape[1:]))
+def _signature(state: Any) -> tuple:
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    return tuple((jax.tree_util.keystr(p), tuple(np.shape(x)), str(getattr(x, "dtype", "")))
+                 for p, x in leaves)
 
 
-@functools.lru_cache(maxsize=64)
-def _layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Layer shapes of ``model`` for one input shape, without variables (``model.init``
-    traced abstractly); the probe points of ``models.probe_layers`` first, in order."""
-
-    def init(x):
-        return model.init_with_output(jax.random.key(0), x, train=False)[0]
-
-    shapes = _trace_shapes(init, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)).layers
-    first = [n for n in _probe_order(model) if n in shapes]
-    return {n: shapes[n] for n in first + [n for n in shapes if n not in first]}
+def _own_error(err: Exception) -> bool:
+    return isinstance(err, ValueError) and str(err).startswith(("layers:", "apply_fn:"))
 
 
-def _probe_order(model: nn.Module) -> tuple[str, ...]:
+def _traced(net: Bound, image_shape: tuple[int, ...]) -> tuple[NetworkShapes | None, str]:
+    """Every layer's shape and the logits' shape, or ``(None, message)`` saying why the
+    network does not run on images of ``image_shape`` with these variables."""
+    key = (net.adapter, image_shape, _signature(net.state))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable module: trace every time
+        key = None
+    if key is not None and key in _TRACES:
+        return _TRACES[key]
+    try:
+        result = (net.adapter.trace(net.state, image_shape), "")
+    except Exception as err:  # flax and lax raise their own shape errors; restate them
+        if _own_error(err):
+            raise
+        result = (None, (
+            f"images: per-image shape {image_shape} does not fit the model's variables "
+            f"(were they made for images with another number of channels?): {err}"
+        ))
+    if key is not None:
+        if len(_TRACES) >= _TRACES_MAX:
+            _TRACES.pop(next(iter(_TRACES)))
+        _TRACES[key] = result
+    return result
+
+
+def _shapes(net: Bound, image_shape: tuple[int, ...]) -> NetworkShapes:
+    shapes, message = _traced(net, tuple(int(s) for s in image_shape))
+    if message:
+        raise ValueError(message)
+    return shapes
+
+
+def _probe_order(model: Any) -> tuple[str, ...]:
+    if not isinstance(model, nn.Module):
+        return ()
     try:
         return models.probe_layers(model)
     except ValueError:
         return ()
 
 
-def available_layers(
-    model: nn.Module, input_shape: Sequence[int] = (32, 32, 3)
-) -> dict[str, tuple[int, ...]]:
-    """Names and per-image output shapes of the layers ``collect`` can read.
+def _listing(net: Bound, image_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The layers ``available_layers`` lists: for ``jaxcnmf.models``, the probe points in
+    order and then the other direct children; for any other network every layer path, in
+    call order. Linen modules are traced without their variables (``init``)."""
+    adapter = net.adapter
+    if isinstance(adapter, adapters.LinenAdapter):
+        net = Bound(adapter, None)
+    shapes = _shapes(net, image_shape).layers
+    first = [n for n in _probe_order(getattr(adapter, "module", None)) if n in shapes]
+    if not first:
+        return dict(shapes)
+    rest = [n for n in shapes if n not in first and "/" not in n]
+    return {n: shapes[n] for n in first + rest}
 
-    Traces the model abstractly (``jax.eval_shape``): no parameters are created and nothing
-    is computed. The probe points of ``models.probe_layers(model)`` come first, in order,
-    then any other direct child (``"fc"``, the logits, which may be negative) in the order
-    the model calls them.
+
+def available_layers(
+    model: Any, input_shape: Sequence[int] = (32, 32, 3), *,
+    image_shape: Sequence[int] | None = None, variables: Any = None,
+) -> dict[str, tuple[int, ...]]:
+    """Paths and per-image output shapes of the layers ``collect`` can read.
+
+    Traces the model abstractly (``jax.eval_shape``): nothing is computed. What is listed
+    (any nested path of a Linen or NNX module can be probed, listed or not):
+
+    * ``jaxcnmf.models``: the probe points of ``models.probe_layers(model)`` in order, then
+      the other direct children (``"fc"``, the logits, which may be negative);
+    * another Linen module: every submodule whose ``__call__`` returns an array, by its
+      path joined with ``/`` (``"backbone/stage3"``), in the order the model calls them;
+    * an NNX module: likewise, by attribute path joined with ``.`` (``"layer4.1.conv1"``);
+    * ``from_function(...)``: its names.
 
     Args:
-        model: a flax.linen Module taking ``(B, *input_shape)`` and ``train=``.
+        model: a Linen module (traced without variables), an NNX module, or
+            ``from_function(...)``; see :mod:`jaxcnmf.nets.adapters`.
         input_shape: ``(H, W, C)`` of one image.
+        image_shape: the same as ``input_shape`` (takes precedence when given).
+        variables: for an NNX module, an ``nnx.State`` to use instead of its own.
 
     Returns:
-        dict layer name -> shape of one image's activation, e.g. ``(8, 8, 256)`` or
+        dict layer path -> shape of one image's activation, e.g. ``(8, 8, 256)`` or
         ``(512,)``.
 
     Example:
@@ -186,48 +207,51 @@ def available_layers(
         >>> available_layers(models.small_cnn(10))
         {'conv1': (16, 16, 32), 'conv2': (8, 8, 64), 'conv3': (4, 4, 128), 'pool': (128,), 'fc': (10,)}
     """
-    input_shape = tuple(int(s) for s in input_shape)
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"input_shape: expected (H, W, C) of positive sizes, got {input_shape}")
-    return dict(_layer_shapes(model, input_shape))
+    shape = tuple(int(s) for s in (input_shape if image_shape is None else image_shape))
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape: expected (H, W, C) of positive sizes, got {shape}")
+    return dict(_listing(adapt(model, variables), shape))
 
 
-def network_shapes(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> NetworkShapes:
-    """Per-image shapes of every direct child of ``model`` and of its logits.
+def network_shapes(model: Any, variables: Any, image_shape: Sequence[int]) -> NetworkShapes:
+    """Per-image shapes of the listed layers of ``model`` and of its logits.
 
-    Traces ``model.apply(variables, x, train=False)`` abstractly, so the shapes are those
-    of this network with these variables (variables that do not fit the images raise
-    flax's error here, before anything is computed).
+    Traces the forward pass with these variables abstractly, so the shapes are those of
+    this network with these variables (variables that do not fit the images raise
+    here, before anything is computed). The layers are those of ``available_layers``.
 
     Args:
-        model: flax linen module, ``model.apply(variables, x, train=False)`` -> logits.
-        variables: its variables.
+        model: a Linen module, an NNX module or ``from_function(...)``.
+        variables: its variables (``None`` for NNX modules and functions).
         image_shape: ``(H, W, C)`` of one image.
 
     Returns:
-        NetworkShapes: ``layers`` (dict name -> shape, in call order) and ``logits``.
+        NetworkShapes: ``layers`` (dict path -> shape) and ``logits``.
 
     Example:
         >>> network_shapes(models.small_cnn(10), variables, (32, 32, 3)).logits
         (10,)
     """
-    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    return _trace_shapes(lambda v, x: model.apply(v, x, train=False), variables, x)
+    net = adapt(model, variables)
+    image_shape = tuple(int(s) for s in image_shape)
+    traced = _shapes(net, image_shape)
+    listed = _listing(net, image_shape)
+    return NetworkShapes({n: traced.layers[n] for n in listed}, traced.logits)
 
 
-def layer_shapes(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> dict[str, tuple]:
-    """Per-image output shapes of the model's direct children, in call order.
+def layer_shapes(model: Any, variables: Any, image_shape: Sequence[int]) -> dict[str, tuple]:
+    """Per-image output shapes of the model's listed layers, in call order.
 
     ``network_shapes(...).layers``; also importable as ``jaxcnmf.tcav.layer_shapes``,
     where it lived before.
 
     Args:
-        model: flax linen module, ``model.apply(variables, x, train=False)`` -> logits.
-        variables: its variables.
+        model: a Linen module, an NNX module or ``from_function(...)``.
+        variables: its variables (``None`` for NNX modules and functions).
         image_shape: (H, W, C) of one image.
 
     Returns:
-        dict layer name -> per-image shape tuple.
+        dict layer path -> per-image shape tuple.
 
     Example:
         >>> layer_shapes(models.small_cnn(10), variables, (32, 32, 3))["conv3"]
@@ -258,19 +282,12 @@ def _pool(act: jnp.ndarray, pooling: str) -> jnp.ndarray:
     return jnp.transpose(act, perm).reshape(-1, act.shape[0])
 
 
-def _probe_views(model, variables, x, layers, pooling, n_valid):
+def _probe_views(adapter, state, x, layers, pooling, n_valid):
     """Views ``(rows, n_valid)`` of the first ``n_valid`` images of ``x``, layer minima."""
-    _, state = model.apply(
-        variables,
-        x,
-        train=False,
-        capture_intermediates=_layer_filter(layers),
-        mutable=["intermediates"],
-    )
-    inter = state["intermediates"]
+    _, captured = adapter.forward(state, x, layers)
     views, minima = {}, []
     for name in layers:
-        act = inter[name]["__call__"][0]
+        act = captured[name]
         views[name] = _pool(act, pooling)[:, :n_valid]
         # Over the raw activation, not the pooled view: a mean can hide negative entries.
         minima.append(jnp.min(act[:n_valid]))
@@ -279,16 +296,16 @@ def _probe_views(model, variables, x, layers, pooling, n_valid):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "layers", "pooling", "pixels", "n_valid"),
+    static_argnames=("adapter", "layers", "pooling", "pixels", "n_valid"),
     donate_argnames=("buffers", "minima"),
 )
-def _probe_into(model, variables, x, start, buffers, minima, layers, pooling, pixels, n_valid):
+def _probe_into(adapter, state, x, start, buffers, minima, layers, pooling, pixels, n_valid):
     """Write one batch's views into columns ``start:start + n_valid`` of the donated buffers.
 
     The buffers are updated in place on the device, so the only transfer per batch is
     the images; the running minima stay there too, checked once after the last batch.
     """
-    views, batch_minima = _probe_views(model, variables, x, layers, pooling, n_valid)
+    views, batch_minima = _probe_views(adapter, state, x, layers, pooling, n_valid)
     if pixels:
         # x already holds the host's float pixels: these rows are exact copies of them.
         flat = x[:n_valid].reshape(n_valid, -1, x.shape[-1])
@@ -301,7 +318,7 @@ def _probe_into(model, variables, x, start, buffers, minima, layers, pooling, pi
     return buffers, jnp.minimum(minima, batch_minima)
 
 
-def _check_images(images: Any, model: nn.Module) -> np.ndarray:
+def _check_images(images: Any, model: Any) -> np.ndarray:
     """Validate ``images`` once, outside jit; returns it as a uint8 or float32 array."""
     arr = np.asarray(images)
     if arr.ndim != 4:
@@ -333,46 +350,34 @@ def _check_images(images: Any, model: nn.Module) -> np.ndarray:
     return arr
 
 
-_INPUT_CHECKS: dict[tuple, str] = {}
+def _check_input_channels(net: Bound, image_shape: tuple) -> None:
+    """The network runs on images of ``image_shape`` with its variables (traced once)."""
+    _shapes(net, tuple(image_shape))
 
 
-def _check_input_channels(model: nn.Module, variables: Mapping, image_shape: tuple) -> None:
-    leaves = jax.tree_util.tree_leaves_with_path(variables)
-    signature = tuple((jax.tree_util.keystr(p), tuple(np.shape(x))) for p, x in leaves)
-    message = _input_mismatch(model, tuple(image_shape), signature, variables)
-    if message:
-        raise ValueError(message)
-
-
-def _input_mismatch(model, image_shape, signature, variables) -> str:
-    # Tracing the whole model costs as much as compiling a small one; remember the verdict
-    # for each (model, image shape, variable shapes).
-    key = (model, image_shape, signature)
-    if key not in _INPUT_CHECKS:
-        x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-        try:
-            jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-            _INPUT_CHECKS[key] = ""
-        except Exception as err:  # flax raises its own shape errors; restate them
-            _INPUT_CHECKS[key] = (
-                f"images: per-image shape {image_shape} does not fit the model's variables "
-                f"(were they made for images with another number of channels?): {err}"
-            )
-    return _INPUT_CHECKS[key]
-
-
-def _check_layers(model: nn.Module, layers: Any, image_shape: tuple) -> tuple[str, ...]:
+def _check_layers(net: Bound, layers: Any, image_shape: tuple) -> tuple[str, ...]:
+    """``layers`` as a tuple of distinct layer paths the network has; any traced path is
+    accepted, the message lists those ``available_layers`` lists."""
     if isinstance(layers, str):
         layers = (layers,)
     layers = tuple(layers)
+    if not all(isinstance(name, str) for name in layers):
+        raise ValueError(f"layers: expected layer paths (str), got {list(layers)}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers: expected distinct names, got {list(layers)}")
-    shapes = _layer_shapes(model, image_shape)
-    unknown = [name for name in layers if name not in shapes]
+    if not layers:
+        return layers
+    listed = _listing(net, tuple(image_shape))
+    unknown = [name for name in layers if name not in listed]
+    if unknown:
+        adapter = net.adapter
+        probe_net = Bound(adapter, None) if isinstance(adapter, adapters.LinenAdapter) else net
+        known = _shapes(probe_net, tuple(image_shape)).layers
+        unknown = [name for name in unknown if name not in known]
     if unknown:
         raise ValueError(
-            f"layers: unknown layer(s) {unknown} for {type(model).__name__}; available "
-            f"layers are {list(shapes)}"
+            f"layers: unknown layer(s) {unknown} for {net.adapter.name}; available "
+            f"layers are {list(listed)}"
         )
     return layers
 
@@ -500,8 +505,8 @@ def pixel_views(images: np.ndarray, pixels: str = "rgb") -> dict[str, np.ndarray
 
 
 def collect(
-    model: nn.Module,
-    variables: Mapping,
+    model: Any,
+    variables: Any,
     images: Any,
     layers: str | Sequence[str],
     pixels: bool = True,
@@ -513,6 +518,7 @@ def collect(
     store: str | None = None,
     dtype: str = "float32",
     store_info: Mapping | None = None,
+    negative: str = "raise",
 ) -> dict[str, np.ndarray] | dict[str, jax.Array] | _store.Store:
     """Pixel and activation matrices of a probe set, ready for ``jaxcnmf.fit``.
 
@@ -524,12 +530,16 @@ def collect(
     batch has been dispatched; the negative-value check runs once, at the end.
 
     Args:
-        model: a ``jaxcnmf.models`` network (or any linen Module whose layers are direct
-            children and that takes ``train=``).
-        variables: its variables (``"params"``, ``"batch_stats"``).
+        model: a ``jaxcnmf.models`` network or any other ``flax.linen`` module, a
+            ``flax.nnx`` module, or ``from_function(apply_fn, params, layers)``; see
+            :mod:`jaxcnmf.nets.adapters` for how each is run and how its layers are named.
+        variables: a Linen module's variables (``"params"``, ``"batch_stats"``);
+            ``None`` for NNX modules and functions (or an ``nnx.State``/params to use
+            instead of their own).
         images: ``(N, H, W, C)`` uint8 (scaled by ``/ 255``) or float in [0, 1]; ``C`` is
             1 or 3; 32x32 for ``jaxcnmf.models``.
-        layers: layer name or names, see ``available_layers``.
+        layers: layer path or paths (``"conv4_x"``, ``"backbone/stage3"``,
+            ``"layer4.1"``), see ``available_layers``.
         pixels: which pixel views to put first: ``True`` or ``"rgb"`` (one per channel),
             ``"gray"`` (one gray view), ``"auto"`` (one gray view when every image's
             channels are equal, else one per channel), ``False`` or ``"none"`` (no pixel
@@ -538,8 +548,14 @@ def collect(
             channel, for large probe sets).
         batch_size: images per forward pass.
         progress: show a progress bar when there are several batches.
-        allow_negative: accept layers with negative values (pre-ReLU or logits); the
-            solver then needs ``negative="clip"`` or ``"shift"``.
+        allow_negative: keep layers with negative values (pre-ReLU or logits) as they
+            are; the solver then needs ``negative="clip"`` or ``"shift"``.
+        negative: what to do with a layer that has negative values (a pre-ReLU output):
+            ``"raise"`` (refuse it, advising to probe the activation after it),
+            ``"clip"`` (set negative entries of its view to 0) or ``"shift"`` (subtract
+            its view's minimum), as ``jaxcnmf.fit(..., negative=...)`` does; views with no
+            negative entry are left alone. ``"shift"`` needs every image first, so it
+            cannot be combined with ``store``.
         output: ``"numpy"`` (host arrays, copied from the device once at the end) or
             ``"device"`` (jax arrays left on the default device, for ``jaxcnmf.fit`` on an
             accelerator); both hold the same numbers. Ignored with ``store``.
@@ -564,8 +580,8 @@ def collect(
 
     Raises:
         ValueError: bad ``images``, unknown layer, unknown ``pooling`` or ``pixels``,
-            ``batch_size`` < 1, unknown ``output``, or a layer with negative values while ``allow_negative``
-            is False.
+            ``batch_size`` < 1, unknown ``output`` or ``negative``, or a layer with
+            negative values with ``negative="raise"`` and ``allow_negative`` False.
 
     Example:
         >>> import jax
@@ -581,18 +597,28 @@ def collect(
         raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
     if output not in OUTPUTS:
         raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+    if negative not in NEGATIVES:
+        raise ValueError(f"negative: expected one of {NEGATIVES}, got {negative!r}")
+    if negative == "shift" and store is not None:
+        raise ValueError(
+            "negative: 'shift' needs the minimum over every image before the first block is "
+            "written, so it cannot be used with store=...; use negative='clip', or "
+            "allow_negative=True and jaxcnmf.fit(..., negative='shift')"
+        )
     batch_size = _check_batch_size(batch_size)
+    net = adapt(model, variables)
     arr = _check_images(images, model)
     image_shape = arr.shape[1:]
-    layers = _check_layers(model, layers, image_shape)
+    if layers:
+        _check_input_channels(net, image_shape)
+    layers = _check_layers(net, layers, image_shape)
     mode = _pixel_mode(pixels, arr)
     if not layers and mode == "none":
         raise ValueError("layers: expected at least one layer when pixels=False, got none")
-    if layers:
-        _check_input_channels(model, variables, image_shape)
+    keep = "keep" if allow_negative else negative
     if store is not None:
-        return _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size,
-                                 progress, allow_negative, store, dtype, store_info)
+        return _collect_to_store(net, arr, layers, pixels, pooling, batch_size,
+                                 progress, keep, store, dtype, store_info)
     if dtype != "float32":
         raise ValueError(f"dtype: expected 'float32' without store=..., got {dtype!r}")
 
@@ -604,7 +630,7 @@ def collect(
     host_pixels = pixel_views(arr, "gray") if mode == "gray" else {}
     pixels = mode == "rgb"
 
-    shapes = _layer_shapes(model, image_shape)
+    shapes = _shapes(net, image_shape).layers
     h, w, c = image_shape
     rows = {name: h * w for name in PIXEL_NAMES[c]} if pixels else {}
     rows.update({name: _view_rows(shapes[name], pooling) for name in layers})
@@ -616,13 +642,15 @@ def collect(
     for start in _progress(_batch_starts(n, batch_size), progress, "probe"):
         block, _ = _padded(arr, start, batch_size)
         buffers, minima = _probe_into(
-            model, variables, block, np.int32(start), buffers, minima,
+            net.adapter, net.state, block, np.int32(start), buffers, minima,
             layers=layers, pooling=pooling, pixels=pixels, n_valid=n_valid,
         )
 
-    _check_minima(layers, jax.device_get(minima), allow_negative)
+    negatives = _check_minima(layers, jax.device_get(minima), keep)
     # jax hands dicts back in sorted key order; restore the documented one.
     buffers = {name: buffers[name] for name in rows}
+    for name in negatives:
+        buffers[name] = _non_negative(buffers[name], keep)
     if output == "device":
         return {**{k: jnp.asarray(v) for k, v in host_pixels.items()}, **buffers}
     # Every view crosses to the host once, at the end: per-batch copies into column blocks
@@ -635,22 +663,40 @@ def collect(
     return {**host_pixels, **{name: np.array(buffers.pop(name)) for name in rows}}
 
 
-_probe_block = jax.jit(_probe_views, static_argnames=("model", "layers", "pooling", "n_valid"))
+_probe_block = jax.jit(_probe_views, static_argnames=("adapter", "layers", "pooling", "n_valid"))
 
 
-def _check_minima(layers, minima, allow_negative):
+def _check_minima(layers, minima, negative: str) -> list[str]:
+    """Refuse layers with negative values (``negative="raise"``); the names of those that
+    have some otherwise (for ``"clip"`` and ``"shift"``)."""
+    found = []
     for name, lowest in zip(layers, np.asarray(minima).tolist()):
-        if lowest < 0 and not allow_negative:
+        if lowest >= 0:
+            continue
+        if negative == "raise":
             raise ValueError(
                 f"layer {name!r} has negative values (min {lowest:.4g}); is it a pre-ReLU "
-                f"layer? NMF needs non-negative views. Pass allow_negative=True to collect "
-                f"it anyway and factorize with jaxcnmf.fit(..., negative='clip') or "
-                f"negative='shift'"
+                f"output? NMF needs non-negative views: probe the activation after it (its "
+                f"ReLU), or pass negative='clip' or negative='shift' (as jaxcnmf.fit does), "
+                f"or allow_negative=True to keep the values as they are"
             )
+        found.append(name)
+    return found
 
 
-def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size, progress,
-                      allow_negative, path, dtype, info):
+@functools.partial(jax.jit, static_argnames="negative", donate_argnums=0)
+def _non_negative(view: jax.Array, negative: str) -> jax.Array:
+    """``view`` with negative entries set to 0 (``"clip"``) or shifted by its minimum
+    (``"shift"``), as ``jaxcnmf.fit`` treats them; ``"keep"`` leaves it alone."""
+    if negative == "clip":
+        return jnp.maximum(view, 0)
+    if negative == "shift":
+        return view - jnp.minimum(jnp.min(view), 0)
+    return view
+
+
+def _collect_to_store(net, arr, layers, pixels, pooling, batch_size, progress,
+                      negative, path, dtype, info):
     """``collect`` writing one store block per batch; returns the opened store.
 
     Block ``i`` holds columns ``i * b : (i + 1) * b`` with ``b = min(batch_size, N)``; the
@@ -660,7 +706,7 @@ def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size
     """
     n, h, w, c = arr.shape
     b = min(batch_size, n)
-    shapes = _layer_shapes(model, arr.shape[1:]) if layers else {}
+    shapes = _shapes(net, arr.shape[1:]).layers if layers else {}
     rows = {name: h * w for name in PIXEL_NAMES[c]} if pixels else {}
     rows.update({name: _view_rows(shapes[name], pooling) for name in layers})
     view_shapes = {name: (h, w) for name in PIXEL_NAMES[c]} if pixels else {}
@@ -670,7 +716,8 @@ def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size
     if unknown:
         raise ValueError(f"store_info: unknown key(s) {unknown}, expected labels, "
                          f"class_names, superclasses, provenance")
-    provenance = {"model": type(model).__name__, "layers": list(layers), "pooling": pooling,
+    provenance = {"model": net.adapter.name, "model_kind": net.adapter.kind,
+                  "layers": list(layers), "pooling": pooling, "negative": negative,
                   "pixels": bool(pixels), "image_shape": [h, w, c], "batch_size": b,
                   **(info.get("provenance") or {})}
     writer = _store.Writer(path, rows, n, block_size=b, dtype=dtype, shapes=view_shapes,
@@ -681,7 +728,9 @@ def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size
         start, stop = writer.columns(i)
         if layers:
             views, minima = jax.device_get((views, minima))
-            _check_minima(layers, minima, allow_negative)
+            for name in _check_minima(layers, minima, negative):
+                if negative == "clip":  # "shift" is refused with store=
+                    views[name] = np.maximum(views[name], 0)
         pix = pixel_views(arr[start:stop]) if pixels else {}
         writer.write_block(i, {name: pix[name] if name in pix
                                else views[name][:, start - first:stop - first]
@@ -694,7 +743,7 @@ def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size
         views = minima = None
         if layers:
             block, _ = _padded(arr, first, batch_size)
-            views, minima = _probe_block(model, variables, block, layers=layers,
+            views, minima = _probe_block(net.adapter, net.state, block, layers=layers,
                                          pooling=pooling, n_valid=b)
         if pending is not None:
             write(*pending)
@@ -704,22 +753,11 @@ def _collect_to_store(model, variables, arr, layers, pixels, pooling, batch_size
     return writer.finish()
 
 
-def _replace_output(layer: str, activations: jnp.ndarray):
-    def interceptor(next_fun, args, kwargs, context):
-        mdl = context.module
-        if context.method_name == "__call__" and mdl.name == layer and _is_direct_child(mdl):
-            return activations
-        return next_fun(*args, **kwargs)
-
-    return interceptor
+def _forward_replaced(adapter, state, x, layer, activations):
+    return adapter.forward_replaced(state, _to_float_traced(x), layer, activations)
 
 
-def _forward_replaced(model, variables, x, layer, activations):
-    with nn.intercept_methods(_replace_output(layer, activations)):
-        return model.apply(variables, _to_float_traced(x), train=False)
-
-
-_intervene_batch = jax.jit(_forward_replaced, static_argnames=("model", "layer"))
+_intervene_batch = jax.jit(_forward_replaced, static_argnames=("adapter", "layer"))
 
 
 def _check_activations(activations: Any, layer: str, shape: tuple, n: int | None) -> None:
@@ -732,8 +770,8 @@ def _check_activations(activations: Any, layer: str, shape: tuple, n: int | None
 
 
 def intervene(
-    model: nn.Module,
-    variables: Mapping,
+    model: Any,
+    variables: Any,
     images: Any,
     layer: str,
     activations: Any,
@@ -745,7 +783,7 @@ def intervene(
         model, variables: as for ``collect``.
         images: ``(N, H, W, C)`` uint8 or float in [0, 1] (they fix the shapes; the layers
             before ``layer`` do not change the result).
-        layer: name of a direct child, see ``available_layers``.
+        layer: a layer path, see ``available_layers``.
         activations: ``(N, *layer_shape)`` float, e.g. ``(N, 8, 8, 256)`` for ResNet-18's
             ``conv4_x`` (NHWC, as the layer outputs it, not the ``collect`` row order).
         batch_size: images per forward pass.
@@ -764,21 +802,23 @@ def intervene(
         (4, 10)
     """
     batch_size = _check_batch_size(batch_size)
+    net = adapt(model, variables)
     arr = _check_images(images, model)
-    (layer,) = _check_layers(model, (layer,), arr.shape[1:])
-    _check_input_channels(model, variables, arr.shape[1:])
-    shape = _layer_shapes(model, arr.shape[1:])[layer]
+    _check_input_channels(net, arr.shape[1:])
+    (layer,) = _check_layers(net, (layer,), arr.shape[1:])
+    shape = _shapes(net, arr.shape[1:]).layers[layer]
     _check_activations(activations, layer, shape, arr.shape[0])
     acts = np.asarray(activations, np.float32)
 
     (logits,) = _map_batches(
-        lambda x, a: (_intervene_batch(model, variables, x, layer, a),), batch_size, arr, acts
+        lambda x, a: (_intervene_batch(net.adapter, net.state, x, layer, a),),
+        batch_size, arr, acts,
     )
     return logits.astype(np.float32, copy=False)
 
 
 def layer_forward(
-    model: nn.Module, variables: Mapping, layer: str
+    model: Any, variables: Any, layer: str
 ) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
     """Pure function ``(images, activations) -> logits`` with ``layer``'s output replaced.
 
@@ -788,7 +828,7 @@ def layer_forward(
 
     Args:
         model, variables: as for ``collect``.
-        layer: name of a direct child, see ``available_layers``.
+        layer: a layer path, see ``available_layers``.
 
     Returns:
         ``f(images, activations)``: ``images`` ``(B, H, W, C)`` float32 in [0, 1] (uint8
@@ -811,12 +851,16 @@ def layer_forward(
     """
     if not isinstance(layer, str):
         raise ValueError(f"layer: expected a layer name (str), got {layer!r}")
-    _check_layers(model, (layer,), (32, 32, 3))
+    net = adapt(model, variables)
+    if _probe_order(model):  # our models take 32x32 images: check the name now
+        _check_layers(net, (layer,), (32, 32, 3))
 
     def forward(images: jnp.ndarray, activations: jnp.ndarray) -> jnp.ndarray:
-        shape = _layer_shapes(model, tuple(images.shape[1:]))[layer]
+        image_shape = tuple(images.shape[1:])
+        _check_layers(net, (layer,), image_shape)
+        shape = _shapes(net, image_shape).layers[layer]
         _check_activations(activations, layer, shape, images.shape[0])
-        return _forward_replaced(model, variables, images, layer, activations)
+        return _forward_replaced(net.adapter, net.state, images, layer, activations)
 
     return forward
 
@@ -849,66 +893,44 @@ def _flatten(act: jax.Array) -> jax.Array:
     return jnp.moveaxis(act, -1, 1).reshape(act.shape[0], -1)
 
 
-def _forward_captured(model, variables, x, layers, deltas=None):
-    """Logits, with the outputs of direct children ``layers`` captured (and shifted by
-    ``deltas[name]`` when given, which is what gradients with respect to a layer take)."""
-    captured = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        name = context.module.name
-        if (context.method_name == "__call__" and _is_direct_child(context.module)
-                and name in layers and name not in captured):
-            captured[name] = out
-            if deltas is not None:
-                out = out + deltas[name]
-        return out
-
-    with nn.intercept_methods(interceptor):
-        logits = model.apply(variables, x, train=False)
-    return logits, captured
-
-
 @full_precision
-def _activations(model, variables, x, *, layers):
-    _, captured = _forward_captured(model, variables, x, layers)
+def _activations(adapter, state, x, *, layers):
+    _, captured = adapter.forward(state, x, layers)
     return tuple(_flatten(captured[name]) for name in layers)
 
 
 @full_precision
-def _gradients(model, variables, x, labels, *, layers):
-    """Gradient of each input's own class logit w.r.t. every layer: one backward pass.
-
-    In eval mode inputs do not interact, so the gradient of the batch sum of the chosen
-    logits with respect to a per-input shift of the layer output is, row by row, the
-    gradient of that input's logit.
-    """
-    _, captured = jax.eval_shape(lambda: _forward_captured(model, variables, x, layers))
-    zeros = {name: jnp.zeros(captured[name].shape, captured[name].dtype) for name in layers}
-
-    def picked(deltas):
-        logits, _ = _forward_captured(model, variables, x, layers, deltas)
-        return jnp.sum(jnp.take_along_axis(logits, labels[:, None], axis=1))
-
-    grads = jax.grad(picked)(zeros)
+def _gradients(adapter, state, x, labels, *, layers):
+    """Gradient of each input's own class logit w.r.t. every layer (``Adapter.gradients``:
+    one backward pass for all of them where the network allows)."""
+    grads = adapter.gradients(state, x, labels, layers)
     return tuple(_flatten(grads[name]) for name in layers)
 
 
-def _build(fn, model, layers):
-    return jax.jit(functools.partial(fn, model, layers=layers))
+def _build(fn, adapter, layers):
+    return jax.jit(functools.partial(fn, adapter, layers=layers))
 
 
 @functools.lru_cache(maxsize=32)
-def _cached(fn, model, layers):
-    return _build(fn, model, layers)
+def _cached(fn, adapter, layers):
+    return _build(fn, adapter, layers)
 
 
 def _compiled(fn, model, layers):
-    """A jitted ``fn`` bound to the model, reused across calls when the model hashes."""
+    """A jitted ``fn(state, ...)`` bound to the network (an adapter, or a model to adapt),
+    reused across calls when the adapter hashes."""
+    adapter = model if isinstance(model, adapters.Adapter) else adapt(model, None).adapter
     try:
-        return _cached(fn, model, layers)
+        return _cached(fn, adapter, layers)
     except TypeError:
-        return _build(fn, model, layers)
+        return _build(fn, adapter, layers)
+
+
+def _checked_net(model, variables, images, layers) -> tuple[Bound, tuple[str, ...]]:
+    net = adapt(model, variables)
+    image_shape = tuple(np.shape(images)[1:])
+    _check_input_channels(net, image_shape)
+    return net, _check_layers(net, layers, image_shape)
 
 
 def layer_activations(
@@ -923,8 +945,8 @@ def layer_activations(
     importable as ``jaxcnmf.tcav.layer_activations``, where it lived before.
 
     Args:
-        model: flax linen module with the layers as direct named children.
-        variables: its variables.
+        model: a Linen module, an NNX module or ``from_function(...)``.
+        variables: its variables (``None`` for NNX modules and functions).
         images: (N, H, W, C) uint8 or float32 in [0, 1].
         layers: layer names.
         batch_size: images per forward pass.
@@ -938,8 +960,8 @@ def layer_activations(
         >>> acts["conv3"].shape              # small CNN, width 1: (N, 128 * 4 * 4)
         (100, 2048)
     """
-    layers = tuple(layers)
-    fn = functools.partial(_compiled(_activations, model, layers), variables)
+    net, layers = _checked_net(model, variables, images, layers)
+    fn = functools.partial(_compiled(_activations, net.adapter, layers), net.state)
     return dict(zip(layers, _map_batches(fn, min(batch_size, len(images)), images)))
 
 
@@ -954,8 +976,8 @@ def layer_gradients(
     ``jaxcnmf.tcav.layer_gradients``, where it lived before.
 
     Args:
-        model: flax linen module with the layers as direct named children.
-        variables: its variables.
+        model: a Linen module, an NNX module or ``from_function(...)``.
+        variables: its variables (``None`` for NNX modules and functions).
         images: (N, H, W, C) uint8 or float32 in [0, 1].
         labels: (N,) int logit index per image.
         layers: layer names.
@@ -969,7 +991,7 @@ def layer_gradients(
         >>> g["conv3"].shape              # small CNN, width 1: (N, 128 * 4 * 4)
         (100, 2048)
     """
-    layers = tuple(layers)
-    fn = functools.partial(_compiled(_gradients, model, layers), variables)
+    net, layers = _checked_net(model, variables, images, layers)
+    fn = functools.partial(_compiled(_gradients, net.adapter, layers), net.state)
     labels = np.asarray(labels, np.int32)
     return dict(zip(layers, _map_batches(fn, min(batch_size, len(images)), images, labels)))

@@ -261,7 +261,7 @@ class _Signed(nn.Module):
 def test_negative_layer_error_and_allow_negative(images):
     model = _Signed()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    with pytest.raises(ValueError, match=r"layer 'linear' has negative values .*pre-ReLU.*allow_negative=True.*negative='clip'"):
+    with pytest.raises(ValueError, match=r"layer 'linear' has negative values \(min -?[0-9.]+\); is it a pre-ReLU output\? NMF needs non-negative views: probe the activation after it \(its ReLU\), or pass negative='clip' or negative='shift' \(as jaxcnmf.fit does\), or allow_negative=True to keep the values as they are"):
         probe.collect(model, variables, images, ["linear"], progress=False)
     views = probe.collect(model, variables, images, ["linear"], allow_negative=True, progress=False)
     assert views["linear"].shape == (4, N) and views["linear"].min() < 0
