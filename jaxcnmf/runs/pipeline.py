@@ -322,7 +322,7 @@ def _layer_shapes(model, variables, image_shape) -> dict[str, tuple[int, ...]]:
 
     if _ours(model):
         return probe.available_layers(model, input_shape=tuple(image_shape))
-    return dict(probe.network_shapes(model, variables, tuple(image_shape)).layers)
+    return probe.available_layers(model, image_shape=tuple(image_shape), variables=variables)
 
 
 def _check_layers(model, layers, name: str = "layers", *, variables=None,
