@@ -16,7 +16,10 @@ from jaxcnmf.nets import usermodel
 # batch norm, a Linen model with a nested backbone, and builders that go wrong.
 USER_MODULE = '''
 import flax.linen as nn
+import jax.numpy as jnp
 from flax import nnx
+
+from jaxcnmf.nets import probe
 
 
 class Block(nnx.Module):
@@ -44,10 +47,16 @@ def build(num_classes, input_shape):
     return TinyCNN(num_classes, input_shape[-1])
 
 
+class Stage(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Conv(5, (3, 3), strides=4, name="conv")(x))
+
+
 class Backbone(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return nn.relu(nn.Conv(5, (3, 3), strides=4, name="stage")(x))
+        return Stage(name="stage")(x)
 
 
 class LinenNet(nn.Module):
@@ -65,6 +74,16 @@ def build_linen(num_classes):
 
 def build_any(**kwargs):
     return TinyCNN(kwargs["num_classes"], kwargs["input_shape"][-1])
+
+
+def apply_fn(params, x, replace=None):
+    h = (replace or {}).get("h", jnp.maximum(x.mean((1, 2)) @ params["w"], 0))
+    return h @ params["v"], {"h": h}
+
+
+def build_function(num_classes):
+    params = {"w": jnp.zeros((1, 4)), "v": jnp.zeros((4, num_classes))}
+    return probe.from_function(apply_fn, params, layers=("h",))
 
 
 def broken():
@@ -134,6 +153,41 @@ def test_linen_variables_round_trip_and_are_checked_against_init(user_module, tm
     with pytest.raises(ValueError, match=r"'params\.stem\.kernel' has shape \(3, 3, 1, 4\) in "
                                          r"the checkpoint but \(3, 3, 3, 4\) in the model"):
         usermodel.load_orbax(model, tmp_path / "linen", input_shape=(32, 32, 3))
+
+
+def test_linen_builder_with_orbax_variables_is_probed_by_nested_path(user_module, tmp_path):
+    from jaxcnmf.nets import probe
+
+    model = user_module.LinenNet(10)
+    variables = model.init(jax.random.key(5), jnp.zeros((1, 32, 32, 1)))
+    usermodel.save_orbax(variables, tmp_path / "linen")
+    loaded = usermodel.load("usernets_lib:build_linen", tmp_path / "linen", num_classes=10,
+                            input_shape=(32, 32, 1))
+    assert loaded.kind == "linen" and loaded.checkpoint == tmp_path / "linen"
+    images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 1), dtype=np.uint8)
+    views = probe.collect(loaded.model, loaded.variables, images, ["backbone/stage"],
+                          pixels=False, progress=False)
+    # By hand: the stem, then the backbone's stage, with the saved parameters.
+    params = variables["params"]
+    x = images.astype(np.float32) / 255
+    h = nn.relu(nn.Conv(4, (3, 3)).apply({"params": params["stem"]}, x))
+    h = nn.relu(nn.Conv(5, (3, 3), strides=4).apply({"params": params["backbone"]["stage"]["conv"]},
+                                                       h))
+    np.testing.assert_allclose(views["backbone/stage"],
+                               np.moveaxis(np.asarray(h), -1, 1).reshape(6, -1).T,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(usermodel.predict(loaded.model, loaded.variables, images,
+                                                 batch_size=4),
+                               model.apply(variables, x), rtol=1e-5, atol=1e-6)
+
+
+def test_function_adapter_params_restore_from_orbax(user_module, tmp_path):
+    rng = np.random.default_rng(2)
+    params = {"w": rng.random((1, 4), np.float32), "v": rng.random((4, 10), np.float32)}
+    usermodel.save_orbax(params, tmp_path / "fn")
+    loaded = usermodel.load("usernets_lib:build_function", tmp_path / "fn", num_classes=10)
+    assert loaded.kind == "function"
+    assert _same(loaded.model.params, params)
 
 
 def test_mismatched_trees_name_the_first_key(user_module, tmp_path):
