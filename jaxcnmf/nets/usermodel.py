@@ -141,7 +141,8 @@ def import_builder(spec: str) -> Callable:
             raise _err(f"module {module_name} has no attribute {name!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise _err(f"{spec} is a {type(target).__name__}, not a callable builder")
+        raise _err(f"{spec} is not callable (type {type(target).__name__}); expected a "
+                   "function that returns the network")
     return target
 
 
@@ -159,6 +160,19 @@ def model_kind(model: Any) -> str | None:
     except ImportError:  # a jaxcnmf without function adapters
         return None
     return "function" if isinstance(model, ProbedFunction) else None
+
+
+def _accepted(builder: Callable, kwargs: dict) -> list[str]:
+    """The names of ``kwargs`` that ``builder``'s signature takes."""
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return list(kwargs)
+    names = {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    return [k for k in kwargs if k in names]
 
 
 def build(builder: Callable, spec: str = "the builder", **kwargs) -> Any:
@@ -179,24 +193,15 @@ def build(builder: Callable, spec: str = "the builder", **kwargs) -> Any:
         >>> build(lambda num_classes: MyCNN(num_classes, rngs=nnx.Rngs(0)),
         ...       num_classes=10, input_shape=(32, 32, 3))  # doctest: +SKIP
     """
-    try:
-        params = inspect.signature(builder).parameters.values()
-    except (TypeError, ValueError):
-        params = ()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        offered = dict(kwargs)
-    else:
-        names = {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY,
-                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD)}
-        offered = {k: v for k, v in kwargs.items() if k in names}
+    offered = {k: kwargs[k] for k in _accepted(builder, kwargs)}
     try:
         model = builder(**offered)
     except Exception as err:  # the user's code may raise anything
         call = ", ".join(f"{k}={v!r}" for k, v in offered.items())
         raise _err(f"{spec}({call}) raised {type(err).__name__}: {err}") from None
     if model_kind(model) is None:
-        raise _err(f"{spec} returned a {type(model).__name__}; expected a flax.nnx.Module, "
-                   "a flax.linen.Module or jaxcnmf.probe.from_function(...)")
+        raise _err(f"{spec} returned an object of type {type(model).__name__}; expected a "
+                   "flax.nnx.Module, a flax.linen.Module or jaxcnmf.probe.from_function(...)")
     return model
 
 
@@ -333,7 +338,8 @@ def _restore_into(template: Any, path: Path, what: str) -> Any:
     checkpointer = _checkpointer()
     expected = _flat(template)
     mismatch = _first_mismatch(_stored_shapes(checkpointer, path),
-                               {k: np.shape(v) for k, v in expected.items()})
+                               {k: tuple(getattr(v, "shape", np.shape(v)))
+                                for k, v in expected.items()})
     if mismatch:
         raise ValueError(f"checkpoint: the state in {str(path)!r} does not match {what}: "
                          f"{mismatch}")
@@ -418,8 +424,18 @@ def load(spec: str, checkpoint: str | os.PathLike | None, *, num_classes: int | 
         >>> load("mypkg.models:build", "runs/ckpt", num_classes=10)  # doctest: +SKIP
     """
     builder = import_builder(spec)
-    offered = {"num_classes": num_classes, "input_shape": input_shape}
-    model = build(builder, spec, **{k: v for k, v in offered.items() if v is not None})
+    offered = {k: v for k, v in {"num_classes": num_classes, "input_shape": input_shape}.items()
+               if v is not None}
+    if checkpoint is not None:
+        path = find_orbax_or_raise(checkpoint)
+        abstract = _abstract_nnx(builder, offered)
+        if abstract is not None:  # the checkpoint's arrays go straight into the graph
+            from flax import nnx
+
+            graphdef, state = nnx.split(abstract)
+            model = nnx.merge(graphdef, _restore_into(state, path, f"the model built by {spec}"))
+            return UserModel(model, None, "nnx", spec, path)
+    model = build(builder, spec, **offered)
     kind = model_kind(model)
     what = f"the model built by {spec}"
     if checkpoint is None:
@@ -427,13 +443,26 @@ def load(spec: str, checkpoint: str | os.PathLike | None, *, num_classes: int | 
             raise _err(f"{spec} returned a flax.linen.Module, whose variables live outside "
                        "it; pass --checkpoint DIR with them (an orbax checkpoint)")
         return UserModel(model, None, kind, spec, None)
-    path = find_orbax_or_raise(checkpoint)
     if kind == "function":
         params = _restore_into(model.params, path, what)
         return UserModel(dataclasses.replace(model, params=params), None, kind, spec, path)
     restored = load_orbax(model, path, input_shape=input_shape or (32, 32, 3), what=what)
     variables = restored if kind == "linen" else None
     return UserModel(model, variables, kind, spec, path)
+
+
+def _abstract_nnx(builder: Callable, offered: dict) -> Any:
+    """The builder's NNX module with abstract arrays (``nnx.eval_shape``: no parameter is
+    initialised, which on a CPU costs more than restoring them), or None when the builder
+    does not build an NNX module that way (then it is called as usual)."""
+    from flax import nnx
+
+    kwargs = {k: offered[k] for k in _accepted(builder, offered)}
+    try:
+        abstract = nnx.eval_shape(lambda: builder(**kwargs))
+    except Exception:  # anything else is reported by the ordinary call that follows
+        return None
+    return abstract if isinstance(abstract, nnx.Module) else None
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:

@@ -122,9 +122,6 @@ def test_nnx_state_round_trips_through_orbax(user_module, tmp_path):
     restored = usermodel.load_orbax(built, tmp_path / "ckpt")
     assert restored is built
     assert _same(nnx.state(built), nnx.state(saved))
-    x = jnp.asarray(np.random.default_rng(0).random((3, 32, 32, 1)), jnp.float32)
-    saved.eval(), built.eval()
-    np.testing.assert_allclose(built(x), saved(x), rtol=1e-6, atol=1e-6)
 
 
 def test_pure_dict_and_checkpoint_manager_layouts_load(user_module, tmp_path):
@@ -230,14 +227,15 @@ def test_builder_receives_the_keywords_it_names(user_module):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("usernets_lib", "model_module: expected MODULE:BUILDER, e.g. mypkg.models:build, "
-                     "got 'usernets_lib'"),
-    ("no_such_pkg.models:build", "model_module: cannot import no_such_pkg.models (no module "
-                                 "named 'no_such_pkg'); run from the folder that holds it or "
-                                 "add that folder to PYTHONPATH"),
+    ("usernets_lib", ("model_module: expected MODULE:BUILDER, e.g. mypkg.models:build, "
+                      "got 'usernets_lib'")),
+    ("no_such_pkg.models:build", ("model_module: cannot import no_such_pkg.models (no module "
+                                  "named 'no_such_pkg'); run from the folder that holds it "
+                                  "or add that folder to PYTHONPATH")),
     ("usernets_lib:missing", "model_module: module usernets_lib has no attribute 'missing'"),
-    ("usernets_lib:not_callable", "model_module: usernets_lib:not_callable is a int, not a "
-                                  "callable builder"),
+    ("usernets_lib:not_callable", ("model_module: usernets_lib:not_callable is not callable "
+                                   "(type int); expected a function that returns the "
+                                   "network")),
 ])
 def test_import_errors(user_module, spec, message):
     with pytest.raises(ValueError) as err:
@@ -252,8 +250,8 @@ def test_builder_errors(user_module):
                               "no weights here")
     with pytest.raises(ValueError) as err:
         usermodel.load("usernets_lib:wrong", None)
-    assert str(err.value) == ("model_module: usernets_lib:wrong returned a int; expected a "
-                              "flax.nnx.Module, a flax.linen.Module or "
+    assert str(err.value) == ("model_module: usernets_lib:wrong returned an object of type "
+                              "int; expected a flax.nnx.Module, a flax.linen.Module or "
                               "jaxcnmf.probe.from_function(...)")
     with pytest.raises(ValueError, match="returned a flax.linen.Module, whose variables live "
                                          "outside it; pass --checkpoint DIR"):

@@ -470,22 +470,22 @@ def test_tcav_rebuilds_the_users_network_from_run_json(user_run):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--model-module", "no_such_pkg.models:build"],
-     "jaxcnmf: error: --model-module: cannot import no_such_pkg.models (no module named "
-     "'no_such_pkg'); run from the folder that holds it or add that folder to PYTHONPATH"),
+     ("jaxcnmf: error: --model-module: cannot import no_such_pkg.models (no module named "
+      "'no_such_pkg'); run from the folder that holds it or add that folder to PYTHONPATH")),
     (["--model-module", "usernets_cli:missing"],
      "jaxcnmf: error: --model-module: module usernets_cli has no attribute 'missing'"),
     (["--model-module", "usernets_cli:broken"],
-     "jaxcnmf: error: --model-module: usernets_cli:broken() raised RuntimeError: no weights "
-     "here"),
+     ("jaxcnmf: error: --model-module: usernets_cli:broken() raised RuntimeError: no weights "
+      "here")),
     (["--model-module", "usernets_cli:build", "--layers", "layer9"],
-     "jaxcnmf: error: layers: unknown layer 'layer9' for model TinyCNN; expected some of "
-     "layer1, layer1.conv, layer1.norm, layer2, layer2.conv, layer2.norm, fc"),
+     ("jaxcnmf: error: layers: unknown layer 'layer9' for model TinyCNN; expected some of "
+      "layer1, layer1.conv, layer1.norm, layer2, layer2.conv, layer2.norm, fc")),
     (["--model-module", "usernets_cli:build", "--input-shape", "32,32,3"],
-     "jaxcnmf: error: --input-shape: the network takes images of shape (32, 32, 3) but "
-     "dataset 'digits' has (32, 32, 1); probe it with a dataset of 32x32 images with 3 "
-     "channel(s)"),
-    ([], "jaxcnmf: error: checkpoint: {ckpt} is an orbax checkpoint, which holds weights but "
-         "not the network; name the network with --model-module MODULE:BUILDER"),
+     ("jaxcnmf: error: --input-shape: the network takes images of shape (32, 32, 3) but "
+      "dataset 'digits' has (32, 32, 1); probe it with a dataset of 32x32 images with 3 "
+      "channel(s)")),
+    ([], ("jaxcnmf: error: checkpoint: {ckpt} is an orbax checkpoint, which holds weights "
+          "but not the network; name the network with --model-module MODULE:BUILDER")),
 ])
 def test_user_network_errors_are_one_line(user_network, argv, expected, capsys):
     folder = user_network[0]
