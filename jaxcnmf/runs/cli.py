@@ -742,6 +742,8 @@ _CLI_WORDS = (
     (r"\bsource=DIR\b", "--source DIR"),
     (r"^model_module:", "--model-module:"),
     (r"^input_shape:", "--input-shape:"),
+    # probe.collect's advice for a pre-activation layer names options analyze lacks.
+    (r"\(its ReLU\), or pass negative=.*$", "(its ReLU) in --layers"),
 )
 
 

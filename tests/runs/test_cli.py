@@ -494,6 +494,16 @@ def test_user_network_errors_are_one_line(user_network, argv, expected, capsys):
     assert line == expected.format(ckpt=folder / "ckpt")
 
 
+def test_pre_activation_layer_of_a_user_network_is_refused_in_cli_words(user_network, capsys):
+    folder = user_network[0]
+    line = _error_line(capsys, ["analyze", "--model-module", "usernets_cli:build",
+                                "--checkpoint", str(folder / "ckpt"), "--out",
+                                str(folder / "bad"), *USER_ARGS, "--layers", "layer1.conv"])
+    assert line.startswith("jaxcnmf: error: layer 'layer1.conv' has negative values (min -")
+    assert line.endswith("NMF needs non-negative views: probe the activation after it (its "
+                         "ReLU) in --layers")
+
+
 def test_user_checkpoint_errors_are_one_line(user_network, checkpoint, tmp_path, capsys):
     from jaxcnmf.nets import usermodel
 
