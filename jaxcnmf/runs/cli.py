@@ -101,6 +101,17 @@ examples:
                   --layers conv4_x,conv5_x,avgpool --per-class 30 --rank 20 \\
                   --group-sparse 0.1 --groups superclass --out runs/r18/concepts
 
+Your own network: --model-module MODULE:BUILDER imports MODULE (from the current directory
+or PYTHONPATH) and calls BUILDER, with num_classes= and input_shape= when it names them; it
+returns a flax.nnx.Module, a flax.linen.Module or a probe.from_function adapter.
+--checkpoint is then an orbax checkpoint directory of its state (what
+orbax.checkpoint.StandardCheckpointer().save(DIR, nnx.state(model)) writes, or the Linen
+variables), restored into the network; --layers names layers by their path (layer3,
+layer4.1 for NNX, backbone/stage3 for Linen) and is required. 'jaxcnmf tcav' rebuilds the
+network from the module and checkpoint recorded in run.json.
+  jaxcnmf analyze --model-module mypkg.models:build --checkpoint /abs/ckpt \\
+                  --dataset cifar10 --source DIR --layers layer3,layer4 --out runs/mine
+
 --group-sparse F sets the group penalty as a fraction F in (0, 1] of the smallest penalty
 that zeroes every group, whatever the data's scale; concepts that end empty are reported
 in a note line and in run.json ("dead_concepts"); if every concept dies the run fails.
