@@ -487,28 +487,28 @@ def test_tcav_rebuilds_the_users_network_from_run_json(user_run):
     ([], ("jaxcnmf: error: checkpoint: {ckpt} is an orbax checkpoint, which holds weights "
           "but not the network; name the network with --model-module MODULE:BUILDER")),
 ])
-def test_user_network_errors_are_one_line(user_network, argv, expected, capsys):
+def test_user_network_errors_are_one_line(user_network, argv, expected, capsys, tmp_path):
     folder = user_network[0]
     line = _error_line(capsys, ["analyze", "--checkpoint", str(folder / "ckpt"),
-                                "--out", str(folder / "bad"), *USER_ARGS, *argv])
+                                "--out", str(tmp_path / "out"), *USER_ARGS, *argv])
     assert line == expected.format(ckpt=folder / "ckpt")
 
 
-def test_pre_activation_layer_of_a_user_network_is_refused_in_cli_words(user_network, capsys):
+def test_pre_activation_layer_of_a_user_network_is_refused_in_cli_words(user_network, capsys,
+                                                                        tmp_path):
     folder = user_network[0]
     line = _error_line(capsys, ["analyze", "--model-module", "usernets_cli:build",
                                 "--checkpoint", str(folder / "ckpt"), "--out",
-                                str(folder / "bad"), *USER_ARGS, "--layers", "layer1.conv"])
+                                str(tmp_path / "out"), *USER_ARGS, "--layers", "layer1.conv"])
     assert line.startswith("jaxcnmf: error: layer 'layer1.conv' has negative values (min -")
     assert line.endswith("NMF needs non-negative views: probe the activation after it (its "
                          "ReLU) in --layers")
 
 
 def test_user_checkpoint_errors_are_one_line(user_network, checkpoint, tmp_path, capsys):
-    from jaxcnmf.nets import usermodel
+    import usernets_cli  # on sys.path through user_network
 
-    folder = user_network[0]
-    import usernets_cli
+    from jaxcnmf.nets import usermodel
 
     usermodel.save_orbax(usernets_cli.TinyCNN(5, 1), tmp_path / "five")
     (tmp_path / "notorbax").mkdir()
@@ -530,6 +530,6 @@ def test_user_checkpoint_errors_are_one_line(user_network, checkpoint, tmp_path,
     }
     for path, expected in cases.items():
         line = _error_line(capsys, ["analyze", "--model-module", "usernets_cli:build",
-                                    "--checkpoint", str(path), "--out", str(folder / "bad"),
+                                    "--checkpoint", str(path), "--out", str(tmp_path / "out"),
                                     *USER_ARGS])
         assert line == expected
