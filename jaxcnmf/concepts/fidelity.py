@@ -213,8 +213,9 @@ def fidelity(
     network) and ``FitResult.transform`` of this layer alone (``F`` from ``A_j`` only).
 
     Args:
-        model: flax module from ``jaxcnmf.models``.
-        variables: its variables.
+        model: a Flax Linen module, a Flax NNX module or ``probe.from_function(...)``
+            (see :mod:`jaxcnmf.nets.adapters`).
+        variables: a Linen module's variables; ``None`` for NNX modules and functions.
         images: uint8 (N, H, W, C) (or float32 in [0, 1]) probe images.
         labels: int (N,) true classes.
         results: a ``FitResult`` or a sequence of them (one per rank) whose views include
@@ -222,7 +223,7 @@ def fidelity(
         layer: the layer to replace.
         activations: the layer view (rows, N) of these images; collected with
             ``probe.collect(..., pooling="flatten")`` when None.
-        shape: per-image layer shape; from ``probe.available_layers`` when None.
+        shape: per-image layer shape; from ``probe.layer_shapes`` when None.
 
     Returns:
         :class:`FidelityTable` with one entry per result, in order of increasing rank.
@@ -243,7 +244,7 @@ def fidelity(
                 f"layer: expected one of the fitted views {tuple(res.loadings)}, got {layer!r}"
             )
     if shape is None:
-        layers = probe.available_layers(model, tuple(np.shape(images)[1:]))
+        layers = probe.layer_shapes(model, variables, tuple(np.shape(images)[1:]))
         if layer not in layers:
             raise ValueError(f"layer: expected one of {tuple(layers)}, got {layer!r}")
         shape = layers[layer]

@@ -764,9 +764,11 @@ def run(
     layer, with a non-linearity (ReLU, max-pool) between it and the logits.
 
     Args:
-        model: flax linen module; ``model.apply(variables, x, train=False)`` -> logits.
-        variables: its variables.
-        layer: a layer name (a direct child of ``model``) or a list of them.
+        model: a Flax Linen module (run as ``model.apply(variables, x, train=False)``),
+            a Flax NNX module or ``probe.from_function(...)``; see
+            :mod:`jaxcnmf.nets.adapters`.
+        variables: a Linen module's variables; ``None`` for NNX modules and functions.
+        layer: a layer path (see ``probe.available_layers``) or a list of them.
         concepts: dict concept name -> (n_c, H, W, C) images (uint8 or float in [0, 1]).
         classes: dict class -> (n_k, H, W, C) images of that class. Keys are logit
             indices (int) or names found in ``class_names``.

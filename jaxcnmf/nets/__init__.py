@@ -7,4 +7,6 @@
 - :mod:`jaxcnmf.nets.probe`: the one module that runs a network: activations of named
   layers (``collect``), gradients with respect to a layer, interventions that replace a
   layer's output, and layer shapes.
+- :mod:`jaxcnmf.nets.adapters`: how a network is run and its layers named, for Flax Linen
+  modules, Flax NNX modules and plain functions (``from_function``).
 """

@@ -27,7 +27,9 @@ The three kinds and their layer paths:
   takes it).
 * **NNX** (``flax.nnx.Module``; ``variables`` ``None``, or an ``nnx.State`` to use instead
   of the module's own): the output of any submodule's ``__call__``, named by its attribute
-  path joined by ``.``, list indices included (``"layer3"``, ``"layer4.1.conv1"``). The
+  path joined by ``.``, list indices included (``"layer4.1.conv1"``); a list of modules
+  that is not itself called (``nnx.List`` of blocks, a ResNet stage) also stands for its
+  last element's output (``"layer3"`` is ``"layer3.1"``). The
   module is split (``nnx.split``); inside each traced function a merged copy is put in
   eval mode (``.eval()``: batch norm's running statistics, no dropout) and its submodules
   get, on that copy only, a subclass whose ``__call__`` reports its output to the probe.
@@ -171,13 +173,16 @@ class LinenAdapter(Adapter):
         return self.module.apply(state, x, **dict(self.call_kwargs), **kwargs)
 
     def trace(self, state, image_shape):
+        order: list[str] = []
         shapes: dict[str, tuple[int, ...]] = {}
 
         def interceptor(next_fun, args, kwargs, context):
+            path = _linen_path(context.module) if context.method_name == "__call__" else ""
+            if path and path not in order:
+                order.append(path)  # on entry: a block comes before the layers inside it
             out = next_fun(*args, **kwargs)
-            path = _linen_path(context.module)
             shape = _per_image_shape(out)
-            if context.method_name == "__call__" and path and shape is not None:
+            if path and shape is not None:
                 shapes.setdefault(path, shape)
             return out
 
@@ -193,7 +198,7 @@ class LinenAdapter(Adapter):
             args = (state, x)
         with nn.intercept_methods(interceptor):
             logits = jax.eval_shape(run, *args)
-        return Traced(shapes, tuple(logits.shape[1:]))
+        return Traced({p: shapes[p] for p in order if p in shapes}, tuple(logits.shape[1:]))
 
     def forward(self, state, x, capture=()):
         if not capture:
@@ -240,8 +245,8 @@ def _linen_call_kwargs(module: nn.Module) -> tuple[tuple[str, Any], ...]:
 
 # -------------------------------------------------------------------------------- NNX
 
-# While an NNX forward pass is traced: {id(submodule): path} and the callback that sees
-# (and may change) each probed submodule's output.
+# While an NNX forward pass is traced: {id(submodule): its paths} and the callback that
+# sees (and may change) each probed submodule's output.
 _NNX_PROBE: contextvars.ContextVar = contextvars.ContextVar("jaxcnmf_nnx_probe", default=None)
 
 
@@ -252,11 +257,15 @@ def _reporting_class(cls: type) -> type:
 
     def __call__(self, *args, **kwargs):
         active = _NNX_PROBE.get()
-        path = active[0].get(id(self)) if active is not None else None
-        if path is None:
+        paths = active[0].get(id(self)) if active is not None else None
+        if paths is None:
             return call(self, *args, **kwargs)
-        active[1](path, None)  # entry: fixes the call order
-        return active[1](path, call(self, *args, **kwargs))
+        for path in paths:
+            active[1](path, None)  # entry: fixes the call order
+        out = call(self, *args, **kwargs)
+        for path in reversed(paths):  # the element's own path first, then a list's alias
+            out = active[1](path, out)
+        return out
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                        "__qualname__": cls.__qualname__})
@@ -282,7 +291,8 @@ class NNXAdapter(Adapter):
     def _run(self, state, x, on_output: Callable[[str, Any], Any]) -> jax.Array:
         model = nnx.merge(self.graphdef, state)
         model.eval()
-        paths = {}
+        names: dict[int, tuple[str, ...]] = {}
+        last: dict[tuple, tuple[int, Any]] = {}  # list path -> (index, element) of its last
         for path, sub in nnx.iter_modules(model):
             if not path or "__call__" not in dir(type(sub)):
                 continue
@@ -290,8 +300,15 @@ class NNXAdapter(Adapter):
                 sub.__class__ = _reporting_class(type(sub))
             except TypeError:  # a class with __slots__ or a custom layout: not probe-able
                 continue
-            paths[id(sub)] = _nnx_path(path)
-        token = _NNX_PROBE.set((paths, on_output))
+            names[id(sub)] = (_nnx_path(path),)
+            if isinstance(path[-1], int) and path[-1] >= last.get(path[:-1], (-1, None))[0]:
+                last[path[:-1]] = (path[-1], sub)
+        called = {n for group in names.values() for n in group}
+        for parent, (_, sub) in last.items():
+            alias = _nnx_path(parent)
+            if alias not in called:  # a list of blocks stands for its last block's output
+                names[id(sub)] = (alias, *names[id(sub)])
+        token = _NNX_PROBE.set((names, on_output))
         try:
             return model(x)
         finally:

@@ -1,16 +1,19 @@
 """Probe a trained CNN: the pixel matrices D_i and activation matrices A_j of a probe set.
 
-A layer is the output of a direct child of the model's top module, named as in
-``jaxcnmf.models`` (``"conv4_x"``, ``"avgpool"``, ...). ``collect`` runs the model in
-inference mode in batches with ``capture_intermediates`` filtered to the requested layers,
+The network is a ``jaxcnmf.models`` network or any other Flax Linen module, a Flax NNX
+module, or a plain function (``from_function``); every forward pass goes through the
+adapter interface of :mod:`jaxcnmf.nets.adapters`. A layer is a submodule's output named
+by its path: ``"conv4_x"``, ``"avgpool"`` for our models, ``"backbone/stage3"`` in a
+Linen module, ``"layer4.1.conv2"`` in an NNX module, a name the function returns.
+``collect`` runs the model in inference mode in batches capturing only the requested layers,
 pools inside the compiled function and writes each batch in place into preallocated
 ``(rows, N)`` float32 matrices on the device, so device memory is the outputs plus one
 batch; they are either returned as jax arrays (``output="device"``, ready for
 ``jaxcnmf.fit`` without a trip through the host) or copied to the host once at the end.
 Forward passes run at the backend's default matmul precision, as ``model.apply`` does:
 the views are the network's own activations, which is what NMF should explain.
-``intervene`` and ``layer_forward`` replace a layer's output
-(``flax.linen.intercept_methods``) to read off the logits, for concept fidelity.
+``intervene`` and ``layer_forward`` replace a layer's output to read off the logits, for
+concept fidelity.
 ``layer_activations`` and ``layer_gradients`` (the gradient of each image's class logit
 with respect to named layers, one backward pass for all of them) run at full float32
 precision on every backend, for TCAV, whose scores are signs of small numbers.
