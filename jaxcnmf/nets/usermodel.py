@@ -11,8 +11,8 @@ that is not one of ``jaxcnmf.models``. The builder contract:
 * It returns one of:
 
   - a ``flax.nnx.Module``, ``model(x) -> logits``; the checkpoint holds its state,
-    ``nnx.state(model)`` (or that state's ``to_pure_dict()``), restored into the model
-    with ``nnx.update``;
+    ``nnx.state(model)`` (or ``nnx.to_pure_dict`` of it), restored into the module the
+    builder makes under ``nnx.eval_shape`` (no parameter is initialised first);
   - a ``flax.linen.Module``, ``model.apply(variables, x) -> logits``; the checkpoint
     holds its variables (``{"params": ..., "batch_stats": ...}``), checked against those
     ``model.init`` would create for ``input_shape``;
@@ -55,8 +55,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BUILDER_ARGS = ("num_classes", "input_shape")
-KINDS = ("nnx", "linen", "function")
 # Files of a pytree item written by orbax's StandardCheckpointer / PyTreeCheckpointer (a
 # CheckpointManager's step folder has only _CHECKPOINT_METADATA, beside its items).
 _ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt")
