@@ -223,7 +223,7 @@ def fidelity(
         layer: the layer to replace.
         activations: the layer view (rows, N) of these images; collected with
             ``probe.collect(..., pooling="flatten")`` when None.
-        shape: per-image layer shape; from ``probe.layer_shapes`` when None.
+        shape: per-image layer shape; from ``probe.available_layers`` when None.
 
     Returns:
         :class:`FidelityTable` with one entry per result, in order of increasing rank.
@@ -244,7 +244,7 @@ def fidelity(
                 f"layer: expected one of the fitted views {tuple(res.loadings)}, got {layer!r}"
             )
     if shape is None:
-        layers = probe.layer_shapes(model, variables, tuple(np.shape(images)[1:]))
+        layers = probe.available_layers(model, tuple(np.shape(images)[1:]))
         if layer not in layers:
             raise ValueError(f"layer: expected one of {tuple(layers)}, got {layer!r}")
         shape = layers[layer]

@@ -355,6 +355,9 @@ def _check_images(images: Any, model: Any) -> np.ndarray:
 
 def _check_input_channels(net: Bound, image_shape: tuple) -> None:
     """The network runs on images of ``image_shape`` with its variables (traced once)."""
+    if isinstance(net.adapter, adapters.LinenAdapter) and net.state is None:
+        raise ValueError(f"variables: expected the variables of the Linen module "
+                         f"{net.adapter.name} (model.init(...)), got None")
     _shapes(net, tuple(image_shape))
 
 

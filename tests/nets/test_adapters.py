@@ -333,6 +333,8 @@ def test_unknown_layer_lists_available_paths(nnx_net, linen_net, fn_net, images)
         probe.intervene(*linen_net, images, "stage1", np.zeros((N, 4, 4, 4)))
     with pytest.raises(ValueError, match=r"unknown layer\(s\) \['h3'\] for apply_fn; available layers are \['h1', 'pre2', 'h2'\]"):
         probe.layer_gradients(fn_net, None, images, np.zeros(N, int), ["h3"])
+    with pytest.raises(ValueError, match=r"variables: expected the variables of the Linen module _LinenNet \(model.init\(...\)\), got None"):
+        probe.collect(linen_net[0], None, images, ["backbone"], progress=False)
     with pytest.raises(ValueError, match="model: expected a flax.linen Module, a flax.nnx Module or probe.from_function"):
         probe.collect(object(), None, images, ["h1"], progress=False)
 
