@@ -9,4 +9,6 @@
   layer's output, and layer shapes.
 - :mod:`jaxcnmf.nets.adapters`: how a network is run and its layers named, for Flax Linen
   modules, Flax NNX modules and plain functions (``from_function``).
+- :mod:`jaxcnmf.nets.usermodel`: the user's own network: a builder imported by
+  ``module:name``, and its orbax checkpoint saved and restored.
 """

@@ -114,6 +114,17 @@ blocks.
                   --per-class 5000 --layers conv4_x,conv5_x,avgpool --pooling mean \\
                   --store runs/r18/acts --store-dtype bfloat16 --out runs/r18/train50k
 
+Your own network: --model-module MODULE:BUILDER imports MODULE (from the current directory
+or PYTHONPATH) and calls BUILDER, with num_classes= and input_shape= when it names them; it
+returns a flax.nnx.Module, a flax.linen.Module or a probe.from_function adapter.
+--checkpoint is then an orbax checkpoint directory of its state (what
+orbax.checkpoint.StandardCheckpointer().save(DIR, nnx.state(model)) writes, or the Linen
+variables), restored into the network; --layers names layers by their path (layer3,
+layer4.1 for NNX, backbone/stage3 for Linen) and is required. 'jaxcnmf tcav' rebuilds the
+network from the module and checkpoint recorded in run.json.
+  jaxcnmf analyze --model-module mypkg.models:build --checkpoint /abs/ckpt \\
+                  --dataset cifar10 --source DIR --layers layer3,layer4 --out runs/mine
+
 --group-sparse F sets the group penalty as a fraction F in (0, 1] of the smallest penalty
 that zeroes every group, whatever the data's scale; concepts that end empty are reported
 in a note line and in run.json ("dead_concepts"); if every concept dies the run fails.
@@ -202,6 +213,11 @@ _fraction = _checked(float, lambda value: 0 < value <= 1, "a fraction in (0, 1]"
 _unit_interval = _checked(float, lambda value: 0 <= value < 1, "a number in [0, 1)")
 _positive_float = _checked(float, lambda value: 0 < value < float("inf"),
                            "a finite number > 0")
+_input_shape = _checked(
+    lambda text: tuple(int(item) for item in text.split(",")),
+    lambda values: len(values) == 3 and min(values) >= 1 and values[2] in (1, 3),
+    "H,W,C: three positive integers, C 1 or 3",
+)
 _positive_int_list = _checked(
     lambda text: tuple(int(item) for item in text.split(",")),
     lambda values: all(value >= 1 for value in values),
@@ -470,7 +486,20 @@ def _add_analyze(commands):
         epilog=_EPILOG_ANALYZE,
     )
     analyze.add_argument(
-        "--checkpoint", required=True, help="checkpoint written by 'jaxcnmf train'"
+        "--checkpoint", metavar="DIR", default=None,
+        help="checkpoint written by 'jaxcnmf train'; with --model-module, an orbax "
+        "checkpoint of that network's state (nnx.state(model) or Linen variables)",
+    )
+    analyze.add_argument(
+        "--model-module", metavar="MODULE:BUILDER", default=None,
+        help="your own network: MODULE is imported from the current directory or "
+        "PYTHONPATH and BUILDER() (given num_classes=, input_shape= if it names them) "
+        "returns a flax.nnx.Module, a flax.linen.Module or a probe.from_function adapter",
+    )
+    analyze.add_argument(
+        "--input-shape", metavar="H,W,C", type=_input_shape, default=None,
+        help="with --model-module, the image shape the network takes, checked against "
+        "the dataset's (default: the dataset's)",
     )
     _add_data(analyze)
     analyze.add_argument("--out", required=True, help="run directory to create")
@@ -675,11 +704,19 @@ def _pixel_share(text: str):
 def _analyze(args):
     from jaxcnmf.runs import pipeline
 
+    if args.checkpoint is None and args.model_module is None:
+        raise UsageError("--checkpoint: expected a checkpoint written by 'jaxcnmf train', or "
+                         "--model-module MODULE:BUILDER for your own network")
+    if args.input_shape is not None and args.model_module is None:
+        raise UsageError("--input-shape needs --model-module (a checkpoint from 'jaxcnmf "
+                         "train' records its own)")
     config = pipeline.RunConfig(
         command="analyze",
         dataset=args.dataset,
         source=args.source,
         checkpoint=args.checkpoint,
+        model_module=args.model_module,
+        input_shape=args.input_shape,
         layers=args.layers,
         split=args.split,
         per_class=args.per_class,
@@ -759,6 +796,10 @@ _CLI_WORDS = (
     (r"\bmax_iter[ =]", "--max-iter "),
     (r"\bmax_iter\b", "--max-iter"),
     (r"\bsource=DIR\b", "--source DIR"),
+    (r"^model_module:", "--model-module:"),
+    (r"^input_shape:", "--input-shape:"),
+    # probe.collect's advice for a pre-activation layer names options analyze lacks.
+    (r"\(its ReLU\), or pass negative=.*$", "(its ReLU) in --layers"),
 )
 
 

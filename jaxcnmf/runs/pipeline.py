@@ -104,6 +104,15 @@ class RunConfig:
         dataset: "digits", "cifar10", "cifar100", an image folder or an .npz file.
         source: folder holding the dataset files, or None.
         checkpoint: a checkpoint from ``jaxcnmf train``; None trains ``model`` first.
+            With ``model_module``, an orbax checkpoint of that network (see
+            :mod:`jaxcnmf.nets.usermodel`), or None to use it as its builder returns it.
+        model_module: the user's own network, ``"package.module:builder"``, imported from
+            the working directory or ``PYTHONPATH``; the builder is called with
+            ``num_classes`` and ``input_shape`` if it names them and returns a
+            ``flax.nnx.Module``, a ``flax.linen.Module`` or a ``probe.from_function``
+            adapter. None: one of ours (``checkpoint`` or ``model``).
+        input_shape: with ``model_module``, ``(H, W, C)`` the network takes, checked
+            against the dataset's images; None takes the dataset's.
         model, width, epochs, train_batch_size, lr, augment, schedule, warmup,
             label_smoothing: the network to train when ``checkpoint`` is None (``None``
             takes the trainer's default); ``to_json`` leaves them out otherwise.
@@ -152,6 +161,8 @@ class RunConfig:
     dataset: str = "digits"
     source: str | None = None
     checkpoint: str | None = None
+    model_module: str | None = None
+    input_shape: tuple[int, int, int] | None = None
     model: str = "small"
     width: float = 1.0
     epochs: int = 10
@@ -190,12 +201,18 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (tuples become lists), without the training
-        settings when the network comes from a checkpoint (they were never used)."""
+        settings when the network comes from a checkpoint or the user's module (they
+        were never used)."""
         settings = _settings_json(self)
-        if self.checkpoint is not None:
+        if self.checkpoint is not None or self.model_module is not None:
             for name in TRAINING_FIELDS:
                 settings.pop(name)
         return settings
+
+    @property
+    def trains(self) -> bool:
+        """Whether the run trains its network (no checkpoint, no user module)."""
+        return self.checkpoint is None and self.model_module is None
 
     @property
     def pixel_mode(self) -> str:
@@ -313,12 +330,38 @@ class _Stages:
         self.log(f"{name}: done in {self.seconds[name]:.1f} s")
 
 
-def _check_layers(model, layers, name: str = "layers") -> tuple[str, ...]:
-    """``layers`` as a tuple of distinct probe-able layers of ``model`` (None: all of them);
-    errors name the parameter ``name``."""
+def _ours(model) -> bool:
+    """Whether ``model`` is one of ``jaxcnmf.models`` (else the user's own network)."""
     from jaxcnmf.nets import models
 
-    available = models.probe_layers(model)
+    try:
+        models.probe_layers(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _layer_shapes(model, variables, image_shape) -> dict[str, tuple[int, ...]]:
+    """Per-image shapes of the probe-able layers: for our networks their probe points
+    first (``probe.available_layers``), for the user's every submodule in call order."""
+    from jaxcnmf.nets import probe
+
+    if _ours(model):
+        return probe.available_layers(model, input_shape=tuple(image_shape))
+    return probe.available_layers(model, image_shape=tuple(image_shape), variables=variables)
+
+
+def _check_layers(model, layers, name: str = "layers", *, variables=None,
+                  image_shape=None) -> tuple[str, ...]:
+    """``layers`` as a tuple of distinct probe-able layers of ``model`` (None: all of them);
+    errors name the parameter ``name``. The user's networks (``image_shape`` given) list
+    their layers by tracing a forward pass."""
+    from jaxcnmf.nets import models
+
+    if _ours(model):
+        available = models.probe_layers(model)
+    else:
+        available = tuple(_layer_shapes(model, variables, image_shape))
     if layers is None:
         return available
     layers = tuple(layers)
@@ -354,6 +397,10 @@ def _check_config(config: RunConfig) -> None:
         if config.group_lam > 0:
             raise ValueError(f"group_lam_fraction: expected either group_lam or "
                              f"group_lam_fraction, got both (group_lam={config.group_lam})")
+    if config.model_module is not None and config.layers is None:
+        # Every submodule of a user's network is probe-able, pre-activation ones too.
+        raise ValueError("layers: expected the layers to probe in your network (--layers "
+                         "a,b; every submodule's output is a layer, named by its path)")
     if config.layers is not None and not config.layers:
         # The analyses (k-means baseline, neurons per layer, fidelity) are about layers.
         raise ValueError("layers: expected at least one layer, got none")
@@ -361,6 +408,7 @@ def _check_config(config: RunConfig) -> None:
         raise FileNotFoundError(f"checkpoint: {config.checkpoint} does not exist")
     if config.store is not None:
         _check_store_config(config)
+    _check_user_model(config)
 
 
 def _check_store_config(config: RunConfig) -> None:
@@ -386,6 +434,39 @@ def _check_store_config(config: RunConfig) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"store: {path} exists and is not a directory; expected a new "
                          "directory or a store written by an earlier run")
+
+
+def _check_user_model(config: RunConfig) -> None:
+    """The user's network, before any data: its module imports, its checkpoint is orbax
+    (and an orbax checkpoint comes with a module to build its network)."""
+    from jaxcnmf.nets import train, usermodel
+
+    if config.model_module is None:
+        if config.checkpoint is not None and train.find_checkpoint(config.checkpoint) is None \
+                and usermodel.is_orbax_checkpoint(config.checkpoint):
+            raise ValueError(
+                f"checkpoint: {config.checkpoint} is an orbax checkpoint, which holds weights "
+                "but not the network; name the network with --model-module MODULE:BUILDER"
+            )
+        if config.input_shape is not None:
+            raise ValueError("input_shape: only for a network of model_module (our "
+                             "checkpoints record their own)")
+        return
+    shape = config.input_shape
+    if shape is not None and not (
+            len(shape) == 3 and all(isinstance(v, int) and v >= 1 for v in shape)
+            and shape[2] in (1, 3)):
+        raise ValueError(f"input_shape: expected (H, W, C) of positive integers with C 1 or "
+                         f"3, got {shape!r}")
+    usermodel.import_builder(config.model_module)
+    if config.checkpoint is not None:
+        if train.find_checkpoint(config.checkpoint) is not None:
+            raise ValueError(
+                f"checkpoint: {config.checkpoint} was written by 'jaxcnmf train' and "
+                "rebuilds its own network; leave out --model-module, or pass an orbax "
+                "checkpoint of your network"
+            )
+        usermodel.find_orbax_or_raise(config.checkpoint)
 
 
 def _check_tcav_config(tcav_config: TcavConfig) -> None:
@@ -429,22 +510,22 @@ def _tcav_top(tcav_config: TcavConfig, n_images: int) -> int:
     return min(DEFAULT_TCAV_TOP, n_images // 3) if tcav_config.top is None else tcav_config.top
 
 
-def _tcav_layers(model, tcav_config: TcavConfig, probed, image_shape) -> tuple[str, ...]:
+def _tcav_layers(model, tcav_config: TcavConfig, probed, image_shape,
+                 variables=None) -> tuple[str, ...]:
     """The layers to test: the requested ones (any probe-able layer) or the default.
 
     The default skips the last probed spatial layer when an earlier one was probed: in
     our networks it feeds a linear head (average pool, dense), where every TCAV score is
     0 or 1.
     """
-    from jaxcnmf.nets import probe
-
     if tcav_config.layers is None:
-        shapes = probe.available_layers(model, input_shape=tuple(image_shape))
+        shapes = _layer_shapes(model, variables, image_shape)
         spatial = [layer for layer in probed if len(shapes[layer]) == 3]
         if len(spatial) >= 2:
             return (spatial[-2],)
         return ((spatial or list(probed))[-1],)
-    return _check_layers(model, tcav_config.layers, name="layer")
+    return _check_layers(model, tcav_config.layers, name="layer", variables=variables,
+                         image_shape=image_shape)
 
 
 def _check_probe_set(config: RunConfig, probe_set) -> None:
@@ -479,6 +560,49 @@ def _load_network(config: RunConfig):
     checkpoint = train.load_checkpoint(config.checkpoint)
     return checkpoint.model, checkpoint.variables, _model_record(checkpoint.meta,
                                                                  str(checkpoint.path))
+
+
+def _load_user_network(config: RunConfig, image_shape: tuple[int, ...], num_classes: int):
+    """The user's network (``config.model_module``), built for the dataset and restored
+    from ``config.checkpoint``; its variables (Linen) or None; and its run.json record.
+
+    Checks that the network takes the dataset's images and has one logit per class.
+    """
+    from jaxcnmf.nets import usermodel
+
+    spec = config.model_module
+    shape = tuple(config.input_shape or image_shape)
+    if shape != tuple(image_shape):
+        raise ValueError(
+            f"input_shape: the network takes images of shape {shape} but dataset "
+            f"{config.dataset!r} has {tuple(image_shape)}; probe it with a dataset of "
+            f"{shape[0]}x{shape[1]} images with {shape[2]} channel(s)"
+        )
+    loaded = usermodel.load(spec, config.checkpoint, num_classes=num_classes,
+                            input_shape=shape)
+    _check_logits(loaded, shape, num_classes, f"dataset {config.dataset!r}")
+    record = {"module": spec, "kind": loaded.kind,
+              "checkpoint": None if loaded.checkpoint is None else str(loaded.checkpoint),
+              "num_classes": num_classes, "input_shape": list(shape)}
+    return loaded.model, loaded.variables, record
+
+
+def _check_logits(loaded, image_shape, num_classes: int, where: str) -> None:
+    """The user's network runs on ``image_shape`` images and has one logit per class."""
+    from jaxcnmf.nets import probe
+
+    try:
+        logits = probe.network_shapes(loaded.model, loaded.variables, image_shape).logits
+    except Exception as err:  # the user's forward pass may fail in any way on these images
+        raise ValueError(f"model_module: the network built by {loaded.spec} does not run "
+                         f"on images of shape {image_shape} ({where}): "
+                         f"{type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
+    if tuple(logits) != (num_classes,):
+        raise ValueError(
+            f"model_module: the network built by {loaded.spec} outputs shape "
+            f"{tuple(logits)} per image; {where} has {num_classes} classes, so expected "
+            f"({num_classes},) logits"
+        )
 
 
 def _fit_classes(config: RunConfig, model, trained: bool, num_classes: int):
@@ -708,12 +832,15 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
     stages = _Stages(progress)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
-    with stages("model", "loading the checkpoint" if config.checkpoint else "building the network"):
-        model, variables, meta = _load_network(config)
-        layers = _check_layers(model, config.layers)
+    user = config.model_module is not None
+    if not user:  # our networks are checked before the data are read
+        with stages("model", "loading the checkpoint" if config.checkpoint
+                    else "building the network"):
+            model, variables, meta = _load_network(config)
+            layers = _check_layers(model, config.layers)
 
     with stages("data", f"loading {config.dataset} and a balanced probe set"):
-        if variables is None:  # training needs both splits
+        if not user and variables is None:  # training needs both splits
             splits = data.load(config.dataset, source=config.source, progress=progress)
             probe_set = getattr(splits, config.split)
             if config.per_class is not None:
@@ -727,17 +854,26 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
                                             progress=progress)
             dataset_name = probe_set.name.rpartition("/")[0]
     _check_probe_set(config, probe_set)
-    model = _fit_classes(config, model, variables is not None, probe_set.num_classes)
+    if user:  # the builder may want the dataset's classes and image shape
+        with stages("model", f"building {config.model_module}"
+                    + (f", restoring {config.checkpoint}" if config.checkpoint else "")):
+            model, variables, meta = _load_user_network(
+                config, tuple(probe_set.images.shape[1:]), probe_set.num_classes)
+            layers = _check_layers(model, config.layers, variables=variables,
+                                   image_shape=meta["input_shape"])
+    else:
+        model = _fit_classes(config, model, variables is not None, probe_set.num_classes)
     analysed = _analysis_subset(config, probe_set.labels)
     if tcav is not None:
         _check_tcav_probe(tcav, len(probe_set.labels) if analysed is None else len(analysed),
                           probe_set.class_names)
-        tcav_layers = _tcav_layers(model, tcav, layers, probe_set.images.shape[1:])
+        tcav_layers = _tcav_layers(model, tcav, layers, probe_set.images.shape[1:],
+                                   variables)
 
     pixels = _pixel_mode(config, probe_set.images, stages)
-    if config.store is not None and variables is not None:
+    if config.store is not None and (variables is not None or user):
         # A store of another checkpoint or probe set is refused before the run starts.
-        _store_plan(config, meta["checkpoint"], variables, layers, pixels)
+        _store_plan(config, meta["checkpoint"], model, variables, layers, pixels)
     record = {
         "status": "running",
         "started": started,
@@ -817,21 +953,21 @@ def _pixel_mode(config: RunConfig, images, stages) -> str:
 def _run_stages(config, tcav, out, stages, record, save_record, model, variables, splits,
                 probe_set, layers, pixels, tcav_layers, progress) -> Path:
     """The stages after the run directory is set up; ``record`` is updated as they go."""
-    from jaxcnmf.nets import probe
+    from jaxcnmf.nets import probe, usermodel
     from jaxcnmf.runs import report
 
-    if variables is None:
+    if config.trains:
         with stages("train", f"{config.model} on {config.dataset}, {config.epochs} epochs"):
             variables, trained = _train(config, model, splits, out / CHECKPOINT_DIR,
                                         progress)
             record["model"].update(trained)
     store_plan = None
     if config.store is not None:
-        store_plan = _store_plan(config, record["model"]["checkpoint"], variables, layers,
-                                 pixels, stages)
+        store_plan = _store_plan(config, record["model"]["checkpoint"], model, variables,
+                                 layers, pixels, stages)
     with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"
                          + ("" if config.store is None else f", into the store {config.store}")):
-        if config.store is None:
+        if config.store is None and config.model_module is None:
             # The logits come from the same forward pass; they are the one view that may
             # be negative, and they are not factorized.
             views = probe.collect(
@@ -840,6 +976,16 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
                 allow_negative=True,
             )
             predictions = views.pop(LOGITS).argmax(axis=0)
+        else:
+        elif config.store is None:
+            # The user's logits need not be any layer's output; a layer with negative
+            # values (pre-activation) is refused with the advice to probe the one after.
+            views = probe.collect(
+                model, variables, probe_set.images, layers, pixels=pixels,
+                pooling=config.pooling, batch_size=config.batch_size, progress=progress,
+            )
+            predictions = usermodel.predict(model, variables, probe_set.images,
+                                            config.batch_size).argmax(axis=1)
         else:
             views, predictions, record["store"] = _probe_to_store(
                 config, store_plan, model, variables, probe_set, splits, layers, pixels,
@@ -912,12 +1058,22 @@ def _store_identity(config: RunConfig, checkpoint, variables, layers, pixels) ->
         per_class=config.per_class, seed=config.seed)
 
 
-def _store_plan(config: RunConfig, checkpoint, variables, layers, pixels, stages=None):
+def _network_weights(model, variables):
+    """The pytree of a network's weights, whatever its kind: Linen variables, an NNX
+    module's state, a function's params (what the store's identity hashes)."""
+    from jaxcnmf.nets import adapters
+
+    return adapters.adapt(model, variables).state
+
+
+def _store_plan(config: RunConfig, checkpoint, model, variables, layers, pixels,
+                stages=None):
     """Check ``config.store`` against this run and say (with ``stages``, in a log line)
     what the probe stage will do with it; returns the plan and the run's identity."""
     from jaxcnmf.runs import runstore
 
-    identity = _store_identity(config, checkpoint, variables, layers, pixels)
+    identity = _store_identity(config, checkpoint, _network_weights(model, variables), layers,
+                               pixels)
     plan = runstore.plan(config.store, identity, dtype=config.store_dtype,
                          batch_size=config.batch_size)
     if stages is not None and plan.state == "reuse":
@@ -946,15 +1102,26 @@ def _probe_to_store(config: RunConfig, store_plan, model, variables, probe_set, 
         s = store.open(config.store)
     else:
         superclasses = list(probe_set.superclass_names or ()) or None
+        # Our networks' logits are their layer "fc", stored as one more view; a user's
+        # network is run once more for them, and its layers must be non-negative.
+        user = config.model_module is not None
         s = probe.collect(
-            model, variables, probe_set.images, layers + (LOGITS,), pixels=pixels,
-            pooling=config.pooling, batch_size=config.batch_size, progress=progress,
-            allow_negative=True, store=config.store, dtype=config.store_dtype,
+            model, variables, probe_set.images, layers + (() if user else (LOGITS,)),
+            pixels=pixels, pooling=config.pooling, batch_size=config.batch_size,
+            progress=progress, allow_negative=not user, store=config.store,
+            dtype=config.store_dtype,
             store_info={"labels": np.asarray(probe_set.labels, np.int64),
                         "class_names": list(probe_set.class_names),
                         "superclasses": superclasses, "provenance": identity})
     # One pass: the predictions, and the norms the view weights need (kept on the store).
-    predictions, _ = runstore.scan(s, LOGITS)
+    if config.model_module is None:
+        predictions, _ = runstore.scan(s, LOGITS)
+    else:
+        from jaxcnmf.nets import usermodel
+
+        runstore.scan(s)
+        predictions = usermodel.predict(model, variables, probe_set.images,
+                                        config.batch_size).argmax(axis=1)
     state = {"new": "written", "resume": "resumed", "reuse": "reused"}[plan.state]
     views = runstore.select(s, [name for name in s.views if name != LOGITS])
     return views, predictions, runstore.describe(s, state)
@@ -1119,9 +1286,8 @@ def _fidelity(config, model, variables, views, result, probe_set, layers, progre
     """
     import jaxcnmf
     from jaxcnmf.concepts.fidelity import fidelity, fidelity_from_store
-    from jaxcnmf.nets import probe
 
-    shapes = probe.available_layers(model, input_shape=tuple(probe_set.images.shape[1:]))
+    shapes = _layer_shapes(model, variables, probe_set.images.shape[1:])
     # A pooled conv layer cannot be put back into the network, so it has no fidelity.
     replaceable = [l for l in layers if config.pooling == "flatten" or len(shapes[l]) == 1]
     ranks = sorted(set(config.fidelity_ranks) - {config.rank})
@@ -1182,6 +1348,33 @@ def _tcav_step(tcav_config: TcavConfig, layers, model, variables, result, images
     return scores
 
 
+def _saved_network(saved, class_names) -> tuple[Any, Any]:
+    """The saved run's network and its variables: the user's, re-built from the module
+    and orbax checkpoint named in run.json, or ours, from its checkpoint."""
+    from jaxcnmf.nets import train, usermodel
+
+    recorded = saved.record.get("model", {})
+    if recorded.get("module"):
+        checkpoint = recorded.get("checkpoint")
+        if checkpoint and not Path(checkpoint).exists():
+            raise FileNotFoundError(
+                f"checkpoint: TCAV needs the run's network; the orbax checkpoint {checkpoint} "
+                "named in run.json is gone"
+            )
+        shape = tuple(recorded.get("input_shape") or saved.images.shape[1:])
+        loaded = usermodel.load(recorded["module"], checkpoint,
+                                num_classes=len(class_names), input_shape=shape)
+        _check_logits(loaded, shape, len(class_names), "the run")
+        return loaded.model, loaded.variables
+    checkpoint = train.load_checkpoint(_run_checkpoint(saved))
+    if checkpoint.model.num_classes != len(class_names):
+        raise ValueError(
+            f"checkpoint: the network at {checkpoint.path} has "
+            f"{checkpoint.model.num_classes} classes but the run has {len(class_names)}"
+        )
+    return checkpoint.model, checkpoint.variables
+
+
 def _run_checkpoint(saved) -> Path:
     """The saved run's network: its own ``ckpt/``, else the checkpoint run.json names."""
     own = saved.path / CHECKPOINT_DIR
@@ -1225,7 +1418,6 @@ def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(),
         >>> run_tcav("runs/demo", TcavConfig(top=30, random_runs=20))  # doctest: +SKIP
         PosixPath('runs/demo/report.html')
     """
-    from jaxcnmf.nets import train
     from jaxcnmf.runs import report
 
     _check_tcav_config(tcav_config)
@@ -1236,22 +1428,16 @@ def run_tcav(run_dir: str | os.PathLike, tcav_config: TcavConfig = TcavConfig(),
                       class_names)
     stages = _Stages(progress)
     with stages("model", "loading the run's network"):
-        checkpoint = train.load_checkpoint(_run_checkpoint(saved))
-        if checkpoint.model.num_classes != len(class_names):
-            raise ValueError(
-                f"checkpoint: the network at {checkpoint.path} has "
-                f"{checkpoint.model.num_classes} classes but the run has {len(class_names)}"
-            )
-        layers = _tcav_layers(checkpoint.model, tcav_config, saved.record["layers"],
-                              saved.images.shape[1:])
+        model, variables = _saved_network(saved, class_names)
+        layers = _tcav_layers(model, tcav_config, saved.record["layers"],
+                              saved.images.shape[1:], variables)
     rank = saved.result.F.shape[0]
     with lock_run_dir(saved.path):
         before = files_under(saved.path)
         with stages("tcav", f"{rank} concepts at {', '.join(layers)}, "
                             f"{tcav_config.random_runs} random runs"):
-            _tcav_step(tcav_config, layers, checkpoint.model, checkpoint.variables,
-                       saved.result, saved.images, saved.labels, class_names, saved.path,
-                       progress, pool=pool)
+            _tcav_step(tcav_config, layers, model, variables, saved.result, saved.images,
+                       saved.labels, class_names, saved.path, progress, pool=pool)
         record = saved.record
         record["tcav"] = tcav_config.to_json()
         record.setdefault("seconds", {})["tcav"] = stages.seconds["tcav"]

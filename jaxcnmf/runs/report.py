@@ -450,8 +450,12 @@ def _settings_section(page: _Page, out: Path) -> list[str]:
     dataset = record["dataset"]
     settings = [
         ("command", config["command"]),
-        ("model", f"{model.get('name', '?')} (width {model.get('width', config.get('width', '?'))})"),
-        ("checkpoint", model.get("checkpoint") or "trained by this run"),
+        ("model", f"{model.get('name', '?')} ({model['kind']} network from {model['module']})"
+                  if model.get("module") else
+                  f"{model.get('name', '?')} (width {model.get('width', config.get('width', '?'))})"),
+        ("checkpoint", model.get("checkpoint") or ("as its builder returned it"
+                                                   if model.get("module") else
+                                                   "trained by this run")),
         ("test accuracy (at training)", _num(model.get("accuracy"))),
         ("accuracy on the probe set", _num(record.get("probe_accuracy"))),
         ("dataset", f"{dataset['name']}, {dataset['split']} split"),

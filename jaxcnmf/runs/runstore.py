@@ -84,7 +84,7 @@ def identity(*, checkpoint: str, variables, layers, pooling: str, pixels: str, d
     ``layers`` are the probed layers without the logits; ``collect`` adds its own fields
     (model, the layers it captured, image shape, batch size).
     """
-    return {"checkpoint": str(Path(checkpoint).resolve()),
+    return {"checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
             "weights_sha256": weights_digest(variables), "probed_layers": list(layers),
             "pooling": pooling, "pixel_views": pixels, "dataset": dataset, "split": split,
             "per_class": per_class, "seed": seed}

@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from jaxcnmf.runs import cli, pipeline
@@ -341,3 +343,193 @@ def test_python_dash_m_runs_the_same_command():
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0
     assert proc.stdout.startswith("jaxcnmf ")
+
+
+# ------------------------------------------------------------ the user's own network
+
+# A user's module beside their data: a small NNX CNN with nested blocks and batch norm.
+USER_MODULE = '''
+from flax import nnx
+
+
+class Block(nnx.Module):
+    def __init__(self, cin, cout, rngs):
+        self.conv = nnx.Conv(cin, cout, (3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(cout, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.norm(self.conv(x)))
+
+
+class TinyCNN(nnx.Module):
+    def __init__(self, num_classes, channels, seed=0):
+        rngs = nnx.Rngs(seed)
+        self.layer1 = Block(channels, 4, rngs)
+        self.layer2 = Block(4, 6, rngs)
+        self.fc = nnx.Linear(6, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.layer2(self.layer1(x)[:, ::4, ::4])
+        return self.fc(h.mean((1, 2)))
+
+
+def build(num_classes, input_shape):
+    return TinyCNN(num_classes, input_shape[-1])
+
+
+def broken():
+    raise RuntimeError("no weights here")
+'''
+USER_ARGS = ["--dataset", "digits", "--layers", "layer1,layer2", "--per-class", "3",
+             "--pixels", "none",
+             "--rank", "2", "--fidelity-ranks", "2", "--max-iter", "20", "--no-baseline",
+             "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def user_network(tmp_path_factory):
+    """``usernets_cli.py`` in a folder, and an orbax checkpoint of a TinyCNN whose weights
+    differ from the ones the builder starts from (seed 7 against 0)."""
+    from jaxcnmf.nets import usermodel
+
+    folder = tmp_path_factory.mktemp("usernet")
+    (folder / "usernets_cli.py").write_text(USER_MODULE)
+    sys.path.insert(0, str(folder))
+    import usernets_cli
+
+    saved = usernets_cli.TinyCNN(10, 1, seed=7)
+    usermodel.save_orbax(saved, folder / "ckpt")
+    yield folder, saved
+    sys.path.remove(str(folder))
+    sys.modules.pop("usernets_cli", None)
+
+
+@pytest.fixture(scope="module")
+def user_run(user_network):
+    """``jaxcnmf analyze --model-module usernets_cli:build --checkpoint DIR`` on the digits,
+    with the views ``probe.collect`` returned to the run."""
+    from jaxcnmf.nets import probe
+    from jaxcnmf.runs import report
+
+    folder, saved = user_network
+    seen, collect = {}, probe.collect
+
+    def recording(*args, **kwargs):
+        seen["views"] = collect(*args, **kwargs)
+        return seen["views"]
+
+    def no_report(out, progress=True, status=None):  # drawing it is test_report's job
+        path = Path(out) / "report.html"
+        path.write_text("report")
+        return path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(probe, "collect", recording)
+        patch.setattr(report, "write_report", no_report)
+        argv = ["analyze", "--model-module", "usernets_cli:build", "--checkpoint",
+                str(folder / "ckpt"), "--out", str(folder / "run"), *USER_ARGS]
+        assert cli.main(argv) == 0
+    return folder / "run", seen["views"], saved
+
+
+def test_analyze_probes_the_users_nnx_network_from_its_orbax_checkpoint(user_run, user_network):
+    run, views, saved = user_run
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "complete"
+    assert record["model"] == {"name": "TinyCNN", "module": "usernets_cli:build", "kind": "nnx",
+                               "checkpoint": str(user_network[0] / "ckpt"), "num_classes": 10,
+                               "input_shape": [32, 32, 1]}
+    assert record["layers"] == ["layer1", "layer2"]
+    # The probed views are the saved network's own activations (not the builder's seed-0
+    # weights), channel-major, and the predictions its own.
+    probe_set = np.load(run / "probe.npz")
+    x = probe_set["images"].astype(np.float32) / 255
+    saved.eval()
+    h1 = saved.layer1(x)
+    h2 = saved.layer2(h1[:, ::4, ::4])
+    for name, act in (("layer1", h1), ("layer2", h2)):
+        expected = np.moveaxis(np.asarray(act), -1, 1).reshape(len(x), -1).T
+        np.testing.assert_allclose(views[name], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(probe_set["predictions"], np.asarray(saved(x)).argmax(1))
+    fidelity = json.loads((run / "analysis.json").read_text())["fidelity"]
+    assert {row["layer"] for row in fidelity} == {"layer1", "layer2"}
+
+
+def test_tcav_rebuilds_the_users_network_from_run_json(user_run):
+    from flax import nnx
+
+    # What `jaxcnmf tcav RUN` loads: the module and orbax checkpoint run.json names.
+    run, _, saved = user_run
+    saved_run = pipeline.load_run(run)
+    model, variables = pipeline._saved_network(saved_run, [str(i) for i in range(10)])
+    assert variables is None and type(model).__name__ == "TinyCNN"
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), nnx.state(model),
+                        nnx.state(saved))
+    assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--model-module", "no_such_pkg.models:build"],
+     ("jaxcnmf: error: --model-module: cannot import no_such_pkg.models (no module named "
+      "'no_such_pkg'); run from the folder that holds it or add that folder to PYTHONPATH")),
+    (["--model-module", "usernets_cli:missing"],
+     "jaxcnmf: error: --model-module: module usernets_cli has no attribute 'missing'"),
+    (["--model-module", "usernets_cli:broken"],
+     ("jaxcnmf: error: --model-module: usernets_cli:broken() raised RuntimeError: no weights "
+      "here")),
+    (["--model-module", "usernets_cli:build", "--layers", "layer9"],
+     ("jaxcnmf: error: layers: unknown layer 'layer9' for model TinyCNN; expected some of "
+      "layer1, layer1.conv, layer1.norm, layer2, layer2.conv, layer2.norm, fc")),
+    (["--model-module", "usernets_cli:build", "--input-shape", "32,32,3"],
+     ("jaxcnmf: error: --input-shape: the network takes images of shape (32, 32, 3) but "
+      "dataset 'digits' has (32, 32, 1); probe it with a dataset of 32x32 images with 3 "
+      "channel(s)")),
+    ([], ("jaxcnmf: error: checkpoint: {ckpt} is an orbax checkpoint, which holds weights "
+          "but not the network; name the network with --model-module MODULE:BUILDER")),
+])
+def test_user_network_errors_are_one_line(user_network, argv, expected, capsys, tmp_path):
+    folder = user_network[0]
+    line = _error_line(capsys, ["analyze", "--checkpoint", str(folder / "ckpt"),
+                                "--out", str(tmp_path / "out"), *USER_ARGS, *argv])
+    assert line == expected.format(ckpt=folder / "ckpt")
+
+
+def test_pre_activation_layer_of_a_user_network_is_refused_in_cli_words(user_network, capsys,
+                                                                        tmp_path):
+    folder = user_network[0]
+    line = _error_line(capsys, ["analyze", "--model-module", "usernets_cli:build",
+                                "--checkpoint", str(folder / "ckpt"), "--out",
+                                str(tmp_path / "out"), *USER_ARGS, "--layers", "layer1.conv"])
+    assert line.startswith("jaxcnmf: error: layer 'layer1.conv' has negative values (min -")
+    assert line.endswith("NMF needs non-negative views: probe the activation after it (its "
+                         "ReLU) in --layers")
+
+
+def test_user_checkpoint_errors_are_one_line(user_network, checkpoint, tmp_path, capsys):
+    import usernets_cli  # on sys.path through user_network
+
+    from jaxcnmf.nets import usermodel
+
+    usermodel.save_orbax(usernets_cli.TinyCNN(5, 1), tmp_path / "five")
+    (tmp_path / "notorbax").mkdir()
+    (tmp_path / "notorbax" / "weights.npz").write_bytes(b"0")
+    cases = {
+        tmp_path / "five": f"jaxcnmf: error: checkpoint: the state in "
+                           f"{str(tmp_path / 'five')!r} does not match the model built by "
+                           "usernets_cli:build: 'fc.bias' has shape (5,) in the checkpoint "
+                           "but (10,) in the model",
+        tmp_path / "notorbax": f"jaxcnmf: error: checkpoint: {str(tmp_path / 'notorbax')!r} "
+                               "is not an orbax checkpoint (no _METADATA or manifest.ocdbt; "
+                               "save one with orbax.checkpoint.StandardCheckpointer().save("
+                               "DIR, nnx.state(model)))",
+        tmp_path / "missing": f"jaxcnmf: error: checkpoint: {tmp_path / 'missing'} does not "
+                              "exist",
+        checkpoint: f"jaxcnmf: error: checkpoint: {checkpoint} was written by 'jaxcnmf "
+                    "train' and rebuilds its own network; leave out --model-module, or pass "
+                    "an orbax checkpoint of your network",
+    }
+    for path, expected in cases.items():
+        line = _error_line(capsys, ["analyze", "--model-module", "usernets_cli:build",
+                                    "--checkpoint", str(path), "--out", str(tmp_path / "out"),
+                                    *USER_ARGS])
+        assert line == expected

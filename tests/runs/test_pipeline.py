@@ -177,6 +177,9 @@ def test_analyze_records_no_training_settings_it_never_used():
     loaded = pipeline.RunConfig(checkpoint="runs/c10/ckpt").to_json()
     assert not set(pipeline.TRAINING_FIELDS) & set(loaded)
     assert loaded["rank"] == 20 and loaded["checkpoint"] == "runs/c10/ckpt"
+    users = pipeline.RunConfig(model_module="mypkg.models:build", input_shape=(32, 32, 3))
+    assert not set(pipeline.TRAINING_FIELDS) & set(users.to_json()) and not users.trains
+    assert users.to_json()["input_shape"] == [32, 32, 3]
 
 
 def test_defaults_are_the_measured_ones():
