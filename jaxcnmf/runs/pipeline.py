@@ -976,7 +976,6 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
                 allow_negative=True,
             )
             predictions = views.pop(LOGITS).argmax(axis=0)
-        else:
         elif config.store is None:
             # The user's logits need not be any layer's output; a layer with negative
             # values (pre-activation) is refused with the advice to probe the one after.
