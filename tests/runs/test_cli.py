@@ -455,6 +455,28 @@ def test_analyze_probes_the_users_nnx_network_from_its_orbax_checkpoint(user_run
     assert {row["layer"] for row in fidelity} == {"layer1", "layer2"}
 
 
+def test_users_network_probed_into_a_store_gives_the_in_memory_concepts(user_run, user_network):
+    from jaxcnmf.runs import report
+    from jaxcnmf.solver import store
+
+    folder, _ = user_network
+    argv = ["analyze", "--model-module", "usernets_cli:build", "--checkpoint",
+            str(folder / "ckpt"), "--out", str(folder / "stored_run"), "--store",
+            str(folder / "acts"), *USER_ARGS]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "write_report", lambda out, progress=True, status=None:
+                      Path(out, "report.html").write_text("report") and Path(out, "report.html"))
+        assert cli.main(argv) == 0
+    # The store holds the user's layers only (the logits are not a layer of theirs), and the
+    # streamed fit finds the concepts of the in-memory run of the same network and seed.
+    assert set(store.open(folder / "acts").views) == {"layer1", "layer2"}
+    stored, in_memory = pipeline.load_run(folder / "stored_run"), pipeline.load_run(user_run[0])
+    assert stored.record["store"]["state"] == "written"
+    np.testing.assert_array_equal(stored.predictions, in_memory.predictions)
+    F, F_ref = stored.result.F, in_memory.result.F
+    np.testing.assert_allclose(F, F_ref, atol=1e-3 * float(np.max(F_ref)))
+
+
 def test_tcav_rebuilds_the_users_network_from_run_json(user_run):
     from flax import nnx
 
