@@ -20,7 +20,8 @@ and is the best of ``--repeats``; iterations are forced (``tol=0``).
 ``--streaming`` measures the streaming fit from an on-disk store instead (the ``streaming``
 section of the same JSON; the in-memory sections are kept). One view of ``--rows`` rows
 (4096) and ``N`` columns (20k, 100k, 300k) of random non-negative data is written to a
-store (``--stream-dtype``, bfloat16 by default) under ``--scratch``; then, each in a fresh
+store (``--stream-dtype``, float32 by default: on a CPU without native bfloat16 the
+bfloat16 products are many times slower) under ``--scratch``; then, each in a fresh
 subprocess so that its peak resident set (``ru_maxrss``) is that run's alone:
 
 * ``stream``: ``jaxcnmf.fit(store, ...)``, HALS, rank 20, random init; seconds per
@@ -187,15 +188,18 @@ def _stream_child(kind, path, iters):
             start = time.perf_counter()
             res = jaxcnmf.fit(views, max_iter=max_iter, **options)
             jax.block_until_ready(res.F)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, res.n_iter
 
         # The in-memory loop compiles once per max_iter (its history buffers): warm both;
         # the streaming fit compiles per pass, whatever max_iter.
-        first = timed(1) + (timed(1 + iters) if kind == "memory" else 0.0)
-        one, many = timed(1), timed(1 + iters)
-        out["compile_s"] = round(first - one - many, 2)
-        out["iteration_s"] = round((many - one) / iters, 4)
-        out["setup_s"] = round(one - (many - one) / iters, 3)
+        first = timed(1)[0] + (timed(1 + iters)[0] if kind == "memory" else 0.0)
+        (one, n_one), (many, n_many) = timed(1), timed(1 + iters)
+        # Divided by the iterations run (the in-memory loop may stop on a plateau).
+        out["n_iter"] = [n_one, n_many]
+        per = (many - one) / max(n_many - n_one, 1)
+        out["compile_s"] = round(first - one - (many if kind == "memory" else 0.0), 2)
+        out["iteration_s"] = round(per, 4)
+        out["setup_s"] = round(one - per, 3)
     out["peak_rss_mb"] = round(_rss_mb(), 1)
     print(json.dumps(out))
 
@@ -249,10 +253,13 @@ def _streaming(args, save):
                    "store_mb": round(n * args.rows * itemsize / 2**20, 1),
                    "F_mb": round(STREAM_RANK * n * 4 / 2**20, 1),
                    "write_s": round(time.perf_counter() - start, 2), "load_before": _load()}
-            row["read"] = _run_stream_child("read", path, args.iters)
-            row["stream"] = _run_stream_child("stream", path, args.iters)
+            # Beyond --memory-max-n one timed iteration (each is a pass over the store).
+            iters = args.iters if n <= args.memory_max_n else 1
+            row["iters"] = iters
+            row["read"] = _run_stream_child("read", path, iters)
+            row["stream"] = _run_stream_child("stream", path, iters)
             if n <= args.memory_max_n:
-                row["memory"] = _run_stream_child("memory", path, args.iters)
+                row["memory"] = _run_stream_child("memory", path, iters)
                 row["stream_over_memory"] = round(
                     row["stream"]["iteration_s"] / row["memory"]["iteration_s"], 3)
             row["load_after"] = _load()
@@ -305,7 +312,8 @@ def main():
     parser.add_argument("--stream-n", type=int, nargs="+", default=[20_000, 100_000, 300_000])
     parser.add_argument("--rows", type=int, default=4096, help="rows of the streamed view")
     parser.add_argument("--block", type=int, default=2048, help="store block size")
-    parser.add_argument("--stream-dtype", default="bfloat16")
+    parser.add_argument("--stream-dtype", default="float32",
+                        help="store dtype (bfloat16 computes in bfloat16: slow on a CPU)")
     parser.add_argument("--memory-max-n", type=int, default=100_000,
                         help="largest N also fitted in memory")
     parser.add_argument("--scratch", default=None, help="where the stores are written")
@@ -319,7 +327,7 @@ def main():
         return
     if args.streaming:
         out = pathlib.Path(args.out)
-        args.iters = args.iters if "--iters" in sys.argv else 3
+        args.iters = args.iters if "--iters" in sys.argv else 2
 
         def save(section):
             result = json.loads(out.read_text()) if out.exists() else {}

@@ -539,10 +539,16 @@ def _local_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_sc
     """One chunk on one device: its ``F_b`` updated and its share added to ``sums``."""
     dtype = jnp.dtype(config.dtype)
     weights = core._weights(config, len(blocks))
-    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+    # Division by the data scale folded into the products where the storage is at least
+    # as wide as float32 (X / s rounds the same to within an ulp): the block is not
+    # rewritten every pass. Narrower storage is divided and rounded as in memory.
+    fold = mode == "none" and all(jnp.finfo(X.dtype).bits >= 32 for X in blocks)
+    inv = (1.0 / data_scale).astype(dtype) if fold else jnp.ones((), dtype)
+    if not fold:
+        blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
     if config.unit_columns:
         F_b = F_b * scale[:, None]
-    products = [core._dot_tn(W, X, dtype) for W, X in zip(loadings, blocks)]
+    products = [core._dot_tn(W, X, dtype) * inv for W, X in zip(loadings, blocks)]
     # Summed as core.f_grams sums them, so the F update sees the same B.
     B = sum(w * P_ for w, P_ in zip(weights, products))
     # The F block's gradient mapping is column by column (its step 1 / L depends on G
@@ -553,14 +559,14 @@ def _local_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_sc
     # HALS floors entries at eps: keep the padded columns at zero so they add nothing.
     F_new = jnp.where(jnp.arange(F_b.shape[1]) < n_valid, F_new, 0)
     sums = _Sums(
-        A=tuple(A + core._dot_nt(X, F_new, dtype) for A, X in zip(sums.A, blocks)),
+        A=tuple(A + core._dot_nt(X, F_new, dtype) * inv for A, X in zip(sums.A, blocks)),
         C=sums.C + core._mm(F_new, F_new.T),
         S1=sums.S1 + jnp.sum(F_new, axis=1),
         S2=sums.S2 + jnp.sum(F_new * F_new, axis=1),
         violation_F=sums.violation_F + violation,
         # Of the rescaled views as rounded to the storage dtype, as core._prepared takes
         # them in memory (with bfloat16 the rounding moves ||X'||^2 by more than the fit).
-        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(X.astype(dtype))) for X in blocks]),
+        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(X.astype(dtype) * inv)) for X in blocks]),
     )
     return sums, F_new
 
