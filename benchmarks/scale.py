@@ -179,6 +179,8 @@ def _stream_child(kind, path, iters):
         out["read_s"] = read()
         _drop_cache(s)
         out["read_cold_s"] = read()
+    elif kind == "interleaved":
+        out.update(_interleaved(s, iters))
     else:
         views = s if kind == "stream" else s.read_all()
         options = {"rank": STREAM_RANK, "method": "hals", "init": "random", "tol": 0.0,
@@ -202,6 +204,35 @@ def _stream_child(kind, path, iters):
         out["setup_s"] = round(one - per, 3)
     out["peak_rss_mb"] = round(_rss_mb(), 1)
     print(json.dumps(out))
+
+
+def _interleaved(s, iters, rounds=3):
+    """Streaming and in-memory iterations timed alternately in one process (so that the
+    other users' load falls on both alike); the best of ``rounds`` each."""
+    import jax
+
+    import jaxcnmf
+
+    options = {"rank": STREAM_RANK, "method": "hals", "init": "random", "tol": 0.0,
+               "progress": False}
+    views = {"stream": s, "memory": s.read_all()}
+
+    def timed(kind, max_iter):
+        start = time.perf_counter()
+        res = jaxcnmf.fit(views[kind], max_iter=max_iter, **options)
+        jax.block_until_ready(res.F)
+        return time.perf_counter() - start, res.n_iter
+
+    for kind in views:  # compile both (the in-memory loop once per max_iter)
+        timed(kind, 1), timed(kind, 1 + iters)
+    best = {kind: float("inf") for kind in views}
+    for _ in range(rounds):
+        for kind in views:
+            (one, n_one), (many, n_many) = timed(kind, 1), timed(kind, 1 + iters)
+            best[kind] = min(best[kind], (many - one) / max(n_many - n_one, 1))
+    return {"stream_iteration_s": round(best["stream"], 4),
+            "memory_iteration_s": round(best["memory"], 4),
+            "stream_over_memory": round(best["stream"] / best["memory"], 3)}
 
 
 def _run_stream_child(kind, path, iters):
@@ -284,6 +315,26 @@ def _streaming(args, save):
     return _section(args, rows_out)
 
 
+def _interleaved_section(args, save):
+    """``--interleaved-n N``: the ratio of a streaming to an in-memory iteration, timed
+    alternately in one process, added to the streaming section as ``interleaved``."""
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="jaxcnmf-scale-", dir=args.scratch))
+    try:
+        path = scratch / "store"
+        _write_store(path, args.interleaved_n, args.rows, args.block, args.stream_dtype)
+        row = {"n": args.interleaved_n, "rows": args.rows, "dtype": args.stream_dtype,
+               "iters": args.iters, "load_before": _load()}
+        row.update(_run_stream_child("interleaved", path, args.iters))
+        row["load_after"] = _load()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(row))
+    out = pathlib.Path(args.out)
+    section = json.loads(out.read_text()).get("streaming", {}) if out.exists() else {}
+    section["interleaved"] = row
+    save(section)
+
+
 def _section(args, rows_out):
     import jax
 
@@ -318,6 +369,8 @@ def main():
                         help="largest N also fitted in memory")
     parser.add_argument("--scratch", default=None, help="where the stores are written")
     parser.add_argument("--quick", action="store_true", help="tiny streaming smoke run")
+    parser.add_argument("--interleaved-n", type=int, default=0,
+                        help="with --streaming: only the interleaved ratio at this N")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stream-child", nargs=2, help=argparse.SUPPRESS)
@@ -335,7 +388,10 @@ def main():
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1) + "\n")
 
-        _streaming(args, save)
+        if args.interleaved_n:
+            _interleaved_section(args, save)
+        else:
+            _streaming(args, save)
         print(f"wrote the streaming section of {out}")
         return
     if args.worker:
