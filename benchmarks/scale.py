@@ -17,10 +17,29 @@ HALS. Measured in one run:
 Every timing is warm (``lower().compile()`` first, reported apart), blocks on the result,
 and is the best of ``--repeats``; iterations are forced (``tol=0``).
 
+``--streaming`` measures the streaming fit from an on-disk store instead (the ``streaming``
+section of the same JSON; the in-memory sections are kept). One view of ``--rows`` rows
+(4096) and ``N`` columns (20k, 100k, 300k) of random non-negative data is written to a
+store (``--stream-dtype``, float32 by default: on a CPU without native bfloat16 the
+bfloat16 products are many times slower) under ``--scratch``; then, each in a fresh
+subprocess so that its peak resident set (``ru_maxrss``) is that run's alone:
+
+* ``stream``: ``jaxcnmf.fit(store, ...)``, HALS, rank 20, random init; seconds per
+  iteration = (time of a ``1 + iters``-iteration fit - time of a 1-iteration fit) / iters,
+  both after warm-up fits that compile everything (compile time apart); peak memory and
+  its growth over the baseline after imports;
+* ``memory`` (for N up to ``--memory-max-n``): the same fit with the views in memory
+  (``store.read_all()``), timed the same way;
+* ``read``: one read of the whole store (a copy of every memory-mapped block) with the
+  SHA-256 checks of a first read, again from the page cache, and cold: after
+  ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every block file.
+
 Usage::
 
     python benchmarks/scale.py                       # writes results/scale.json
     python benchmarks/scale.py --n 3000 --devices 1 2 --out /tmp/s.json
+    python benchmarks/scale.py --streaming --scratch /tmp       # its streaming section
+    python benchmarks/scale.py --streaming --quick --out /tmp/q.json   # smoke run
 """
 
 from __future__ import annotations
@@ -30,12 +49,16 @@ import json
 import os
 import pathlib
 import platform
+import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = (1024, 512, 384, 128)
+STREAM_RANK = 20
 
 
 def _measure(n, rank, rows, storage, iters, repeats, devices):
@@ -111,6 +134,219 @@ def _load():
         return None
 
 
+
+# ------------------------------------------------------------------------ streaming fit
+
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _drop_cache(store):
+    """Evict the store's block files from the page cache (no root needed)."""
+    for path in (store.path / "blocks").glob("*.npy"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _stream_child(kind, path, iters):
+    """Runs in a subprocess (see ``--streaming``); prints one JSON line."""
+    import warnings
+
+    import jax
+    import numpy as np
+
+    import jaxcnmf
+    from jaxcnmf import store
+
+    warnings.simplefilter("ignore")
+    jax.numpy.zeros(1).block_until_ready()
+    baseline = _rss_mb()
+    s = store.open(path)
+    out = {"kind": kind, "baseline_rss_mb": round(baseline, 1)}
+    if kind == "read":
+        def read():
+            # Blocks come back memory-mapped: copying them is what reads the pages.
+            start = time.perf_counter()
+            for block in s.blocks("conv"):
+                np.array(block)
+            return round(time.perf_counter() - start, 3)
+
+        out["read_verified_s"] = read()  # first read of this Store: SHA-256 of every file
+        out["read_s"] = read()
+        _drop_cache(s)
+        out["read_cold_s"] = read()
+    elif kind == "interleaved":
+        out.update(_interleaved(s, iters))
+    else:
+        views = s if kind == "stream" else s.read_all()
+        options = {"rank": STREAM_RANK, "method": "hals", "init": "random", "tol": 0.0,
+                   "progress": False}
+
+        def timed(max_iter):
+            start = time.perf_counter()
+            res = jaxcnmf.fit(views, max_iter=max_iter, **options)
+            jax.block_until_ready(res.F)
+            return time.perf_counter() - start, res.n_iter
+
+        # The in-memory loop compiles once per max_iter (its history buffers): warm both;
+        # the streaming fit compiles per pass, whatever max_iter.
+        first = timed(1)[0] + (timed(1 + iters)[0] if kind == "memory" else 0.0)
+        (one, n_one), (many, n_many) = timed(1), timed(1 + iters)
+        # Divided by the iterations run (the in-memory loop may stop on a plateau).
+        out["n_iter"] = [n_one, n_many]
+        per = (many - one) / max(n_many - n_one, 1)
+        out["compile_s"] = round(first - one - (many if kind == "memory" else 0.0), 2)
+        out["iteration_s"] = round(per, 4)
+        out["setup_s"] = round(one - per, 3)
+    out["peak_rss_mb"] = round(_rss_mb(), 1)
+    print(json.dumps(out))
+
+
+def _interleaved(s, iters, rounds=3):
+    """Streaming and in-memory iterations timed alternately in one process (so that the
+    other users' load falls on both alike); the best of ``rounds`` each."""
+    import jax
+
+    import jaxcnmf
+
+    options = {"rank": STREAM_RANK, "method": "hals", "init": "random", "tol": 0.0,
+               "progress": False}
+    views = {"stream": s, "memory": s.read_all()}
+
+    def timed(kind, max_iter):
+        start = time.perf_counter()
+        res = jaxcnmf.fit(views[kind], max_iter=max_iter, **options)
+        jax.block_until_ready(res.F)
+        return time.perf_counter() - start, res.n_iter
+
+    for kind in views:  # compile both (the in-memory loop once per max_iter)
+        timed(kind, 1), timed(kind, 1 + iters)
+    best = {kind: float("inf") for kind in views}
+    for _ in range(rounds):
+        for kind in views:
+            (one, n_one), (many, n_many) = timed(kind, 1), timed(kind, 1 + iters)
+            best[kind] = min(best[kind], (many - one) / max(n_many - n_one, 1))
+    return {"stream_iteration_s": round(best["stream"], 4),
+            "memory_iteration_s": round(best["memory"], 4),
+            "stream_over_memory": round(best["stream"] / best["memory"], 3)}
+
+
+def _run_stream_child(kind, path, iters):
+    command = [sys.executable, __file__, "--stream-child", kind, str(path), "--iters",
+               str(iters)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _write_store(path, n, rows, block, dtype):
+    """A store of one random view; one block of draws in the store's dtype, rolled by a
+    different amount for every block (drawing and converting all of N would dominate the
+    run; the timings do not depend on the values)."""
+    import numpy as np
+
+    from jaxcnmf import store
+    from jaxcnmf.solver.store import _numpy_dtype
+
+    rng = np.random.default_rng(0)
+    base = rng.random((rows, block), dtype=np.float32).astype(_numpy_dtype(dtype))
+    writer = store.Writer(path, {"conv": rows}, n, block_size=block, dtype=dtype)
+    for i in writer.missing:
+        start, stop = writer.columns(i)
+        part = np.roll(base, 7 * i + 1, axis=1)[:, :stop - start]
+        writer.write_block(i, {"conv": part})
+    return writer.finish()
+
+
+def _streaming(args, save):
+    """The ``streaming`` section: one row per N (see the module docstring); ``save`` is
+    called with the section after every N."""
+    import numpy as np
+
+    if args.quick:
+        args.stream_n, args.rows, args.block = [600, 1200], 256, 256
+    itemsize = 2 if args.stream_dtype in ("bfloat16", "float16") else 4
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="jaxcnmf-scale-", dir=args.scratch))
+    rows_out = []
+    try:
+        for n in args.stream_n:
+            path = scratch / f"n{n}"
+            start = time.perf_counter()
+            _write_store(path, n, args.rows, args.block, args.stream_dtype)
+            row = {"n": n, "rows": args.rows, "block_size": args.block,
+                   "rank": STREAM_RANK, "dtype": args.stream_dtype,
+                   "store_mb": round(n * args.rows * itemsize / 2**20, 1),
+                   "F_mb": round(STREAM_RANK * n * 4 / 2**20, 1),
+                   "write_s": round(time.perf_counter() - start, 2), "load_before": _load()}
+            # Beyond --memory-max-n one timed iteration (each is a pass over the store).
+            iters = args.iters if n <= args.memory_max_n else 1
+            row["iters"] = iters
+            row["read"] = _run_stream_child("read", path, iters)
+            row["stream"] = _run_stream_child("stream", path, iters)
+            if n <= args.memory_max_n:
+                row["memory"] = _run_stream_child("memory", path, iters)
+                row["stream_over_memory"] = round(
+                    row["stream"]["iteration_s"] / row["memory"]["iteration_s"], 3)
+            row["load_after"] = _load()
+            rows_out.append(row)
+            shutil.rmtree(path)
+            print(json.dumps(row), flush=True)
+            save(_section(args, rows_out))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"{'N':>7} {'store MB':>8} {'read s':>6} {'+sha s':>6} {'cold s':>6} "
+          f"{'stream it s':>11} {'memory it s':>11} {'ratio':>5} {'stream peak MB':>14} "
+          f"{'(+base)':>7} {'memory peak MB':>14} {'load':>5}")
+    for row in rows_out:
+        stream, memory = row["stream"], row.get("memory", {})
+        print(f"{row['n']:>7} {row['store_mb']:>8.0f} {row['read']['read_s']:>6.2f} "
+              f"{row['read']['read_verified_s']:>6.2f} {row['read']['read_cold_s']:>6.2f} "
+              f"{stream['iteration_s']:>11.3f} {memory.get('iteration_s', np.nan):>11.3f} "
+              f"{row.get('stream_over_memory', np.nan):>5.2f} {stream['peak_rss_mb']:>14.0f} "
+              f"{stream['peak_rss_mb'] - stream['baseline_rss_mb']:>7.0f} "
+              f"{memory.get('peak_rss_mb', np.nan):>14.0f} {row['load_after'][0]:>5.1f}")
+    return _section(args, rows_out)
+
+
+def _interleaved_section(args, save):
+    """``--interleaved-n N``: the ratio of a streaming to an in-memory iteration, timed
+    alternately in one process, added to the streaming section as ``interleaved``."""
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="jaxcnmf-scale-", dir=args.scratch))
+    try:
+        path = scratch / "store"
+        _write_store(path, args.interleaved_n, args.rows, args.block, args.stream_dtype)
+        row = {"n": args.interleaved_n, "rows": args.rows, "dtype": args.stream_dtype,
+               "iters": args.iters, "load_before": _load()}
+        row.update(_run_stream_child("interleaved", path, args.iters))
+        row["load_after"] = _load()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(row))
+    out = pathlib.Path(args.out)
+    section = json.loads(out.read_text()).get("streaming", {}) if out.exists() else {}
+    section["interleaved"] = row
+    save(section)
+
+
+def _section(args, rows_out):
+    import jax
+
+    return {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "backend": jax.default_backend(), "jax": jax.__version__},
+            "settings": {"iters": args.iters, "method": "hals", "init": "random",
+                         "rows": args.rows, "block_size": args.block,
+                         "dtype": args.stream_dtype, "prefetch_blocks": 2,
+                         "memory_max_n": args.memory_max_n},
+            "rows": rows_out}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[3000, 10000, 30000])
@@ -122,9 +358,42 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/scale.json"))
+    parser.add_argument("--streaming", action="store_true",
+                        help="measure the streaming fit from a store (its JSON section)")
+    parser.add_argument("--stream-n", type=int, nargs="+", default=[20_000, 100_000, 300_000])
+    parser.add_argument("--rows", type=int, default=4096, help="rows of the streamed view")
+    parser.add_argument("--block", type=int, default=2048, help="store block size")
+    parser.add_argument("--stream-dtype", default="float32",
+                        help="store dtype (bfloat16 computes in bfloat16: slow on a CPU)")
+    parser.add_argument("--memory-max-n", type=int, default=100_000,
+                        help="largest N also fitted in memory")
+    parser.add_argument("--scratch", default=None, help="where the stores are written")
+    parser.add_argument("--quick", action="store_true", help="tiny streaming smoke run")
+    parser.add_argument("--interleaved-n", type=int, default=0,
+                        help="with --streaming: only the interleaved ratio at this N")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--stream-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stream_child:
+        _stream_child(args.stream_child[0], args.stream_child[1], args.iters)
+        return
+    if args.streaming:
+        out = pathlib.Path(args.out)
+        args.iters = args.iters if "--iters" in sys.argv else 2
+
+        def save(section):
+            result = json.loads(out.read_text()) if out.exists() else {}
+            result["streaming"] = section
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+
+        if args.interleaved_n:
+            _interleaved_section(args, save)
+        else:
+            _streaming(args, save)
+        print(f"wrote the streaming section of {out}")
+        return
     if args.worker:
         print(json.dumps(_measure(args.n[0], args.rank, ROWS, args.storage, args.iters,
                                   args.repeats, args.worker_devices)))
@@ -153,8 +422,11 @@ def main():
                      "iters": args.iters, "repeats": args.repeats},
         "by_n": by_n, "by_devices": by_devices,
     }
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    out = pathlib.Path(args.out)
+    if out.exists() and "streaming" in json.loads(out.read_text()):
+        result["streaming"] = json.loads(out.read_text())["streaming"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -944,7 +944,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
             Views that are already ``jax.Array`` s sharded over their columns (also global
             arrays spanning processes) are used as they are, and their mesh is the
             default. ``N`` the device count does not divide is padded with zero columns
-            that cannot change the fit. See :mod:`jaxcnmf.solver.sharding`.
+            that cannot change the fit. See :mod:`jaxcnmf.solver.sharding`. With a store,
+            each device streams its own columns (with ``jax.distributed``, each process
+            reads only its devices' part of the store; :mod:`jaxcnmf.solver.streaming`).
 
     Returns:
         :class:`FitResult`.
@@ -968,9 +970,6 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         if group_lam_fraction is not None:
             raise ValueError("group_lam_fraction: the group lasso is not available for a "
                              "streamed fit from a store; fit the views in memory")
-        if mesh is not None:
-            raise ValueError("mesh: a streamed fit from a store runs on one device; pass "
-                             "mesh=None (or fit in-memory views sharded over the mesh)")
         # Views on disk: one streamed pass over the store's column blocks per iteration.
         from jaxcnmf.solver import streaming  # imports this module, so not at the top
 
@@ -978,7 +977,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
             views, rank, method=method, max_iter=max_iter, tol=tol, seed=seed, init=init,
             weights=weights, unit_columns=unit_columns, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
             groups=groups, group_lam=group_lam, restarts=restarts, negative=negative,
-            dtype=dtype, storage_dtype=storage_dtype, progress=progress)
+            dtype=dtype, storage_dtype=storage_dtype, progress=progress, mesh=mesh)
     best = _fit(views, rank, method=method, max_iter=max_iter, tol=tol, seed=seed,
                 init=init, weights=weights, unit_columns=unit_columns, l1_F=l1_F,
                 l2_F=l2_F, l2_W=l2_W, groups=groups, group_lam=group_lam,

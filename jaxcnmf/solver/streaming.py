@@ -28,12 +28,18 @@ more pass), as ``core.residual_objective`` gives them in memory.
 Only ``F`` ``(rank, N)``, the loadings, ``A_v`` and a few blocks in flight are in memory.
 Blocks are read (and checksummed, the first time) on a background thread, padded to one
 block shape (padded columns of ``F`` are held at zero, so they change no sum) and put on
-the device ahead of use; the host waits for block ``i - 1`` after dispatching block ``i``,
-so at most ``_PREFETCH + 2`` blocks exist at once.
+the device ahead of use; the host waits for step ``j - 1`` after dispatching step ``j``,
+so at most ``_PREFETCH + 2`` blocks per device exist at once.
+
+With a mesh (``fit(store, ..., mesh=mesh)``) the columns are split over its devices as in
+the in-memory sharded fit (:class:`_Layout`): every step of a pass gives each device one
+chunk of its own columns, each device keeps its part of ``F`` and its own ``A_v``, ``C``
+(``shard_map``: nothing crosses devices during the pass), and the devices' sums are added
+once at the end of the pass. With ``jax.distributed`` each process reads only its own
+devices' columns. Without a mesh it is the same code on one device.
 
 Not supported here (clear errors): the group lasso (its FISTA step tests the objective of
-all columns at once), several restarts, and sharding over devices (the per-block functions
-are written so that blocks can later be spread over devices).
+all columns at once) and several restarts.
 
 Example:
     >>> import numpy as np, tempfile, jaxcnmf
@@ -61,9 +67,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxcnmf.solver import core, initialization
+from jaxcnmf.solver import core, initialization, sharding
 from jaxcnmf.solver import fit as _front
 from jaxcnmf.solver.store import Store
 
@@ -73,30 +81,161 @@ _PREFETCH = 2
 _MODES = {"raise": "none", "clip": "clip", "shift": "shift"}
 
 
+# ----------------------------------------------------------------------------- layout
+
+
+class _Layout:
+    """Which columns each device streams, and the pieces ``F``-sized arrays are kept in.
+
+    Device ``d`` of the 1-D mesh owns the columns ``[d * c, min((d + 1) * c, N))``,
+    ``c = ceil(N / D)``, as in the in-memory sharded fit (:mod:`jaxcnmf.solver.sharding`),
+    and reads them in chunks of ``b = min(block_size, c)`` columns: step ``j`` of a pass
+    gives every device its ``j``-th chunk at once, so one step is a ``(rows_v, D * b)``
+    array split over the mesh. A chunk may span two store blocks (then both are read); one
+    past the device's columns is zero padding. ``F`` is a list of ``steps`` such
+    ``(rank, D * b)`` pieces, each device holding its own columns only. Without a mesh
+    this is one device, and the chunks are the store's blocks.
+    """
+
+    def __init__(self, store, mesh):
+        self.mesh = mesh
+        self.axis = mesh.axis_names[0]
+        self.devices = list(mesh.devices.flat)
+        self.count = len(self.devices)
+        self.n = store.n
+        self.c = -(-store.n // self.count)
+        self.b = min(store.block_size, self.c)
+        self.steps = -(-self.c // self.b)
+        me = jax.process_index()
+        self.local = [d for d, device in enumerate(self.devices) if device.process_index == me]
+
+    def sharding(self, spec):
+        return NamedSharding(self.mesh, spec)
+
+    def span(self, d, j):
+        """``(start, stop)`` of device ``d``'s chunk ``j`` (``stop == start``: padding)."""
+        start = d * self.c + j * self.b
+        return start, max(start, min(start + self.b, (d + 1) * self.c, self.n))
+
+    def global_array(self, shape, spec, pieces):
+        """A global array from this process's per-device pieces (in ``self.local`` order)."""
+        arrays = [jax.device_put(x, self.devices[d]) for d, x in zip(self.local, pieces)]
+        return jax.make_array_from_single_device_arrays(shape, self.sharding(spec), arrays)
+
+    def per_device(self, host):
+        """``(D, *host.shape)`` zeros-like copies of ``host``, one per device (sums)."""
+        host = np.asarray(host)
+        return self.global_array((self.count,) + host.shape, P(self.axis),
+                                 [host[None] for _ in self.local])
+
+    def replicated(self, x):
+        return jax.device_put(np.asarray(x), self.sharding(P()))
+
+    def place(self, host, axis, dtype):
+        """An array with ``N`` along ``axis`` as the list of ``steps`` pieces (this
+        process's columns only), zero on padding."""
+        host = np.moveaxis(np.asarray(host), axis, -1)
+        spec = [None] * host.ndim
+        spec[axis] = self.axis
+        shape = list(host.shape[:-1])
+        shape.insert(axis, self.count * self.b)
+        shape = tuple(shape)
+        parts = []
+        for j in range(self.steps):
+            pieces = []
+            for d in self.local:
+                start, stop = self.span(d, j)
+                piece = np.zeros(host.shape[:-1] + (self.b,), dtype)
+                piece[..., :stop - start] = host[..., start:stop]
+                pieces.append(np.moveaxis(piece, -1, axis))
+            parts.append(self.global_array(shape, P(*spec), pieces))
+        return parts
+
+    def gather(self, parts, axis):
+        """The host array of ``N`` columns (along ``axis``) from :meth:`place`'s pieces,
+        gathered from every process."""
+        stacked = np.moveaxis(np.asarray(jax.device_get(_replicate(parts, self.mesh))),
+                              axis + 1, -1)
+        out = np.zeros(stacked.shape[1:-1] + (self.n,), stacked.dtype)
+        for d in range(self.count):
+            for j in range(self.steps):
+                start, stop = self.span(d, j)
+                out[..., start:stop] = stacked[j, ..., d * self.b:d * self.b + stop - start]
+        return np.moveaxis(out, -1, axis)
+
+    def padded(self, parts):
+        """``(rank, D * c)`` split over the columns like the in-memory sharded fit's ``F``,
+        from the pieces, each device concatenating its own (no communication)."""
+        pieces = []
+        for d in self.local:
+            own = [next(s.data for s in part.addressable_shards
+                        if s.device == self.devices[d]) for part in parts]
+            pieces.append(jnp.concatenate(own, axis=1)[:, :self.c])
+        return self.global_array((parts[0].shape[0], self.count * self.c),
+                                 P(None, self.axis), pieces)
+
+
+@functools.partial(jax.jit, static_argnames="mesh")
+def _replicate(parts, mesh):
+    return jax.lax.with_sharding_constraint(jnp.stack(parts), NamedSharding(mesh, P()))
+
+
+@functools.partial(jax.jit, static_argnames="mesh")
+def _total(per_device, mesh):
+    """Sum over the leading (device) axis, replicated."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.lax.with_sharding_constraint(jnp.sum(a, axis=0),
+                                                   NamedSharding(mesh, P())), per_device)
+
+
+def _shard_map(mesh, local, in_specs, out_specs):
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
 # ----------------------------------------------------------------------------- reading
 
 
-def _host_block(store, i, names, storage):
-    """Block ``i`` as a tuple of ``(rows_v, block_size)`` host arrays (zero-padded)."""
-    arrays = store.read_block(i, views=names)
+def _host_chunk(store, start, stop, names, storage, width):
+    """Columns ``start:stop`` of the views as ``(rows_v, width)`` host arrays, zero-padded.
+
+    A chunk that is one whole block is its memory map, not copied (``device_put`` reads
+    the pages); one spanning blocks is assembled from their memory maps.
+    """
     storage = np.dtype(ml_dtypes.bfloat16) if storage == "bfloat16" else np.dtype(storage)
+    pieces = {name: [] for name in names}
+    if stop > start:
+        b = store.block_size
+        for i in range(start // b, (stop - 1) // b + 1):
+            first = i * b
+            arrays = store.read_block(i, views=names)
+            for name in names:
+                pieces[name].append(arrays[name][:, max(start, first) - first:
+                                                  min(stop, first + b) - first])
     out = []
     for name in names:
-        X = arrays[name].astype(storage, copy=False)
-        if X.shape[1] < store.block_size:
-            X = np.pad(X, ((0, 0), (0, store.block_size - X.shape[1])))
+        parts = pieces[name]
+        if not parts:
+            X = np.zeros((store.rows[name], width), storage)
+        else:
+            X = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            X = X.astype(storage, copy=False)
+        if X.shape[1] < width:
+            X = np.pad(X, ((0, 0), (0, width - X.shape[1])))
         out.append(X)
     return tuple(out)
 
 
-def _stream(store, names, storage):
-    """Yield ``(i, device blocks, n_valid)`` for every block, read on a background thread.
+def _stream(store, layout, names, storage):
+    """Yield ``(j, blocks, n_valid)`` for every step, read on a background thread.
 
-    The thread reads, verifies and pads block ``i + 1`` (and ``i + 2``) and starts its
-    transfer to the device while block ``i`` is being computed.
+    ``blocks`` are ``(rows_v, D * b)`` arrays split over the mesh (each device its chunk
+    ``j``), ``n_valid`` ``(D,)`` the real columns of each chunk. This process reads only
+    its own devices' columns. The thread reads, verifies and pads step ``j + 1`` (and
+    ``j + 2``) and starts its transfer to the devices while step ``j`` is being computed.
     """
     ready = queue.Queue(maxsize=_PREFETCH)
     stop = threading.Event()
+    shapes = [(store.rows[name], layout.count * layout.b) for name in names]
 
     def put(item):
         while not stop.is_set():
@@ -108,13 +247,19 @@ def _stream(store, names, storage):
 
     def work():
         try:
-            for i in range(store.n_blocks):
+            for j in range(layout.steps):
                 if stop.is_set():
                     return
-                start, end = store.columns(i)
-                host = _host_block(store, i, names, storage)
-                blocks = tuple(jax.device_put(X) for X in host)
-                put((i, blocks, end - start))
+                spans = [layout.span(d, j) for d in layout.local]
+                chunks = [_host_chunk(store, a, z, names, storage, layout.b)
+                          for a, z in spans]
+                blocks = tuple(layout.global_array(shape, P(None, layout.axis),
+                                                   [c[v] for c in chunks])
+                               for v, shape in enumerate(shapes))
+                n_valid = layout.global_array(
+                    (layout.count,), P(layout.axis),
+                    [np.array([z - a], np.int32) for a, z in spans])
+                put((j, blocks, n_valid))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
             put(err)
         else:
@@ -135,13 +280,13 @@ def _stream(store, names, storage):
         thread.join()
 
 
-def _passes(store, names, storage, desc, progress):
-    """:func:`_stream` with a per-pass progress bar and bounded blocks in flight.
+def _passes(store, layout, names, storage, desc, progress):
+    """:func:`_stream` with a per-pass progress bar and bounded steps in flight.
 
-    Yields ``(i, blocks, n_valid, hold)``; the caller passes the block's result to ``hold``
-    so that the loop waits for block ``i - 1`` before taking block ``i + 1``.
+    Yields ``(j, blocks, n_valid, hold)``; the caller passes the step's result to ``hold``
+    so that the loop waits for step ``j - 1`` before taking step ``j + 1``.
     """
-    bar = tqdm(total=store.n_blocks, desc=desc, unit="block", leave=False,
+    bar = tqdm(total=layout.steps, desc=desc, unit="step", leave=False,
                disable=not progress, file=sys.stderr)
     previous = [None]
 
@@ -152,8 +297,8 @@ def _passes(store, names, storage, desc, progress):
         bar.update(1)
 
     try:
-        for i, blocks, n_valid in _stream(store, names, storage):
-            yield i, blocks, n_valid, hold
+        for j, blocks, n_valid in _stream(store, layout, names, storage):
+            yield j, blocks, n_valid, hold
         if previous[0] is not None:
             jax.block_until_ready(previous[0])
     finally:
@@ -181,26 +326,32 @@ def _prepare(blocks, offsets, scale, mode, dtype):
 # ----------------------------------------------------------------------------- statistics
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "dtype"))
-def _block_stats(blocks, n_valid, offsets, mode, dtype):
-    """Per view: sum, maximum, ``sum((X / max)^2)``, minimum and non-finite count.
+@functools.partial(jax.jit, static_argnames=("mode", "dtype", "mesh"))
+def _block_stats(blocks, n_valid, offsets, mode, dtype, mesh):
+    """Per device and view: sum, maximum, ``sum((X / max)^2)``, minimum and non-finite
+    count of its chunk, ``(D, n_views, 5)``.
 
-    The squares are taken of the block divided by its own maximum (entries at most 1), so
-    that no float32 square overflows or underflows; the host combines the blocks in
-    float64 (see :func:`_statistics`).
+    The squares are taken of the chunk divided by its own maximum (entries at most 1), so
+    that no float32 square overflows or underflows; the host combines the chunks in
+    float64 (see :func:`_statistics`). An empty chunk gives 0, -inf, 0, inf, 0.
     """
-    blocks = _prepare(blocks, offsets, jnp.ones((), dtype), mode, dtype)
-    out = []
-    for X in blocks:
-        valid = jnp.arange(X.shape[1]) < n_valid
-        Xf = jnp.where(valid, X.astype(dtype), 0)
-        top = jnp.max(jnp.where(valid, X.astype(dtype), -jnp.inf))
-        safe = jnp.where(top > 0, top, 1.0)
-        out.append(jnp.stack([
-            jnp.sum(Xf), top, jnp.sum(jnp.square(Xf / safe)),
-            jnp.min(jnp.where(valid, X.astype(dtype), jnp.inf)),
-            jnp.count_nonzero(valid & ~jnp.isfinite(X)).astype(dtype)]))
-    return jnp.stack(out)
+    def local(blocks, n_valid, offsets):
+        blocks = _prepare(blocks, offsets, jnp.ones((), dtype), mode, dtype)
+        out = []
+        for X in blocks:
+            valid = jnp.arange(X.shape[1]) < n_valid[0]
+            Xf = jnp.where(valid, X.astype(dtype), 0)
+            top = jnp.max(jnp.where(valid, X.astype(dtype), -jnp.inf))
+            safe = jnp.where(top > 0, top, 1.0)
+            out.append(jnp.stack([
+                jnp.sum(Xf), top, jnp.sum(jnp.square(Xf / safe)),
+                jnp.min(jnp.where(valid, X.astype(dtype), jnp.inf)),
+                jnp.count_nonzero(valid & ~jnp.isfinite(X)).astype(dtype)]))
+        return jnp.stack(out)[None]
+
+    axis = mesh.axis_names[0]
+    return _shard_map(mesh, local, (P(None, axis), P(axis), P()), P(axis))(
+        blocks, n_valid, offsets)
 
 
 class _Stats(NamedTuple):
@@ -216,15 +367,16 @@ class _Stats(NamedTuple):
         return np.where(self.tops > 0, self.scaled * self.tops ** 2, 0.0)
 
 
-def _statistics(store, names, storage, offsets, mode, dtype, progress):
+def _statistics(store, layout, names, storage, offsets, mode, dtype, progress):
     """One pass: the :class:`_Stats` of every view (after ``mode``'s negative handling)."""
-    per_block = []
-    for _, blocks, n_valid, hold in _passes(store, names, storage, "jaxcnmf: read store",
-                                            progress):
-        stats = _block_stats(blocks, n_valid, offsets, mode, dtype)
+    per_step = []
+    for _, blocks, n_valid, hold in _passes(store, layout, names, storage,
+                                            "jaxcnmf: read store", progress):
+        stats = _block_stats(blocks, n_valid, offsets, mode, dtype, layout.mesh)
         hold(stats)
-        per_block.append(stats)
-    per_block = np.asarray(jax.device_get(per_block), np.float64)  # (blocks, views, 5)
+        per_step.append(stats)
+    per_block = np.asarray(jax.device_get(_replicate(per_step, layout.mesh)), np.float64)
+    per_block = per_block.reshape((-1,) + per_block.shape[2:])  # (chunks, views, 5)
     block_tops = per_block[:, :, 1]
     tops = block_tops.max(0)
     # sum_b top_b^2 ||X_b / top_b||^2 / top^2, every ratio at most 1.
@@ -253,62 +405,76 @@ def _random_init(seed, sums, shapes, rank, dtype):
     return F, loadings
 
 
-@functools.partial(jax.jit, static_argnames=("scales", "mode", "dtype"))
-def _left_block(acc, blocks, Y_b, offsets, data_scale, scales, mode, dtype):
-    """``acc + M_b Y_b`` for the weighted row-stacked block ``M_b``; ``acc`` ``(R, width)``."""
-    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
-    parts = [s * initialization._mm(X.astype(dtype), Y_b) for s, X in zip(scales, blocks)]
-    return acc + jnp.concatenate(parts, axis=0)
+@functools.partial(jax.jit, static_argnames=("scales", "mode", "dtype", "mesh"))
+def _left_block(acc, blocks, Y_b, offsets, data_scale, scales, mode, dtype, mesh):
+    """``acc + M_b Y_b`` per device for the weighted row-stacked chunk ``M_b``;
+    ``acc`` ``(D, R, width)``, ``Y_b`` ``(D * b, width)`` split over the mesh."""
+    def local(acc, blocks, Y_b, offsets, data_scale):
+        blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+        parts = [s * initialization._mm(X.astype(dtype), Y_b) for s, X in zip(scales, blocks)]
+        return acc + jnp.concatenate(parts, axis=0)[None]
+
+    axis = mesh.axis_names[0]
+    return _shard_map(mesh, local, (P(axis), P(None, axis), P(axis, None), P(), P()),
+                      P(axis))(acc, blocks, Y_b, offsets, data_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("scales", "spans", "mode", "dtype"))
-def _right_block(blocks, Q, offsets, data_scale, scales, spans, mode, dtype):
-    """``M_b^T Q`` ``(block_size, width)`` for the weighted row-stacked block ``M_b``."""
-    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
-    return sum(s * initialization._mm(X.astype(dtype).T, Q[a:b])
-               for s, X, (a, b) in zip(scales, blocks, spans))
+@functools.partial(jax.jit, static_argnames=("scales", "spans", "mode", "dtype", "mesh"))
+def _right_block(blocks, Q, offsets, data_scale, scales, spans, mode, dtype, mesh):
+    """``M_b^T Q`` ``(D * b, width)`` (split over the mesh) for the weighted row-stacked
+    chunks ``M_b``."""
+    def local(blocks, Q, offsets, data_scale):
+        blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+        return sum(s * initialization._mm(X.astype(dtype).T, Q[a:b])
+                   for s, X, (a, b) in zip(scales, blocks, spans))
+
+    axis = mesh.axis_names[0]
+    return _shard_map(mesh, local, (P(None, axis), P(), P(), P()), P(axis, None))(
+        blocks, Q, offsets, data_scale)
 
 
-def _streamed_svd(store, names, storage, offsets, data_scale, mode, rank, weights, seed,
-                  dtype, progress):
+def _streamed_svd(store, layout, names, storage, offsets, data_scale, mode, rank, weights,
+                  seed, dtype, progress):
     """Top ``rank`` singular triplets of ``[sqrt(w_v) X_v]`` by the randomized SVD of
     ``initialization`` (same test matrix, oversampling and power iterations), each product
     with the data one pass over the store: ``2 + 2 * power iterations`` passes.
+
+    The tall ``(N, width)`` factors are whole on every process (as the in-memory sharded
+    fit's), their QR taken on the host's first device; the products with the data are
+    split over the mesh like the views.
     """
-    n, b = store.n, store.block_size
-    padded = store.n_blocks * b
+    n = store.n
     rows = [store.rows[name] for name in names]
     scales = tuple(float(np.sqrt(w)) for w in weights)
     spans = tuple((int(a), int(z)) for a, z in initialization._row_spans(
         [np.empty((r, 0)) for r in rows]))
     width = min(rank + initialization._OVERSAMPLE, n, sum(rows))
+    desc = "jaxcnmf: init (svd)"
 
-    def split(Y):  # (N, width) -> per-block (block_size, width), zero-padded
-        return jnp.pad(Y, ((0, padded - n), (0, 0))).reshape(store.n_blocks, b, -1)
-
-    def left(Y, desc):
-        pieces = split(Y)
-        acc = jnp.zeros((sum(rows), Y.shape[1]), dtype)
-        for i, blocks, _, hold in _passes(store, names, storage, desc, progress):
-            acc = _left_block(acc, blocks, pieces[i], offsets, data_scale, scales, mode,
-                                  dtype)
+    def left(Y):  # (N, width) -> (R, width)
+        pieces = layout.place(Y, 0, np.dtype(dtype))
+        acc = layout.per_device(np.zeros((sum(rows), width), dtype))
+        for j, blocks, _, hold in _passes(store, layout, names, storage, desc, progress):
+            acc = _left_block(acc, blocks, pieces[j], offsets, data_scale, scales, mode,
+                              dtype, layout.mesh)
             hold(acc)
-        return acc
+        return jnp.asarray(jax.device_get(_total(acc, layout.mesh)))
 
-    def right(Q, desc):
-        parts = [None] * store.n_blocks
-        for i, blocks, _, hold in _passes(store, names, storage, desc, progress):
-            parts[i] = _right_block(blocks, Q, offsets, data_scale, scales, spans, mode,
-                                    dtype)
-            hold(parts[i])
-        return jnp.concatenate(parts)[:n]
+    def right(Q):  # (R, width) -> (N, width)
+        Q = layout.replicated(Q)
+        parts = []
+        for _, blocks, _, hold in _passes(store, layout, names, storage, desc, progress):
+            parts.append(_right_block(blocks, Q, offsets, data_scale, scales, spans, mode,
+                                      dtype, layout.mesh))
+            hold(parts[-1])
+        return jnp.asarray(layout.gather(parts, 0))
 
     omega = jax.random.normal(jax.random.PRNGKey(seed), (n, width), dtype)
-    Q, _ = jnp.linalg.qr(left(omega, "jaxcnmf: init (svd)"))
+    Q, _ = jnp.linalg.qr(left(omega))
     for _ in range(initialization._POWER_ITERATIONS):
-        P, _ = jnp.linalg.qr(right(Q, "jaxcnmf: init (svd)"))
-        Q, _ = jnp.linalg.qr(left(P, "jaxcnmf: init (svd)"))
-    small = right(Q, "jaxcnmf: init (svd)").T
+        P_, _ = jnp.linalg.qr(right(Q))
+        Q, _ = jnp.linalg.qr(left(P_))
+    small = right(Q).T
     U_small, s, Vt = jnp.linalg.svd(small, full_matrices=False)
     return initialization._mm(Q, U_small)[:, :rank], s[:rank], Vt[:rank], scales, spans
 
@@ -326,7 +492,8 @@ def _nndsvd_factors(U, s, Vt, stacked_sum, scales, spans, variant, dtype):
 
 
 class _Sums(NamedTuple):
-    """What one pass accumulates over the blocks."""
+    """What one pass accumulates over the chunks, per device (a leading ``(D,)`` axis,
+    split over the mesh; summed over the devices once, at the end of the pass)."""
 
     A: tuple       # per view X_v F^T (rows_v, rank), with the updated F
     C: jax.Array   # F F^T (rank, rank), updated F
@@ -336,10 +503,11 @@ class _Sums(NamedTuple):
     sq: jax.Array  # (n_views,) ||X'_v||^2 of the rescaled views, as stored (every pass alike)
 
 
-def _zero_sums(rows, rank, dtype):
-    zeros = functools.partial(jnp.zeros, dtype=dtype)
-    return _Sums(tuple(zeros((r, rank)) for r in rows), zeros((rank, rank)), zeros(rank),
-                 zeros(rank), zeros(()), zeros(len(rows)))
+def _zero_sums(layout, rows, rank, dtype):
+    zeros = functools.partial(np.zeros, dtype=dtype)
+    return jax.tree_util.tree_map(layout.per_device, _Sums(
+        tuple(zeros((r, rank)) for r in rows), zeros((rank, rank)), zeros(rank),
+        zeros(rank), zeros(()), zeros(len(rows))))
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -348,18 +516,41 @@ def _gram(loadings, config):
     return sum(w * core._mm(W.T, W) for w, W in zip(weights, loadings))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mode"), donate_argnames="sums")
+@functools.partial(jax.jit, static_argnames=("config", "mode", "mesh"), donate_argnames="sums")
 def _block_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_scale, config,
+                mode, mesh):
+    """Update every device's chunk of ``F`` ``(rank, D * b)`` and add its share to its
+    ``sums``; nothing crosses devices."""
+    def local(sums, F_b, blocks, n_valid, scale, loadings, G, offsets, data_scale):
+        sums = jax.tree_util.tree_map(lambda a: a[0], sums)
+        sums, F_new = _local_step(sums, F_b, scale, blocks, n_valid[0], loadings, G,
+                                  offsets, data_scale, config, mode)
+        return jax.tree_util.tree_map(lambda a: a[None], sums), F_new
+
+    axis = mesh.axis_names[0]
+    cols = P(None, axis)
+    return _shard_map(mesh, local, (P(axis), cols, cols, P(axis), P(), P(), P(), P(), P()),
+                      (P(axis), cols))(sums, F_b, blocks, n_valid, scale, loadings, G,
+                                       offsets, data_scale)
+
+
+def _local_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_scale, config,
                 mode):
-    """Update one block's ``F_b`` ``(rank, block_size)`` and add its share to ``sums``."""
+    """One chunk on one device: its ``F_b`` updated and its share added to ``sums``."""
     dtype = jnp.dtype(config.dtype)
     weights = core._weights(config, len(blocks))
-    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+    # Division by the data scale folded into the products where the storage is at least
+    # as wide as float32 (X / s rounds the same to within an ulp): the block is not
+    # rewritten every pass. Narrower storage is divided and rounded as in memory.
+    fold = mode == "none" and all(jnp.finfo(X.dtype).bits >= 32 for X in blocks)
+    inv = (1.0 / data_scale).astype(dtype) if fold else jnp.ones((), dtype)
+    if not fold:
+        blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
     if config.unit_columns:
         F_b = F_b * scale[:, None]
-    products = [core._dot_tn(W, X, dtype) for W, X in zip(loadings, blocks)]
+    products = [core._dot_tn(W, X, dtype) * inv for W, X in zip(loadings, blocks)]
     # Summed as core.f_grams sums them, so the F update sees the same B.
-    B = sum(w * P for w, P in zip(weights, products))
+    B = sum(w * P_ for w, P_ in zip(weights, products))
     # The F block's gradient mapping is column by column (its step 1 / L depends on G
     # only), so its squared norm is a sum over blocks; padded columns (F = 0, B = 0) have
     # gradient l1_F >= 0 and project to 0, adding nothing.
@@ -368,21 +559,24 @@ def _block_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_sc
     # HALS floors entries at eps: keep the padded columns at zero so they add nothing.
     F_new = jnp.where(jnp.arange(F_b.shape[1]) < n_valid, F_new, 0)
     sums = _Sums(
-        A=tuple(A + core._dot_nt(X, F_new, dtype) for A, X in zip(sums.A, blocks)),
+        A=tuple(A + core._dot_nt(X, F_new, dtype) * inv for A, X in zip(sums.A, blocks)),
         C=sums.C + core._mm(F_new, F_new.T),
         S1=sums.S1 + jnp.sum(F_new, axis=1),
         S2=sums.S2 + jnp.sum(F_new * F_new, axis=1),
         violation_F=sums.violation_F + violation,
         # Of the rescaled views as rounded to the storage dtype, as core._prepared takes
         # them in memory (with bfloat16 the rounding moves ||X'||^2 by more than the fit).
-        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(X.astype(dtype))) for X in blocks]),
+        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(X.astype(dtype) * inv)) for X in blocks]),
     )
     return sums, F_new
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _end_pass(loadings, sums, config):
-    """Loading updates after a pass, the objective and the KKT violation, as ``core.step``."""
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _end_pass(loadings, sums, config, mesh):
+    """Loading updates after a pass, the objective and the KKT violation, as ``core.step``,
+    from the devices' sums (added here: the pass's one exchange, ``(rows_v, rank)`` per
+    view and a few ``(rank, rank)`` and smaller terms)."""
+    sums = _total(sums, mesh)
     sq_norms = sums.sq
     weights = core._weights(config, len(loadings))
     violation_W = core._w_violation(loadings, sums.A, sums.C, weights, config)
@@ -405,26 +599,44 @@ def _end_pass(loadings, sums, config):
     value = (jnp.sum(jnp.asarray(weights, fits.dtype) * fits) + penalty
              + config.l2_W * sum(jnp.sum(W * W) for W in new))
     violation = jnp.sqrt(sums.violation_F + violation_W)
-    return tuple(new), scale, value, core._rel_errors(sq_norms, fits), violation
+    out = (tuple(new), scale, value, core._rel_errors(sq_norms, fits), violation, sq_norms)
+    return jax.tree_util.tree_map(
+        lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P())), out)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mode"))
-def _block_residual(fits, F_b, blocks, loadings, offsets, data_scale, config, mode):
-    """``fits + ||X_vb - W_v F_b||^2`` per view, as ``core.residual_objective`` forms them.
+@functools.partial(jax.jit, static_argnames="mesh")
+def _rescale(F_b, scale, mesh):
+    return jax.lax.with_sharding_constraint(F_b * scale[:, None],
+                                            NamedSharding(mesh, P(None, mesh.axis_names[0])))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mode", "mesh"))
+def _block_residual(fits, F_b, blocks, loadings, offsets, data_scale, config, mode, mesh):
+    """``fits + [||X_vb - W_v F_b||^2 per view, sum(F_b), sum(F_b^2)]`` per device, the
+    residual terms as ``core.residual_objective`` forms them; ``fits`` ``(D, n_views + 2)``.
 
     Padded columns are zero in both ``X`` and ``F_b`` and add nothing.
     """
     dtype = jnp.dtype(config.dtype)
-    blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
-    return fits + jnp.stack([jnp.sum(jnp.square(X.astype(dtype) - core._mm(W, F_b)))
-                             for X, W in zip(blocks, loadings)])
+
+    def local(fits, F_b, blocks, loadings, offsets, data_scale):
+        blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+        terms = [jnp.sum(jnp.square(X.astype(dtype) - core._mm(W, F_b)))
+                 for X, W in zip(blocks, loadings)]
+        return fits + jnp.stack(terms + [jnp.sum(F_b), jnp.sum(F_b * F_b)])[None]
+
+    axis = mesh.axis_names[0]
+    return _shard_map(mesh, local, (P(axis), P(None, axis), P(None, axis), P(), P(), P()),
+                      P(axis))(fits, F_b, blocks, loadings, offsets, data_scale)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _residual_value(F, loadings, fits, sq_norms, config):
-    """Objective and relative errors from the streamed residual norms ``fits``."""
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _residual_value(loadings, fits, sq_norms, config, mesh):
+    """Objective and relative errors from the streamed residual terms ``fits``."""
+    fits = _total(fits, mesh)
+    fits, (s1, s2) = fits[:-2], fits[-2:]
     weights = jnp.asarray(core._weights(config, len(loadings)), fits.dtype)
-    value = jnp.sum(weights * fits) + core._penalty_F(F, None, config)
+    value = jnp.sum(weights * fits) + config.l1_F * s1 + config.l2_F * s2
     value = value + config.l2_W * sum(jnp.sum(W * W) for W in loadings)
     return value, core._rel_errors(sq_norms, fits)
 
@@ -435,7 +647,7 @@ def _residual_value(F, loadings, fits, sq_norms, config):
 def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsvda",
         weights=None, unit_columns=False, l1_F=0.0, l2_F=0.0, l2_W=0.0, groups=None,
         group_lam=0.0, restarts=1, negative="raise", dtype="float32", storage_dtype=None,
-        progress=True):
+        progress=True, mesh=None):
     """Coupled NMF of the views in a store, streaming its column blocks (one read per pass).
 
     ``jaxcnmf.fit(store, ...)`` calls this; the arguments and the result are those of
@@ -444,6 +656,19 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     ``storage_dtype`` defaults to the store's dtype. The iterates equal those of the
     in-memory fit from the same start (to float rounding of the sums over blocks).
 
+    With a 1-D ``mesh`` the columns are split over its devices as in the in-memory sharded
+    fit: device ``d`` streams the columns ``[d * c, (d + 1) * c)``, ``c = ceil(N / D)``, in
+    chunks of ``block_size``, every device one chunk per step, and keeps its part of ``F``;
+    each device adds its own ``X_v F^T`` and ``F F^T``, and the devices' sums are added once
+    per pass (``(rows_v, rank)`` per view and ``(rank, rank)``). After
+    ``jax.distributed.initialize()`` and with a mesh over all processes' devices, every
+    process reads only its own devices' columns of the store (it may be on a disk shared
+    by all, or each process's part on its own disk with the same manifest) and the result
+    is as the in-memory sharded fit's: ``F`` a global array split over the columns (or
+    whole on every process when ``D`` does not divide ``N``), saved one file per process.
+    The initial ``F`` and the randomized SVD's ``(N, rank + 10)`` factors are briefly whole
+    on every process.
+
     Passes over the store: one to check the values and take their maxima and norms (two
     with ``negative="clip"``/``"shift"`` on data that has negatives), ten for
     ``init="nndsvd"`` or ``"nndsvda"`` (randomized SVD), one per iteration, and one for
@@ -451,13 +676,16 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
 
     Memory: ``F`` ``(rank, N)`` float32, the loadings and ``X_v F^T`` (``2 * rows_v * rank``
     floats per view), and about ``_PREFETCH + 2`` blocks of
-    ``block_size * sum_v rows_v`` stored values; independent of ``N`` beyond ``F``.
+    ``block_size * sum_v rows_v`` stored values (per device with a mesh); independent of
+    ``N`` beyond ``F``.
 
     Args:
         views: :class:`jaxcnmf.store.Store` (from ``store.open``).
         rank, method, max_iter, tol, seed, init, weights, unit_columns, l1_F, l2_F, l2_W,
             negative, dtype, storage_dtype, progress: as for ``jaxcnmf.fit``;
             ``progress`` shows one bar per pass.
+        mesh: ``None`` (one device) or a 1-D ``jax.sharding.Mesh`` to split the columns
+            over (see above).
         groups, group_lam, restarts: accepted for the same signature; ``group_lam > 0``
             and ``restarts > 1`` are refused.
 
@@ -465,7 +693,8 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         :class:`jaxcnmf.FitResult` (``config`` also holds ``"store"`` and ``"block_size"``).
 
     Raises:
-        ValueError / TypeError: as ``jaxcnmf.fit``, naming the parameter or view.
+        ValueError / TypeError: as ``jaxcnmf.fit``, naming the parameter or view; a mesh
+            that is not 1-D or holds none of this process's devices.
         FloatingPointError: a non-finite value appeared (the loop stops at that pass).
 
     Warns:
@@ -505,14 +734,22 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         _front._check_groups(groups, s.n, group_lam)
     storage = _front._check_dtypes(dtype, s.dtype if storage_dtype is None else storage_dtype)
     mode = _MODES[negative]
+    placement = _placement(mesh, s.n)  # before anything is compiled
+    if placement is None:
+        device = jax.local_devices()[0]
+        layout = _Layout(s, Mesh(np.array([device]), ("n",), axis_types=(AxisType.Auto,)))
+    else:
+        layout = _Layout(s, placement.mesh)
 
     if progress:
+        where = "" if placement is None else f" over {layout.count} devices"
         print(f"jaxcnmf: streaming fit of {len(names)} views from {str(s.path)!r}, N={s.n} "
-              f"in {s.n_blocks} blocks of {s.block_size}, rank {rank}, method {method}, "
-              f"max_iter {max_iter}", file=sys.stderr, flush=True)
+              f"in {s.n_blocks} blocks of {s.block_size}{where}, rank {rank}, method "
+              f"{method}, max_iter {max_iter}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    offsets = jnp.zeros(len(names), dtype)
-    stats = _statistics(s, names, storage, offsets, "none", dtype, progress)
+    zeros = np.zeros(len(names), dtype)
+    stats = _statistics(s, layout, names, storage, layout.replicated(zeros), "none", dtype,
+                        progress)
     for name, minimum, bad in zip(names, stats.minima, stats.bad):
         if bad:
             raise ValueError(f"view {name!r} contains {int(bad)} NaN or Inf entries")
@@ -522,9 +759,10 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                 f"non-negative data, or pass negative='clip' or 'shift'")
     if np.any(stats.minima < 0):
         # Only views with negatives move, as in the in-memory fit.
-        offsets = jnp.asarray(np.minimum(stats.minima, 0.0), dtype)
-        stats = _statistics(s, names, storage, offsets, mode, dtype, progress)
+        offsets = layout.replicated(np.minimum(stats.minima, 0.0).astype(dtype))
+        stats = _statistics(s, layout, names, storage, offsets, mode, dtype, progress)
     else:
+        offsets = layout.replicated(zeros)
         mode = "none"
     view_weights = _weights(weights, names, stats.sq_norms())
     # The in-memory fit's rescaling (views by their largest entry, objective by the
@@ -546,7 +784,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         "inner_iter": config.inner_iter, "weighted_data_sq_norm": data_norm2,
         "store": str(s.path), "block_size": s.block_size,
     }
-    data_scale = jnp.asarray(problem.scale, dtype)
+    data_scale = layout.replicated(np.asarray(problem.scale, dtype))
 
     if isinstance(init, dict):
         # The caller's F is on the data's scale; the solver's is on the rescaled one.
@@ -556,9 +794,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         F0, loadings0 = _random_init(seed, [float(x) / problem.scale for x in stats.sums],
                                      shapes, rank, dtype)
     else:
-        U, sv, Vt, scales, spans = _streamed_svd(s, names, storage, offsets, data_scale,
-                                                 mode, rank, internal_weights, seed, dtype,
-                                                 progress)
+        U, sv, Vt, scales, spans = _streamed_svd(s, layout, names, storage, offsets,
+                                                 data_scale, mode, rank, internal_weights,
+                                                 seed, dtype, progress)
         stacked_sum = jnp.asarray(sum(c * x / problem.scale
                                       for c, x in zip(scales, stats.sums)), dtype)
         F0, loadings0 = _nndsvd_factors(U, sv, Vt, stacked_sum, scales, spans, init, dtype)
@@ -566,24 +804,24 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     # The compiled pass functions do not read max_iter or tol: keep them out of their
     # static config, so another max_iter or tol does not compile them again.
     kernel = config._replace(max_iter=1, tol=0.0)
-    padded = s.n_blocks * s.block_size
-    F_blocks = list(jnp.pad(F0, ((0, 0), (0, padded - s.n)))
-                    .reshape(rank, s.n_blocks, s.block_size).transpose(1, 0, 2))
-    loadings = loadings0
-    scale = jnp.ones(rank, dtype)
+    mesh_ = layout.mesh
+    # F in this process's chunks only; the whole start is dropped here.
+    F_parts = layout.place(np.asarray(F0), 1, np.dtype(dtype))
+    del F0
+    loadings = tuple(layout.replicated(W) for W in loadings0)
+    scale = layout.replicated(np.ones(rank, dtype))
     rows = [r for r, _ in shapes]
     objective_history, rel_history = [], []
     violation_init, converged, failed = None, False, False
     for iteration in range(max_iter):
         G = _gram(loadings, kernel)
-        acc = _zero_sums(rows, rank, dtype)
-        for i, blocks, n_valid, hold in _passes(s, names, storage,
+        acc = _zero_sums(layout, rows, rank, dtype)
+        for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
                                                 f"jaxcnmf: pass {iteration + 1}", progress):
-            acc, F_blocks[i] = _block_step(acc, F_blocks[i], scale, blocks, n_valid,
-                                           loadings, G, offsets, data_scale, kernel, mode)
-            hold(F_blocks[i])
-        loadings, scale, value, rel, violation = _end_pass(loadings, acc, kernel)
-        jsq = acc.sq
+            acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid, loadings,
+                                          G, offsets, data_scale, kernel, mode, mesh_)
+            hold(F_parts[j])
+        loadings, scale, value, rel, violation, jsq = _end_pass(loadings, acc, kernel, mesh_)
         # One host sync per pass (core.run tests the same values inside its loop).
         value, rel, violation = (np.asarray(x, np.float64)
                                  for x in jax.device_get((value, rel, violation)))
@@ -605,19 +843,19 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
             f"{config.l2_F:.3g}, l2_W {config.l2_W:.3g}")
 
     if config.unit_columns:
-        F_blocks = [F_b * scale[:, None] for F_b in F_blocks]
+        F_parts = [_rescale(F_b, scale, mesh_) for F_b in F_parts]
     # The reported objective and errors come from the residuals (one more pass), as the
     # in-memory fit's core.residual_objective: the Gram form loses near-exact fits.
-    fits = jnp.zeros(len(names), dtype)
-    for i, blocks, _, hold in _passes(s, names, storage, "jaxcnmf: final objective",
+    fits = layout.per_device(np.zeros(len(names) + 2, dtype))
+    for j, blocks, _, hold in _passes(s, layout, names, storage, "jaxcnmf: final objective",
                                       progress):
-        fits = _block_residual(fits, F_blocks[i], blocks, loadings, offsets, data_scale,
-                               kernel, mode)
+        fits = _block_residual(fits, F_parts[j], blocks, loadings, offsets, data_scale,
+                               kernel, mode, mesh_)
         hold(fits)
-    F = jnp.concatenate(F_blocks, axis=1)[:, :s.n]
-    del F_blocks
-    final = _residual_value(F, loadings, fits, jsq, kernel)
-    if not np.isfinite(float(final[0])):
+    final = _residual_value(loadings, fits, jsq, kernel, mesh_)
+    F = layout.padded(F_parts)  # (rank, D * c), split like the in-memory sharded F
+    del F_parts
+    if not np.isfinite(float(jax.device_get(final[0]))):
         raise FloatingPointError(
             f"jaxcnmf.fit: the final objective of the streaming fit is not finite after "
             f"{n_iter} iterations (data rescaled by {problem.scale:.3g}, objective by "
@@ -629,7 +867,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         objective_history=np.asarray(objective_history, np.float64),
         rel_error_history=np.stack(rel_history, axis=1), converged=converged,
         violation=violation, violation_init=violation_init, failed=False)
-    result = _front._result(state, tuple(names), config_dict, problem, final)
+    result = _front._result(state, tuple(names), config_dict, problem, final, placement)
     if progress:
         errors = ", ".join(f"{k} {v:.4f}" for k, v in result.relative_errors.items())
         status = "converged" if converged else "max_iter reached"
@@ -641,6 +879,18 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                       f"violation fell to tol={tol} of its start; increase max_iter or tol",
                       _front.ConvergenceWarning, stacklevel=3)
     return result
+
+
+def _placement(mesh, n):
+    """The sharded fit's placement for ``mesh`` (``None`` without one), after its checks."""
+    if mesh is None:
+        return None
+    placement = sharding.plan([], [], mesh).with_columns(n)
+    if not any(d.process_index == jax.process_index() for d in placement.mesh.devices.flat):
+        raise ValueError(f"mesh: expected some of this process's devices (process "
+                         f"{jax.process_index()}), got devices "
+                         f"{[d.id for d in placement.mesh.devices.flat]}")
+    return placement
 
 
 def _weights(weights, names, sq_norms):

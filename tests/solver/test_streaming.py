@@ -170,3 +170,138 @@ def test_dead_concept_and_max_iter_warn_at_the_caller(data):
     assert all(w.filename == __file__ for w in got)
     assert not streamed.converged and streamed.n_iter == 3
     assert np.all(streamed.F[2] == 0)
+
+
+# ------------------------------------------------- over devices and processes (subprocesses)
+
+# Helpers and the subprocess conventions of the sharded in-memory fit's tests.
+from test_sharding import PLANTED, _env, _free_port, _result, planted
+
+FOUR_STREAMING = PLANTED + """
+import sys
+from jaxcnmf import store
+mesh = jax.make_mesh((4,), ("n",))
+# N = 203 over 4 devices: 51 columns each, read in chunks of 50 that straddle the store's
+# blocks of 50, the last chunk of each device one column and 49 of padding.
+views = planted(203)
+s = store.save(sys.argv[1], views, block_size=50)
+out = {}
+for label, kw in {"mu": dict(method="mu", init="random", unit_columns=True, l1_F=0.01),
+                  "hals": dict(method="hals", init="nndsvda", seed=2)}.items():
+    kw = dict(rank=3, max_iter=20, tol=0.0, progress=False, **kw)
+    one, four = jaxcnmf.fit(s, **kw), jaxcnmf.fit(s, mesh=mesh, **kw)
+    out[label] = {"devices": [one.devices, four.devices], "shape": list(four.F.shape),
+                  "F": rel(four.F, one.F),
+                  "W": max(rel(four.loadings[k], one.loadings[k]) for k in views),
+                  "history": rel(four.history["objective"], one.history["objective"]),
+                  "objective": [one.objective, four.objective]}
+compiled = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, *a, **k: compiled.append(event) if "compil" in event else None)
+errors = {}
+for label, mesh_ in {"two_axes": jax.make_mesh((2, 2), ("a", "b")), "not_a_mesh": "n"}.items():
+    try:
+        jaxcnmf.fit(s, rank=3, max_iter=2, progress=False, mesh=mesh_)
+    except (ValueError, TypeError) as e:
+        errors[label] = type(e).__name__ + ": " + str(e)
+try:
+    jaxcnmf.fit(s, rank=3, group_lam_fraction=0.1, groups=np.zeros(203, int), mesh=mesh)
+except ValueError as e:
+    errors["group_lasso"] = str(e)
+out["errors"], out["compiled_during_errors"] = errors, len(compiled)
+print("RESULT " + json.dumps(out))
+"""
+
+
+# Compiling dominates these runs; the programs compared are compiled alike.
+_FAST = "--xla_backend_optimization_level=0"
+
+
+@pytest.fixture(scope="module")
+def four_streaming(tmp_path_factory):
+    import subprocess
+    import sys
+
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4 " + _FAST)
+    path = str(tmp_path_factory.mktemp("four") / "acts")
+    proc = subprocess.run([sys.executable, "-c", FOUR_STREAMING, path], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    return _result(proc)
+
+
+@pytest.mark.parametrize("method", ["mu", "hals"])
+def test_streaming_over_four_devices_equals_one(four_streaming, method):
+    got = four_streaming[method]
+    assert got["devices"] == [1, 4] and got["shape"] == [3, 203]
+    # The same updates; only the order of the sums over columns differs (per device, then
+    # over the devices): float32 rounding over 20 iterations.
+    assert got["F"] < 1e-4 and got["W"] < 1e-4 and got["history"] < 1e-5, got
+    assert abs(got["objective"][1] - got["objective"][0]) < 1e-5 * got["objective"][0]
+
+
+def test_streaming_mesh_errors_before_compiling(four_streaming):
+    errors = four_streaming["errors"]
+    assert errors["two_axes"].startswith("ValueError: mesh: expected a 1-D mesh with one "
+                                         "axis for the images, got axes ('a', 'b')")
+    assert errors["not_a_mesh"].startswith("TypeError: mesh: expected a jax.sharding.Mesh")
+    assert errors["group_lasso"].startswith("group_lam_fraction: the group lasso is not "
+                                            "available for a streamed fit from a store")
+    assert four_streaming["compiled_during_errors"] == 0
+
+
+STREAM_WORKER = PLANTED + """
+import sys
+from jaxcnmf import store
+port, pid, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                           initialization_timeout=60)
+mesh = jax.make_mesh((jax.device_count(),), ("n",))
+s = store.open(path)
+res = jaxcnmf.fit(s, rank=3, method="mu", init="random", max_iter=15, tol=0.0,
+                  progress=False, mesh=mesh)
+saved = res.save(out)
+print("RESULT " + json.dumps({
+    "devices": res.devices, "global": not res.F.is_fully_addressable,
+    "shape": list(res.F.shape), "saved": saved, "n_iter": res.n_iter,
+    "objective": res.objective, "read": sorted(s._verified)}), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_each_stream_their_half(tmp_path):
+    import subprocess
+    import sys
+
+    views = planted(300)
+    s = store.save(tmp_path / "acts", views, block_size=50)
+    port, out = str(_free_port()), str(tmp_path / "fit.npz")
+    procs = [subprocess.Popen([sys.executable, "-c", STREAM_WORKER, port, str(i),
+                               str(s.path), out], env=_env(XLA_FLAGS=_FAST),
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=240)
+        finally:
+            proc.kill()
+        outs.append(_result(subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                        stdout, stderr)))
+    for i, got in enumerate(outs):
+        assert got["devices"] == 2 and got["global"] and got["shape"] == [3, 300]
+        assert got["saved"] == str(tmp_path / f"fit.process{i}-of-2.npz")
+        # 300 columns in blocks of 50: process 0 reads blocks 0-2, process 1 blocks 3-5.
+        blocks = {int(name.split("/")[1][:6]) for name in got["read"]}
+        assert blocks == set(range(3 * i, 3 * i + 3)), got["read"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = jaxcnmf.fit(s, rank=3, method="mu", init="random", max_iter=15, tol=0.0,
+                          progress=False)
+    back = jaxcnmf.load_result(out)  # both processes' files, assembled here
+    assert back.devices == 2 and back.n_iter == one.n_iter == 15
+    np.testing.assert_allclose(back.F, one.F, rtol=1e-4, atol=1e-5 * one.F.max())
+    for name in views:
+        np.testing.assert_allclose(back.loadings[name], one.loadings[name], rtol=1e-4,
+                                   atol=1e-5 * one.loadings[name].max())
+    assert abs(outs[0]["objective"] - one.objective) < 1e-5 * one.objective
