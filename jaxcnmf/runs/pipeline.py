@@ -149,7 +149,8 @@ class RunConfig:
             by block (resuming an unfinished store of the same run, reusing a complete
             one), the fit streams from it, and the baseline, the layers-only fit,
             fidelity and TCAV read from it. None keeps the views in memory. With a store
-            the fit runs on one device, with one start and without a group penalty.
+            the fit streams over ``devices`` devices, with one start and without a group
+            penalty.
         store_dtype: "float32" or "bfloat16" (half the disk and reads; values rounded to
             8 bits of mantissa), the stored values' dtype.
         fidelity_images: with ``store``, fidelity is measured on this many probe images
@@ -423,9 +424,6 @@ def _check_store_config(config: RunConfig) -> None:
     if config.restarts != 1:
         raise ValueError(f"restarts: the fit streamed from a store runs one start; expected "
                          f"1, got {config.restarts}")
-    if config.devices not in (None, 1):
-        raise ValueError(f"devices: the fit streamed from a store runs on one device; "
-                         f"expected 1, got {config.devices}")
     if isinstance(config.fidelity_images, bool) or not isinstance(config.fidelity_images, int) \
             or config.fidelity_images < 1:
         raise ValueError(f"fidelity_images: expected a positive integer, got "
@@ -1224,7 +1222,7 @@ def _view_names(views) -> tuple[str, ...]:
 
 
 def _fit_settings(config: RunConfig, probe_set, views) -> dict[str, Any]:
-    return dict(mesh=None if config.store is not None else _mesh(config),
+    return dict(mesh=_mesh(config),
         method=config.method, max_iter=config.max_iter, tol=config.tol, seed=config.seed,
         weights=view_weights(config, views), unit_columns=config.unit_columns,
         groups=_group_ids(config, probe_set), group_lam=config.group_lam,

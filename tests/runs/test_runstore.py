@@ -217,7 +217,6 @@ def test_plan_names_the_difference(tmp_path):
     ({"group_lam_fraction": 0.1}, "store: the fit streamed from a store has no group penalty"),
     ({"restarts": 2}, ("restarts: the fit streamed from a store runs one start; expected 1, "
                       "got 2")),
-    ({"devices": 2}, "devices: the fit streamed from a store runs on one device"),
     ({"store_dtype": "float16"}, "store_dtype: expected one of float32, bfloat16"),
 ])
 def test_what_a_store_cannot_do_is_refused_before_any_work(changes, message, tmp_path):
