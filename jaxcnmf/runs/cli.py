@@ -103,7 +103,8 @@ examples:
 
 --store DIR is for probe sets whose activations do not fit in memory: the probe stage writes
 them to DIR block by block (one block per --batch-size images), the fit streams the blocks
-(HALS or MU, one device, one start, no group penalty), and the k-means baseline, the
+(HALS or MU, one device, one start, no group penalty: the store is in probe order,
+not in blocks of whole groups), and the k-means baseline, the
 layers-only fit, fidelity (on --fidelity-images of the probe images) and TCAV read from it.
 Rerunning with --force after an interruption continues the store at its first missing block
 (--force redoes the run directory, never the store); a complete
