@@ -418,9 +418,10 @@ def _check_store_config(config: RunConfig) -> None:
         raise ValueError(f"store_dtype: expected one of {', '.join(STORE_DTYPES)}, got "
                          f"{config.store_dtype!r}")
     if config.group_penalty:
-        raise ValueError("store: the fit streamed from a store has no group penalty (its "
-                         "step needs every column at once); leave out --group-sparse and "
-                         "--group-lam, or fit in memory without --store")
+        raise ValueError("store: the fit streamed from a store has the group penalty only "
+                         "when every group's images lie in one block, and a run's store is "
+                         "written in probe order (classes mixed in every block); leave out "
+                         "--group-sparse and --group-lam, or fit in memory without --store")
     if config.restarts != 1:
         raise ValueError(f"restarts: the fit streamed from a store runs one start; expected "
                          f"1, got {config.restarts}")

@@ -967,17 +967,15 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         >>> res.F.shape, res.loadings["conv"].shape, res.relative_errors["red"]
     """
     if isinstance(views, Store):
-        if group_lam_fraction is not None:
-            raise ValueError("group_lam_fraction: the group lasso is not available for a "
-                             "streamed fit from a store; fit the views in memory")
         # Views on disk: one streamed pass over the store's column blocks per iteration.
         from jaxcnmf.solver import streaming  # imports this module, so not at the top
 
         return streaming.fit(
             views, rank, method=method, max_iter=max_iter, tol=tol, seed=seed, init=init,
             weights=weights, unit_columns=unit_columns, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
-            groups=groups, group_lam=group_lam, restarts=restarts, negative=negative,
-            dtype=dtype, storage_dtype=storage_dtype, progress=progress, mesh=mesh)
+            groups=groups, group_lam=group_lam, group_lam_fraction=group_lam_fraction,
+            restarts=restarts, negative=negative, dtype=dtype, storage_dtype=storage_dtype,
+            progress=progress, mesh=mesh)
     best = _fit(views, rank, method=method, max_iter=max_iter, tol=tol, seed=seed,
                 init=init, weights=weights, unit_columns=unit_columns, l1_F=l1_F,
                 l2_F=l2_F, l2_W=l2_W, groups=groups, group_lam=group_lam,

@@ -38,8 +38,16 @@ chunk of its own columns, each device keeps its part of ``F`` and its own ``A_v`
 once at the end of the pass. With ``jax.distributed`` each process reads only its own
 devices' columns. Without a mesh it is the same code on one device.
 
-Not supported here (clear errors): the group lasso (its FISTA step tests the objective of
-all columns at once) and several restarts.
+The group lasso needs every group's columns within one chunk (a store block without a
+mesh; ``fit`` refuses a group across chunks, naming it): the ``F`` sub-problem is separable
+over groups, so each chunk takes the monotone FISTA step of ``core._fista_F`` on its own
+(the same step size, from ``G``). Its keep-the-best tests see the chunk's part of the
+sub-problem objective, not all columns' as in memory, so with several chunks the iterates
+differ from the in-memory ones (each step still does not increase the objective); with one
+chunk they are the same. ``group_lam_fraction`` takes ``lambda_max`` from one more pass
+(``B`` at the unit-column starting loadings, per group, as ``fit._group_lam_max_internal``).
+
+Not supported here (a clear error): several restarts.
 
 Example:
     >>> import numpy as np, tempfile, jaxcnmf
@@ -499,6 +507,7 @@ class _Sums(NamedTuple):
     C: jax.Array   # F F^T (rank, rank), updated F
     S1: jax.Array  # (rank,) row sums of the updated F (for the l1_F term)
     S2: jax.Array  # (rank,) row sums of its squares (for the l2_F term)
+    S3: jax.Array  # (rank,) sums of its group norms (for the group lasso; groups in chunks)
     violation_F: jax.Array  # squared F gradient mapping before the update (column-separable)
     sq: jax.Array  # (n_views,) ||X'_v||^2 of the rescaled views, as stored (every pass alike)
 
@@ -507,7 +516,7 @@ def _zero_sums(layout, rows, rank, dtype):
     zeros = functools.partial(np.zeros, dtype=dtype)
     return jax.tree_util.tree_map(layout.per_device, _Sums(
         tuple(zeros((r, rank)) for r in rows), zeros((rank, rank)), zeros(rank),
-        zeros(rank), zeros(()), zeros(len(rows))))
+        zeros(rank), zeros(rank), zeros(()), zeros(len(rows))))
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -517,26 +526,28 @@ def _gram(loadings, config):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "mesh"), donate_argnames="sums")
-def _block_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_scale, config,
-                mode, mesh):
+def _block_step(sums, F_b, scale, blocks, n_valid, groups_b, loadings, G, offsets,
+                data_scale, config, mode, mesh):
     """Update every device's chunk of ``F`` ``(rank, D * b)`` and add its share to its
-    ``sums``; nothing crosses devices."""
-    def local(sums, F_b, blocks, n_valid, scale, loadings, G, offsets, data_scale):
+    ``sums``; nothing crosses devices. ``groups_b`` ``(D * b,)`` int32: the columns' group
+    ids within their chunk (``[0, config.n_groups)``; used when ``config.group_lam > 0``)."""
+    def local(sums, F_b, blocks, n_valid, groups_b, scale, loadings, G, offsets, data_scale):
         sums = jax.tree_util.tree_map(lambda a: a[0], sums)
-        sums, F_new = _local_step(sums, F_b, scale, blocks, n_valid[0], loadings, G,
-                                  offsets, data_scale, config, mode)
+        sums, F_new = _local_step(sums, F_b, scale, blocks, n_valid[0], groups_b, loadings,
+                                  G, offsets, data_scale, config, mode)
         return jax.tree_util.tree_map(lambda a: a[None], sums), F_new
 
     axis = mesh.axis_names[0]
     cols = P(None, axis)
-    return _shard_map(mesh, local, (P(axis), cols, cols, P(axis), P(), P(), P(), P(), P()),
-                      (P(axis), cols))(sums, F_b, blocks, n_valid, scale, loadings, G,
-                                       offsets, data_scale)
+    return _shard_map(mesh, local, (P(axis), cols, cols, P(axis), P(axis), P(), P(), P(),
+                                    P(), P()),
+                      (P(axis), cols))(sums, F_b, blocks, n_valid, groups_b, scale, loadings,
+                                       G, offsets, data_scale)
 
 
-def _local_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_scale, config,
-                mode):
-    """One chunk on one device: its ``F_b`` updated and its share added to ``sums``."""
+def _block_products(blocks, loadings, offsets, data_scale, config, mode):
+    """``B_b = sum_v w_v W_v^T X_vb`` ``(rank, width)`` of one chunk, with the blocks as
+    the sums take them and the factor ``inv`` that their products still need."""
     dtype = jnp.dtype(config.dtype)
     weights = core._weights(config, len(blocks))
     # Division by the data scale folded into the products where the storage is at least
@@ -546,23 +557,45 @@ def _local_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_sc
     inv = (1.0 / data_scale).astype(dtype) if fold else jnp.ones((), dtype)
     if not fold:
         blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
-    if config.unit_columns:
-        F_b = F_b * scale[:, None]
     products = [core._dot_tn(W, X, dtype) * inv for W, X in zip(loadings, blocks)]
     # Summed as core.f_grams sums them, so the F update sees the same B.
-    B = sum(w * P_ for w, P_ in zip(weights, products))
-    # The F block's gradient mapping is column by column (its step 1 / L depends on G
-    # only), so its squared norm is a sum over blocks; padded columns (F = 0, B = 0) have
-    # gradient l1_F >= 0 and project to 0, adding nothing.
-    violation = core._f_violation(F_b, B, G, None, config)
-    F_new = core._update_F(F_b, B, G, None, config)
+    return sum(w * P_ for w, P_ in zip(weights, products)), blocks, inv
+
+
+def _local_step(sums, F_b, scale, blocks, n_valid, groups_b, loadings, G, offsets,
+                data_scale, config, mode):
+    """One chunk on one device: its ``F_b`` updated and its share added to ``sums``.
+
+    With the group lasso every group lies within one chunk (``fit`` checks), and the
+    ``F`` sub-problem is separable over groups, so the chunk's monotone FISTA
+    (``core._fista_F``, the in-memory step size ``1 / L`` from ``G``) is a valid step on
+    its own; its keep-the-best decisions test this chunk's part of the sub-problem
+    objective, where the in-memory step tests all columns at once.
+    """
+    dtype = jnp.dtype(config.dtype)
+    if config.unit_columns:
+        F_b = F_b * scale[:, None]
+    B, blocks, inv = _block_products(blocks, loadings, offsets, data_scale, config, mode)
+    valid = jnp.arange(F_b.shape[1]) < n_valid
+    # Padded columns get F = 0 and B = 0 (shifted data is not zero there): their gradient
+    # l1_F >= 0 projects to 0, so they add nothing to the violation or the FISTA tests.
+    B = jnp.where(valid, B, 0)
+    # The F block's gradient mapping is column by column, or group by group (its step
+    # 1 / L depends on G only), so its squared norm is a sum over blocks.
+    violation = core._f_violation(F_b, B, G, groups_b, config)
+    F_new = core._update_F(F_b, B, G, groups_b, config)
     # HALS floors entries at eps: keep the padded columns at zero so they add nothing.
-    F_new = jnp.where(jnp.arange(F_b.shape[1]) < n_valid, F_new, 0)
+    F_new = jnp.where(valid, F_new, 0)
+    if config.group_lam > 0:
+        group_norms = jnp.sum(core._group_norms(F_new, groups_b, config.n_groups), axis=1)
+    else:
+        group_norms = jnp.zeros_like(sums.S3)
     sums = _Sums(
         A=tuple(A + core._dot_nt(X, F_new, dtype) * inv for A, X in zip(sums.A, blocks)),
         C=sums.C + core._mm(F_new, F_new.T),
         S1=sums.S1 + jnp.sum(F_new, axis=1),
         S2=sums.S2 + jnp.sum(F_new * F_new, axis=1),
+        S3=sums.S3 + group_norms,
         violation_F=sums.violation_F + violation,
         # Of the rescaled views as rounded to the storage dtype, as core._prepared takes
         # them in memory (with bfloat16 the rounding moves ||X'||^2 by more than the fit).
@@ -595,7 +628,7 @@ def _end_pass(loadings, sums, config, mesh):
         new = [W / scale for W in new]
     fits = jnp.stack([core._fit_terms(s, c, q) for s, c, q in zip(sq_norms, crosses, quads)])
     penalty = config.l1_F * jnp.sum(scale * sums.S1) + config.l2_F * jnp.sum(
-        scale * scale * sums.S2)
+        scale * scale * sums.S2) + config.group_lam * jnp.sum(scale * sums.S3)
     value = (jnp.sum(jnp.asarray(weights, fits.dtype) * fits) + penalty
              + config.l2_W * sum(jnp.sum(W * W) for W in new))
     violation = jnp.sqrt(sums.violation_F + violation_W)
@@ -641,20 +674,113 @@ def _residual_value(loadings, fits, sq_norms, config, mesh):
     return value, core._rel_errors(sq_norms, fits)
 
 
+# ----------------------------------------------------------------------------- group lasso
+
+
+def _chunk_groups(layout, groups, dense, sharded):
+    """Every column's group id within its chunk, and the most groups one chunk holds.
+
+    ``groups`` ``(N,)`` are the caller's ids (named in the error), ``dense`` the same
+    relabelled to ``[0, n_groups)``. The streamed group lasso updates each chunk's ``F`` on
+    its own, which is exact only when no group has columns in two chunks: such a group is
+    refused (the first by its first column), saying how to write the store.
+
+    Returns:
+        ``(local, count)``: ``local`` ``(N,)`` int32 ids in ``[0, count)`` per chunk.
+    """
+    n = layout.n
+    chunk = np.zeros(n, np.int64)
+    local = np.zeros(n, np.int32)
+    count = 1
+    for d in range(layout.count):
+        for j in range(layout.steps):
+            start, stop = layout.span(d, j)
+            if stop > start:
+                chunk[start:stop] = d * layout.steps + j
+                _, inverse = np.unique(dense[start:stop], return_inverse=True)
+                local[start:stop] = inverse.reshape(-1)
+                count = max(count, int(inverse.max()) + 1)
+    n_groups = int(dense.max()) + 1
+    low = np.full(n_groups, np.iinfo(np.int64).max)
+    high = np.full(n_groups, -1)
+    first = np.full(n_groups, n)
+    np.minimum.at(low, dense, chunk)
+    np.maximum.at(high, dense, chunk)
+    np.minimum.at(first, dense, np.arange(n))
+    straddling = np.flatnonzero(low != high)
+    if straddling.size:
+        g = straddling[np.argmin(first[straddling])]
+        a = int(first[g])
+        b = int(np.flatnonzero((dense == g) & (chunk != chunk[a]))[0])
+
+        def where(column):
+            d, j = divmod(int(chunk[column]), layout.steps)
+            start, stop = layout.span(d, j)
+            name = f"device {d}'s chunk" if sharded else "block"
+            return f"{name} [{start}, {stop})"
+
+        devices = (f", with a mesh also on the devices' boundaries (multiples of "
+                   f"ceil(N / devices) = {layout.c})" if sharded else "")
+        raise ValueError(
+            f"groups: group {groups[a].item()!r} has images in {where(a)} (column {a}) and "
+            f"{where(b)} (column {b}); the streamed group lasso needs every group's images "
+            f"within one block of the store: write the store sorted by group with block "
+            f"boundaries on group boundaries (store.save(..., block_size=...)){devices}, "
+            f"or fit in memory")
+    return local, count
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mode", "mesh"))
+def _block_lam_max(blocks, n_valid, groups_b, loadings, offsets, data_scale, config, mode,
+                   mesh):
+    """Per device ``max_{k, g} ||max(2 B[k, g] - l1_F, 0)||`` over the groups of its chunk
+    (``fit._group_lam_max_internal`` for one chunk), ``(D,)``."""
+    def local(blocks, n_valid, groups_b, loadings, offsets, data_scale):
+        B, _, _ = _block_products(blocks, loadings, offsets, data_scale, config, mode)
+        B = jnp.where(jnp.arange(B.shape[1]) < n_valid[0], B, 0)
+        positive = jnp.maximum(2.0 * B - config.l1_F, 0.0)
+        return jnp.max(core._group_norms(positive, groups_b, config.n_groups))[None]
+
+    axis = mesh.axis_names[0]
+    return _shard_map(mesh, local, (P(None, axis), P(axis), P(axis), P(), P(), P()),
+                      P(axis))(blocks, n_valid, groups_b, loadings, offsets, data_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _chunk_group_norms(total, F_b, groups_b, config, mesh):
+    """``total + sum_{k, g} ||F_b[k, g]||`` per device (``(D,)``), groups within chunks."""
+    def local(total, F_b, groups_b):
+        return total + jnp.sum(core._group_norms(F_b, groups_b, config.n_groups))
+
+    axis = mesh.axis_names[0]
+    return _shard_map(mesh, local, (P(axis), P(None, axis), P(axis)), P(axis))(
+        total, F_b, groups_b)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _with_group_penalty(final, total, config, mesh):
+    value, rel = final
+    return value + config.group_lam * _total(total, mesh), rel
+
+
 # ----------------------------------------------------------------------------- front door
 
 
 def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsvda",
         weights=None, unit_columns=False, l1_F=0.0, l2_F=0.0, l2_W=0.0, groups=None,
-        group_lam=0.0, restarts=1, negative="raise", dtype="float32", storage_dtype=None,
-        progress=True, mesh=None):
+        group_lam=0.0, group_lam_fraction=None, restarts=1, negative="raise",
+        dtype="float32", storage_dtype=None, progress=True, mesh=None):
     """Coupled NMF of the views in a store, streaming its column blocks (one read per pass).
 
     ``jaxcnmf.fit(store, ...)`` calls this; the arguments and the result are those of
     :func:`jaxcnmf.solver.fit.fit`, with these differences: ``views`` is a
-    :class:`jaxcnmf.store.Store`; ``group_lam`` must be 0 and ``restarts`` 1;
-    ``storage_dtype`` defaults to the store's dtype. The iterates equal those of the
-    in-memory fit from the same start (to float rounding of the sums over blocks).
+    :class:`jaxcnmf.store.Store`; ``restarts`` must be 1; ``storage_dtype`` defaults to
+    the store's dtype. The iterates equal those of the in-memory fit from the same start
+    (to float rounding of the sums over blocks). The group lasso (``groups`` with
+    ``group_lam`` or ``group_lam_fraction``) needs every group's columns within one store
+    block (within one chunk of one device with a mesh; a group across them is refused):
+    each block then takes its own monotone FISTA step, so with several blocks the iterates
+    differ from the in-memory ones while the objective still does not increase.
 
     With a 1-D ``mesh`` the columns are split over its devices as in the in-memory sharded
     fit: device ``d`` streams the columns ``[d * c, (d + 1) * c)``, ``c = ceil(N / D)``, in
@@ -671,8 +797,8 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
 
     Passes over the store: one to check the values and take their maxima and norms (two
     with ``negative="clip"``/``"shift"`` on data that has negatives), ten for
-    ``init="nndsvd"`` or ``"nndsvda"`` (randomized SVD), one per iteration, and one for
-    the final objective from the residuals.
+    ``init="nndsvd"`` or ``"nndsvda"`` (randomized SVD), one for ``group_lam_fraction``'s
+    ``lambda_max``, one per iteration, and one for the final objective from the residuals.
 
     Memory: ``F`` ``(rank, N)`` float32, the loadings and ``X_v F^T`` (``2 * rows_v * rank``
     floats per view), and about ``_PREFETCH + 2`` blocks of
@@ -686,8 +812,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
             ``progress`` shows one bar per pass.
         mesh: ``None`` (one device) or a 1-D ``jax.sharding.Mesh`` to split the columns
             over (see above).
-        groups, group_lam, restarts: accepted for the same signature; ``group_lam > 0``
-            and ``restarts > 1`` are refused.
+        groups, group_lam, group_lam_fraction: as for ``jaxcnmf.fit``, with every
+            group's columns within one block (see above).
+        restarts: accepted for the same signature; ``restarts > 1`` is refused.
 
     Returns:
         :class:`jaxcnmf.FitResult` (``config`` also holds ``"store"`` and ``"block_size"``).
@@ -726,12 +853,18 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     l1_F, l2_F, l2_W = (_front._check_number(label, value) for label, value in
                         (("l1_F", l1_F), ("l2_F", l2_F), ("l2_W", l2_W)))
     group_lam = _front._check_number("group_lam", group_lam)
-    if group_lam > 0:
-        raise ValueError(f"group_lam: the streaming fit (views from a store) has no group "
-                         f"lasso, whose step tests the objective of all columns at once; "
-                         f"expected 0, got {group_lam}")
-    if groups is not None:
-        _front._check_groups(groups, s.n, group_lam)
+    if group_lam_fraction is not None:
+        fraction = _front._check_number("group_lam_fraction", group_lam_fraction)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"group_lam_fraction: expected a number in (0, 1], got "
+                             f"{group_lam_fraction!r}")
+        if group_lam > 0:
+            raise ValueError(f"group_lam_fraction: expected either group_lam or "
+                             f"group_lam_fraction, got both (group_lam={group_lam})")
+        group_lam_fraction = fraction
+    wants_groups = group_lam > 0 or group_lam_fraction is not None
+    dense, n_groups = _front._check_groups(
+        groups, s.n, group_lam if group_lam_fraction is None else group_lam_fraction)
     storage = _front._check_dtypes(dtype, s.dtype if storage_dtype is None else storage_dtype)
     mode = _MODES[negative]
     placement = _placement(mesh, s.n)  # before anything is compiled
@@ -740,6 +873,11 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         layout = _Layout(s, Mesh(np.array([device]), ("n",), axis_types=(AxisType.Auto,)))
     else:
         layout = _Layout(s, placement.mesh)
+    if wants_groups:
+        local_groups, chunk_groups = _chunk_groups(layout, np.asarray(groups), dense,
+                                                   placement is not None)
+    else:
+        local_groups, chunk_groups = np.zeros(s.n, np.int32), 1
 
     if progress:
         where = "" if placement is None else f" over {layout.count} devices"
@@ -771,14 +909,16 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         names, list(zip(stats.tops, stats.scaled)), view_weights, dtype)
     config = core.SolverConfig(
         method=method, rank=rank, weights=view_weights, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
-        unit_columns=bool(unit_columns), max_iter=max_iter, tol=tol, dtype=dtype)
+        unit_columns=bool(unit_columns), group_lam=group_lam, n_groups=chunk_groups,
+        max_iter=max_iter, tol=tol, dtype=dtype)
     config = _front._internal_config(config, problem, internal_weights, dtype)
     config_dict = {
         "method": method, "rank": rank, "seed": seed,
         "init": init if isinstance(init, str) else "user",
         "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
-        "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": 0.0,
-        "group_lam_fraction": None, "group_lam_max": None, "n_groups": 0,
+        "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": group_lam,
+        "group_lam_fraction": group_lam_fraction, "group_lam_max": None,
+        "n_groups": n_groups if groups is not None else 0,
         "max_iter": max_iter, "tol": tol, "restarts": 1, "negative": negative,
         "dtype": dtype, "storage_dtype": storage, "eps": config.eps,
         "inner_iter": config.inner_iter, "weighted_data_sq_norm": data_norm2,
@@ -800,6 +940,24 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         stacked_sum = jnp.asarray(sum(c * x / problem.scale
                                       for c, x in zip(scales, stats.sums)), dtype)
         F0, loadings0 = _nndsvd_factors(U, sv, Vt, stacked_sum, scales, spans, init, dtype)
+    # Each chunk's group ids within it, placed like F (the padding in group 0, F = 0 there).
+    group_parts = layout.place(local_groups, 0, np.dtype(np.int32))
+    if group_lam_fraction is not None:
+        # fit._group_lam_max_internal from one more pass: every group lies in one chunk.
+        norms = jnp.sqrt(sum(jnp.sum(W * W, axis=0) for W in loadings0))
+        unit = tuple(layout.replicated(W / jnp.where(norms > 0, norms, 1.0))
+                     for W in loadings0)
+        tops = []
+        for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
+                                                "jaxcnmf: group lambda_max", progress):
+            tops.append(_block_lam_max(blocks, n_valid, group_parts[j], unit, offsets,
+                                       data_scale, config._replace(max_iter=1, tol=0.0),
+                                       mode, layout.mesh))
+            hold(tops[-1])
+        lam_max_internal = float(np.max(jax.device_get(_replicate(tops, layout.mesh))))
+        config = config._replace(group_lam=group_lam_fraction * lam_max_internal)
+        config_dict["group_lam_max"] = lam_max_internal * problem.norm / problem.scale
+        config_dict["group_lam"] = group_lam_fraction * config_dict["group_lam_max"]
 
     # The compiled pass functions do not read max_iter or tol: keep them out of their
     # static config, so another max_iter or tol does not compile them again.
@@ -818,8 +976,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         acc = _zero_sums(layout, rows, rank, dtype)
         for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
                                                 f"jaxcnmf: pass {iteration + 1}", progress):
-            acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid, loadings,
-                                          G, offsets, data_scale, kernel, mode, mesh_)
+            acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid,
+                                          group_parts[j], loadings, G, offsets, data_scale,
+                                          kernel, mode, mesh_)
             hold(F_parts[j])
         loadings, scale, value, rel, violation, jsq = _end_pass(loadings, acc, kernel, mesh_)
         # One host sync per pass (core.run tests the same values inside its loop).
@@ -840,7 +999,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
             f"and stopped; the inputs were finite and rescaled by {problem.scale:.3g} "
             f"(objective by {problem.norm:.3g}), so a step overflowed: internal weights "
             f"{dict(zip(names, config.weights))}, l1_F {config.l1_F:.3g}, l2_F "
-            f"{config.l2_F:.3g}, l2_W {config.l2_W:.3g}")
+            f"{config.l2_F:.3g}, l2_W {config.l2_W:.3g}, group_lam {config.group_lam:.3g}")
 
     if config.unit_columns:
         F_parts = [_rescale(F_b, scale, mesh_) for F_b in F_parts]
@@ -853,6 +1012,11 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                                kernel, mode, mesh_)
         hold(fits)
     final = _residual_value(loadings, fits, jsq, kernel, mesh_)
+    if kernel.group_lam > 0:
+        total = layout.per_device(np.zeros((), dtype))
+        for F_b, groups_b in zip(F_parts, group_parts):
+            total = _chunk_group_norms(total, F_b, groups_b, kernel, mesh_)
+        final = _with_group_penalty(final, total, kernel, mesh_)
     F = layout.padded(F_parts)  # (rank, D * c), split like the in-memory sharded F
     del F_parts
     if not np.isfinite(float(jax.device_get(final[0]))):

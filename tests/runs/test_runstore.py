@@ -214,7 +214,9 @@ def test_plan_names_the_difference(tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"group_lam_fraction": 0.1}, "store: the fit streamed from a store has no group penalty"),
+    ({"group_lam_fraction": 0.1}, ("store: the fit streamed from a store has the group "
+                                   "penalty only when every group's images lie in one block, "
+                                   "and a run's store is written in probe order")),
     ({"restarts": 2}, ("restarts: the fit streamed from a store runs one start; expected 1, "
                       "got 2")),
     ({"store_dtype": "float16"}, "store_dtype: expected one of float32, bfloat16"),

@@ -136,8 +136,8 @@ def test_docstring_examples_run():
 
 def test_errors(tmp_path, data):
     views, s, init = data
-    with pytest.raises(ValueError, match=r"group_lam: the streaming fit .* expected 0, "
-                                         r"got 0\.5"):
+    with pytest.raises(ValueError, match=r"groups: group 0 has images in block \[0, 50\) "
+                                         r"\(column 0\) and block \[50, 100\) \(column 50\)"):
         jaxcnmf.fit(s, rank=RANK, groups=np.zeros(N, int), group_lam=0.5, progress=False)
     with pytest.raises(ValueError, match=r"restarts: the streaming fit .* expected 1, got 2"):
         jaxcnmf.fit(s, rank=RANK, restarts=2, progress=False)
@@ -244,8 +244,11 @@ def test_streaming_mesh_errors_before_compiling(four_streaming):
     assert errors["two_axes"].startswith("ValueError: mesh: expected a 1-D mesh with one "
                                          "axis for the images, got axes ('a', 'b')")
     assert errors["not_a_mesh"].startswith("TypeError: mesh: expected a jax.sharding.Mesh")
-    assert errors["group_lasso"].startswith("group_lam_fraction: the group lasso is not "
-                                            "available for a streamed fit from a store")
+    assert errors["group_lasso"].startswith(
+        "groups: group 0 has images in device 0's chunk [0, 50) (column 0) and device 0's "
+        "chunk [50, 51) (column 50)"), errors["group_lasso"]
+    assert "with a mesh also on the devices' boundaries (multiples of ceil(N / devices) = " \
+           "51)" in errors["group_lasso"]
     assert four_streaming["compiled_during_errors"] == 0
 
 
