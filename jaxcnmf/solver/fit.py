@@ -222,6 +222,22 @@ def _sq_norm(X):
     return scaled * top * top if top > 0 else 0.0
 
 
+def _check_group_penalty(group_lam, group_lam_fraction) -> tuple[float, float | None]:
+    """``(group_lam, group_lam_fraction)`` checked: a non-negative penalty, or a fraction
+    in (0, 1] of ``lambda_max`` (not both)."""
+    group_lam = _check_number("group_lam", group_lam)
+    if group_lam_fraction is None:
+        return group_lam, None
+    fraction = _check_number("group_lam_fraction", group_lam_fraction)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"group_lam_fraction: expected a number in (0, 1], got "
+                         f"{group_lam_fraction!r}")
+    if group_lam > 0:
+        raise ValueError(f"group_lam_fraction: expected either group_lam or "
+                         f"group_lam_fraction, got both (group_lam={group_lam})")
+    return group_lam, fraction
+
+
 def _check_groups(groups, n, group_lam):
     if groups is None:
         if group_lam > 0:
@@ -1109,16 +1125,7 @@ def _fit(views, rank, *, method, max_iter, tol, seed, init, weights, unit_column
     restarts = _check_number("restarts", restarts, 1, integer=True)
     l1_F, l2_F, l2_W = (_check_number(label, value) for label, value in
                         (("l1_F", l1_F), ("l2_F", l2_F), ("l2_W", l2_W)))
-    group_lam = _check_number("group_lam", group_lam)
-    if group_lam_fraction is not None:
-        fraction = _check_number("group_lam_fraction", group_lam_fraction)
-        if not 0 < fraction <= 1:
-            raise ValueError(f"group_lam_fraction: expected a number in (0, 1], got "
-                             f"{group_lam_fraction!r}")
-        if group_lam > 0:
-            raise ValueError(f"group_lam_fraction: expected either group_lam or "
-                             f"group_lam_fraction, got both (group_lam={group_lam})")
-        group_lam_fraction = fraction
+    group_lam, group_lam_fraction = _check_group_penalty(group_lam, group_lam_fraction)
     view_weights = _view_weights(weights, names, arrays)
     wants_groups = group_lam if group_lam_fraction is None else group_lam_fraction
     groups, n_groups = _check_groups(groups, n, wants_groups)

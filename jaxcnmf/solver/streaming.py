@@ -852,16 +852,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                          f"expected 1, got {restarts}")
     l1_F, l2_F, l2_W = (_front._check_number(label, value) for label, value in
                         (("l1_F", l1_F), ("l2_F", l2_F), ("l2_W", l2_W)))
-    group_lam = _front._check_number("group_lam", group_lam)
-    if group_lam_fraction is not None:
-        fraction = _front._check_number("group_lam_fraction", group_lam_fraction)
-        if not 0 < fraction <= 1:
-            raise ValueError(f"group_lam_fraction: expected a number in (0, 1], got "
-                             f"{group_lam_fraction!r}")
-        if group_lam > 0:
-            raise ValueError(f"group_lam_fraction: expected either group_lam or "
-                             f"group_lam_fraction, got both (group_lam={group_lam})")
-        group_lam_fraction = fraction
+    group_lam, group_lam_fraction = _front._check_group_penalty(group_lam, group_lam_fraction)
     wants_groups = group_lam > 0 or group_lam_fraction is not None
     dense, n_groups = _front._check_groups(
         groups, s.n, group_lam if group_lam_fraction is None else group_lam_fraction)
