@@ -195,11 +195,27 @@ def _shard_map(mesh, local, in_specs, out_specs):
 # ----------------------------------------------------------------------------- reading
 
 
+# Host arrays at this alignment are used by the CPU device in place (``device_put`` makes
+# no copy); others are copied once more.
+_ALIGN = 64
+
+
+def _aligned_zeros(shape, dtype):
+    """A zero ``shape`` array of ``dtype`` whose data starts on an ``_ALIGN``-byte bound."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(size + _ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def _host_chunk(store, start, stop, names, storage, width):
     """Columns ``start:stop`` of the views as ``(rows_v, width)`` host arrays, zero-padded.
 
-    A chunk that is one whole block is its memory map, not copied (``device_put`` reads
-    the pages); one spanning blocks is assembled from their memory maps.
+    A chunk that is one whole block of the storage dtype is its memory map, not copied
+    (its data is 64-byte aligned in the file, so a CPU device reads the pages in place and
+    an accelerator's transfer reads them once). Any other chunk (padded, spanning blocks or
+    converted to another dtype) is assembled in one copy into an aligned buffer.
     """
     storage = np.dtype(ml_dtypes.bfloat16) if storage == "bfloat16" else np.dtype(storage)
     pieces = {name: [] for name in names}
@@ -214,13 +230,15 @@ def _host_chunk(store, start, stop, names, storage, width):
     out = []
     for name in names:
         parts = pieces[name]
-        if not parts:
-            X = np.zeros((store.rows[name], width), storage)
-        else:
-            X = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-            X = X.astype(storage, copy=False)
-        if X.shape[1] < width:
-            X = np.pad(X, ((0, 0), (0, width - X.shape[1])))
+        if len(parts) == 1 and parts[0].shape[1] == width and parts[0].dtype == storage \
+                and parts[0].ctypes.data % _ALIGN == 0:
+            out.append(parts[0])
+            continue
+        X = _aligned_zeros((store.rows[name], width), storage)
+        at = 0
+        for part in parts:
+            X[:, at:at + part.shape[1]] = part  # converted to the storage dtype here
+            at += part.shape[1]
         out.append(X)
     return tuple(out)
 
@@ -516,15 +534,16 @@ def _gram(loadings, config):
     return sum(w * core._mm(W.T, W) for w, W in zip(weights, loadings))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mode", "mesh"), donate_argnames="sums")
+@functools.partial(jax.jit, static_argnames=("config", "mode", "norms", "mesh"),
+                   donate_argnames="sums")
 def _block_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_scale, config,
-                mode, mesh):
+                mode, norms, mesh):
     """Update every device's chunk of ``F`` ``(rank, D * b)`` and add its share to its
-    ``sums``; nothing crosses devices."""
+    ``sums`` (``sums.sq`` only when ``norms``); nothing crosses devices."""
     def local(sums, F_b, blocks, n_valid, scale, loadings, G, offsets, data_scale):
         sums = jax.tree_util.tree_map(lambda a: a[0], sums)
         sums, F_new = _local_step(sums, F_b, scale, blocks, n_valid[0], loadings, G,
-                                  offsets, data_scale, config, mode)
+                                  offsets, data_scale, config, mode, norms)
         return jax.tree_util.tree_map(lambda a: a[None], sums), F_new
 
     axis = mesh.axis_names[0]
@@ -535,8 +554,9 @@ def _block_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_sc
 
 
 def _local_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_scale, config,
-                mode):
-    """One chunk on one device: its ``F_b`` updated and its share added to ``sums``."""
+                mode, norms=True):
+    """One chunk on one device: its ``F_b`` updated and its share added to ``sums``
+    (``||X'_v||^2`` to ``sums.sq`` only when ``norms``: it is the same every pass)."""
     dtype = jnp.dtype(config.dtype)
     weights = core._weights(config, len(blocks))
     # Division by the data scale folded into the products where the storage is at least
@@ -566,7 +586,8 @@ def _local_step(sums, F_b, scale, blocks, n_valid, loadings, G, offsets, data_sc
         violation_F=sums.violation_F + violation,
         # Of the rescaled views as rounded to the storage dtype, as core._prepared takes
         # them in memory (with bfloat16 the rounding moves ||X'||^2 by more than the fit).
-        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(X.astype(dtype) * inv)) for X in blocks]),
+        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(X.astype(dtype) * inv)) for X in blocks])
+        if norms else sums.sq,
     )
     return sums, F_new
 
@@ -813,14 +834,22 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     rows = [r for r, _ in shapes]
     objective_history, rel_history = [], []
     violation_init, converged, failed = None, False, False
+    # Every device's ||X'_v||^2, summed in the first pass and carried into the next ones
+    # (it is the same every pass: reading the blocks once more for it would cost a third
+    # of a pass).
+    sq = None
     for iteration in range(max_iter):
         G = _gram(loadings, kernel)
         acc = _zero_sums(layout, rows, rank, dtype)
+        if sq is not None:
+            acc = acc._replace(sq=sq)
         for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
                                                 f"jaxcnmf: pass {iteration + 1}", progress):
             acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid, loadings,
-                                          G, offsets, data_scale, kernel, mode, mesh_)
+                                          G, offsets, data_scale, kernel, mode, sq is None,
+                                          mesh_)
             hold(F_parts[j])
+        sq = acc.sq
         loadings, scale, value, rel, violation, jsq = _end_pass(loadings, acc, kernel, mesh_)
         # One host sync per pass (core.run tests the same values inside its loop).
         value, rel, violation = (np.asarray(x, np.float64)
