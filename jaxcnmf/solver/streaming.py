@@ -203,11 +203,27 @@ def _shard_map(mesh, local, in_specs, out_specs):
 # ----------------------------------------------------------------------------- reading
 
 
+# Host arrays at this alignment are used by the CPU device in place (``device_put`` makes
+# no copy); others are copied once more.
+_ALIGN = 64
+
+
+def _aligned_zeros(shape, dtype):
+    """A zero ``shape`` array of ``dtype`` whose data starts on an ``_ALIGN``-byte bound."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(size + _ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def _host_chunk(store, start, stop, names, storage, width):
     """Columns ``start:stop`` of the views as ``(rows_v, width)`` host arrays, zero-padded.
 
-    A chunk that is one whole block is its memory map, not copied (``device_put`` reads
-    the pages); one spanning blocks is assembled from their memory maps.
+    A chunk that is one whole block of the storage dtype is its memory map, not copied
+    (its data is 64-byte aligned in the file, so a CPU device reads the pages in place and
+    an accelerator's transfer reads them once). Any other chunk (padded, spanning blocks or
+    converted to another dtype) is assembled in one copy into an aligned buffer.
     """
     storage = np.dtype(ml_dtypes.bfloat16) if storage == "bfloat16" else np.dtype(storage)
     pieces = {name: [] for name in names}
@@ -222,13 +238,15 @@ def _host_chunk(store, start, stop, names, storage, width):
     out = []
     for name in names:
         parts = pieces[name]
-        if not parts:
-            X = np.zeros((store.rows[name], width), storage)
-        else:
-            X = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-            X = X.astype(storage, copy=False)
-        if X.shape[1] < width:
-            X = np.pad(X, ((0, 0), (0, width - X.shape[1])))
+        if len(parts) == 1 and parts[0].shape[1] == width and parts[0].dtype == storage \
+                and parts[0].ctypes.data % _ALIGN == 0:
+            out.append(parts[0])
+            continue
+        X = _aligned_zeros((store.rows[name], width), storage)
+        at = 0
+        for part in parts:
+            X[:, at:at + part.shape[1]] = part  # converted to the storage dtype here
+            at += part.shape[1]
         out.append(X)
     return tuple(out)
 
@@ -525,16 +543,18 @@ def _gram(loadings, config):
     return sum(w * core._mm(W.T, W) for w, W in zip(weights, loadings))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mode", "mesh"), donate_argnames="sums")
+@functools.partial(jax.jit, static_argnames=("config", "mode", "norms", "mesh"),
+                   donate_argnames="sums")
 def _block_step(sums, F_b, scale, blocks, n_valid, groups_b, loadings, G, offsets,
-                data_scale, config, mode, mesh):
+                data_scale, config, mode, norms, mesh):
     """Update every device's chunk of ``F`` ``(rank, D * b)`` and add its share to its
-    ``sums``; nothing crosses devices. ``groups_b`` ``(D * b,)`` int32: the columns' group
-    ids within their chunk (``[0, config.n_groups)``; used when ``config.group_lam > 0``)."""
+    ``sums`` (``sums.sq`` only when ``norms``); nothing crosses devices. ``groups_b``
+    ``(D * b,)`` int32: the columns' group ids within their chunk (``[0,
+    config.n_groups)``; used when ``config.group_lam > 0``)."""
     def local(sums, F_b, blocks, n_valid, groups_b, scale, loadings, G, offsets, data_scale):
         sums = jax.tree_util.tree_map(lambda a: a[0], sums)
         sums, F_new = _local_step(sums, F_b, scale, blocks, n_valid[0], groups_b, loadings,
-                                  G, offsets, data_scale, config, mode)
+                                  G, offsets, data_scale, config, mode, norms)
         return jax.tree_util.tree_map(lambda a: a[None], sums), F_new
 
     axis = mesh.axis_names[0]
@@ -563,8 +583,9 @@ def _block_products(blocks, loadings, offsets, data_scale, config, mode):
 
 
 def _local_step(sums, F_b, scale, blocks, n_valid, groups_b, loadings, G, offsets,
-                data_scale, config, mode):
-    """One chunk on one device: its ``F_b`` updated and its share added to ``sums``.
+                data_scale, config, mode, norms=True):
+    """One chunk on one device: its ``F_b`` updated and its share added to ``sums``
+    (``||X'_v||^2`` to ``sums.sq`` only when ``norms``: it is the same every pass).
 
     With the group lasso every group lies within one chunk (``fit`` checks), and the
     ``F`` sub-problem is separable over groups, so the chunk's monotone FISTA
@@ -599,7 +620,9 @@ def _local_step(sums, F_b, scale, blocks, n_valid, groups_b, loadings, G, offset
         violation_F=sums.violation_F + violation,
         # Of the rescaled views as rounded to the storage dtype, as core._prepared takes
         # them in memory (with bfloat16 the rounding moves ||X'||^2 by more than the fit).
-        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(X.astype(dtype) * inv)) for X in blocks]),
+        # Padded columns are zero as stored but not once shifted: they are left out.
+        sq=sums.sq + jnp.stack([jnp.sum(jnp.square(jnp.where(valid, X.astype(dtype), 0) * inv))
+                                for X in blocks]) if norms else sums.sq,
     )
     return sums, F_new
 
@@ -644,23 +667,27 @@ def _rescale(F_b, scale, mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "mesh"))
-def _block_residual(fits, F_b, blocks, loadings, offsets, data_scale, config, mode, mesh):
+def _block_residual(fits, F_b, blocks, n_valid, loadings, offsets, data_scale, config, mode,
+                    mesh):
     """``fits + [||X_vb - W_v F_b||^2 per view, sum(F_b), sum(F_b^2)]`` per device, the
     residual terms as ``core.residual_objective`` forms them; ``fits`` ``(D, n_views + 2)``.
 
-    Padded columns are zero in both ``X`` and ``F_b`` and add nothing.
+    Padded columns (past ``n_valid``, zero in ``F_b``; zero in ``X`` as stored but not
+    once shifted) are left out.
     """
     dtype = jnp.dtype(config.dtype)
 
-    def local(fits, F_b, blocks, loadings, offsets, data_scale):
+    def local(fits, F_b, blocks, n_valid, loadings, offsets, data_scale):
         blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
-        terms = [jnp.sum(jnp.square(X.astype(dtype) - core._mm(W, F_b)))
+        valid = jnp.arange(F_b.shape[1]) < n_valid[0]
+        terms = [jnp.sum(jnp.square(jnp.where(valid, X.astype(dtype) - core._mm(W, F_b), 0)))
                  for X, W in zip(blocks, loadings)]
         return fits + jnp.stack(terms + [jnp.sum(F_b), jnp.sum(F_b * F_b)])[None]
 
     axis = mesh.axis_names[0]
-    return _shard_map(mesh, local, (P(axis), P(None, axis), P(None, axis), P(), P(), P()),
-                      P(axis))(fits, F_b, blocks, loadings, offsets, data_scale)
+    return _shard_map(mesh, local,
+                      (P(axis), P(None, axis), P(None, axis), P(axis), P(), P(), P()),
+                      P(axis))(fits, F_b, blocks, n_valid, loadings, offsets, data_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh"))
@@ -962,15 +989,22 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     rows = [r for r, _ in shapes]
     objective_history, rel_history = [], []
     violation_init, converged, failed = None, False, False
+    # Every device's ||X'_v||^2, summed in the first pass and carried into the next ones
+    # (it is the same every pass: reading the blocks once more for it would cost a third
+    # of a pass).
+    sq = None
     for iteration in range(max_iter):
         G = _gram(loadings, kernel)
         acc = _zero_sums(layout, rows, rank, dtype)
+        if sq is not None:
+            acc = acc._replace(sq=sq)
         for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
                                                 f"jaxcnmf: pass {iteration + 1}", progress):
             acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid,
                                           group_parts[j], loadings, G, offsets, data_scale,
-                                          kernel, mode, mesh_)
+                                          kernel, mode, sq is None, mesh_)
             hold(F_parts[j])
+        sq = acc.sq
         loadings, scale, value, rel, violation, jsq = _end_pass(loadings, acc, kernel, mesh_)
         # One host sync per pass (core.run tests the same values inside its loop).
         value, rel, violation = (np.asarray(x, np.float64)
@@ -997,10 +1031,10 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     # The reported objective and errors come from the residuals (one more pass), as the
     # in-memory fit's core.residual_objective: the Gram form loses near-exact fits.
     fits = layout.per_device(np.zeros(len(names) + 2, dtype))
-    for j, blocks, _, hold in _passes(s, layout, names, storage, "jaxcnmf: final objective",
-                                      progress):
-        fits = _block_residual(fits, F_parts[j], blocks, loadings, offsets, data_scale,
-                               kernel, mode, mesh_)
+    for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
+                                            "jaxcnmf: final objective", progress):
+        fits = _block_residual(fits, F_parts[j], blocks, n_valid, loadings, offsets,
+                               data_scale, kernel, mode, mesh_)
         hold(fits)
     final = _residual_value(loadings, fits, jsq, kernel, mesh_)
     if kernel.group_lam > 0:
