@@ -47,7 +47,8 @@ if [ ! -f "$stamp" ] || ! cat pyproject.toml constraints.txt | cmp -s - "$stamp"
 fi
 case "$cmd" in
     demo) exec "$VENV/bin/jaxcnmf" demo "$@" ;;
-    test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    # Test files in parallel workers (at most 4; `./run.sh test -n 0` runs in one process).
+    test) exec "$VENV/bin/python" -m pytest -q -n auto --maxprocesses 4 --dist loadfile "$@" ;;
     jaxcnmf) exec "$VENV/bin/jaxcnmf" "$@" ;;
     *) echo "usage: ./run.sh demo|test|jaxcnmf|lock [args...]" >&2; exit 2 ;;
 esac
