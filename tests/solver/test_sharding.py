@@ -292,11 +292,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_fit_like_one_and_save_one_file_each(tmp_path):
-    path, port = str(tmp_path / "fit.npz"), str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, port, str(i), path],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
+def _two_processes(worker, args, env):
+    """Run ``worker`` as processes 0 and 1 of a ``jax.distributed`` job (coordinator on a
+    free local port); returns each one's JSON result."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", worker, port, str(i), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outs = []
     for proc in procs:
         try:
@@ -305,6 +307,12 @@ def test_two_processes_fit_like_one_and_save_one_file_each(tmp_path):
             proc.kill()
         outs.append(_result(subprocess.CompletedProcess(proc.args, proc.returncode,
                                                         stdout, stderr)))
+    return outs
+
+
+def test_two_processes_fit_like_one_and_save_one_file_each(tmp_path):
+    path = str(tmp_path / "fit.npz")
+    outs = _two_processes(WORKER, [path], _env())
     for i, got in enumerate(outs):
         assert got["process_count"] == 2 and got["devices"] == 2
         assert got["global"] and got["same_sharding"] and got["shape"] == [3, 300]

@@ -176,7 +176,7 @@ def test_dead_concept_and_max_iter_warn_at_the_caller(data):
 # ------------------------------------------------- over devices and processes (subprocesses)
 
 # Helpers and the subprocess conventions of the sharded in-memory fit's tests.
-from test_sharding import PLANTED, _env, _free_port, _result, planted
+from test_sharding import PLANTED, _env, _result, _two_processes, planted
 
 FOUR_STREAMING = PLANTED + """
 import sys
@@ -274,24 +274,10 @@ jax.distributed.shutdown()
 
 
 def test_two_processes_each_stream_their_half(tmp_path):
-    import subprocess
-    import sys
-
     views = planted(300)
     s = store.save(tmp_path / "acts", views, block_size=50)
-    port, out = str(_free_port()), str(tmp_path / "fit.npz")
-    procs = [subprocess.Popen([sys.executable, "-c", STREAM_WORKER, port, str(i),
-                               str(s.path), out], env=_env(XLA_FLAGS=_FAST),
-                              stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = []
-    for proc in procs:
-        try:
-            stdout, stderr = proc.communicate(timeout=240)
-        finally:
-            proc.kill()
-        outs.append(_result(subprocess.CompletedProcess(proc.args, proc.returncode,
-                                                        stdout, stderr)))
+    out = str(tmp_path / "fit.npz")
+    outs = _two_processes(STREAM_WORKER, [str(s.path), out], _env(XLA_FLAGS=_FAST))
     for i, got in enumerate(outs):
         assert got["devices"] == 2 and got["global"] and got["shape"] == [3, 300]
         assert got["saved"] == str(tmp_path / f"fit.process{i}-of-2.npz")
