@@ -12,39 +12,15 @@ from flax import nnx
 
 from jaxcnmf.nets import usermodel
 
-# A user's module, as it would sit beside their data: an NNX CNN with nested blocks and
-# batch norm, a Linen model with a nested backbone, and builders that go wrong.
+# A user's module, as it would sit beside their data: conftest's TINY_NNX_MODULE (an NNX
+# CNN with nested blocks and batch norm), then a Linen model with a nested backbone, and
+# builders that go wrong.
 USER_MODULE = '''
 import flax.linen as nn
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxcnmf.nets import probe
 
-
-class Block(nnx.Module):
-    def __init__(self, cin, cout, rngs):
-        self.conv = nnx.Conv(cin, cout, (3, 3), rngs=rngs)
-        self.norm = nnx.BatchNorm(cout, rngs=rngs)
-
-    def __call__(self, x):
-        return nnx.relu(self.norm(self.conv(x)))
-
-
-class TinyCNN(nnx.Module):
-    def __init__(self, num_classes, channels, seed=0):
-        rngs = nnx.Rngs(seed)
-        self.layer1 = Block(channels, 4, rngs)
-        self.layer2 = Block(4, 6, rngs)
-        self.fc = nnx.Linear(6, num_classes, rngs=rngs)
-
-    def __call__(self, x):
-        h = self.layer2(self.layer1(x)[:, ::4, ::4])
-        return self.fc(h.mean((1, 2)))
-
-
-def build(num_classes, input_shape):
-    return TinyCNN(num_classes, input_shape[-1])
 
 
 class Stage(nn.Module):
@@ -99,10 +75,10 @@ not_callable = 3
 
 
 @pytest.fixture(scope="module")
-def user_module(tmp_path_factory):
+def user_module(tmp_path_factory, tiny_nnx_module):
     """The module ``usernets_lib`` on sys.path for this file's tests."""
     folder = tmp_path_factory.mktemp("usermodule")
-    (folder / "usernets_lib.py").write_text(textwrap.dedent(USER_MODULE))
+    (folder / "usernets_lib.py").write_text(tiny_nnx_module + textwrap.dedent(USER_MODULE))
     sys.path.insert(0, str(folder))
     yield sys.modules.get("usernets_lib") or __import__("usernets_lib")
     sys.path.remove(str(folder))

@@ -347,34 +347,9 @@ def test_python_dash_m_runs_the_same_command():
 
 # ------------------------------------------------------------ the user's own network
 
-# A user's module beside their data: a small NNX CNN with nested blocks and batch norm.
+# A user's module beside their data: conftest's TINY_NNX_MODULE (a small NNX CNN with nested
+# blocks and batch norm) and a builder that raises.
 USER_MODULE = '''
-from flax import nnx
-
-
-class Block(nnx.Module):
-    def __init__(self, cin, cout, rngs):
-        self.conv = nnx.Conv(cin, cout, (3, 3), rngs=rngs)
-        self.norm = nnx.BatchNorm(cout, rngs=rngs)
-
-    def __call__(self, x):
-        return nnx.relu(self.norm(self.conv(x)))
-
-
-class TinyCNN(nnx.Module):
-    def __init__(self, num_classes, channels, seed=0):
-        rngs = nnx.Rngs(seed)
-        self.layer1 = Block(channels, 4, rngs)
-        self.layer2 = Block(4, 6, rngs)
-        self.fc = nnx.Linear(6, num_classes, rngs=rngs)
-
-    def __call__(self, x):
-        h = self.layer2(self.layer1(x)[:, ::4, ::4])
-        return self.fc(h.mean((1, 2)))
-
-
-def build(num_classes, input_shape):
-    return TinyCNN(num_classes, input_shape[-1])
 
 
 def broken():
@@ -387,13 +362,13 @@ USER_ARGS = ["--dataset", "digits", "--layers", "layer1,layer2", "--per-class", 
 
 
 @pytest.fixture(scope="module")
-def user_network(tmp_path_factory):
+def user_network(tmp_path_factory, tiny_nnx_module):
     """``usernets_cli.py`` in a folder, and an orbax checkpoint of a TinyCNN whose weights
     differ from the ones the builder starts from (seed 7 against 0)."""
     from jaxcnmf.nets import usermodel
 
     folder = tmp_path_factory.mktemp("usernet")
-    (folder / "usernets_cli.py").write_text(USER_MODULE)
+    (folder / "usernets_cli.py").write_text(tiny_nnx_module + USER_MODULE)
     sys.path.insert(0, str(folder))
     import usernets_cli
 
