@@ -37,6 +37,16 @@ def _labels(labels, n: int, name: str = "labels", num_classes: int | None = None
     return arr
 
 
+def _store_labels(labels, store, where: str) -> np.ndarray:
+    """``labels`` checked against ``store.n``, or the store's own labels when None."""
+    if labels is None:
+        if store.labels is None:
+            raise ValueError(f"labels: expected (N,) class ids, got None and {where} holds "
+                             f"no labels")
+        labels = store.labels
+    return _labels(labels, store.n)
+
+
 def _positive_int(value, name: str, upper: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxcnmf.concepts._common import _labels, _matrix
+from jaxcnmf.concepts._common import _labels, _matrix, _positive_int, _store_labels
 
 __all__ = [
     "FidelityTable",
@@ -342,16 +342,9 @@ def fidelity_from_store(
         if layer in res.loadings and rows != store.rows[layer]:
             raise ValueError(f"view {layer!r}: expected {rows} rows as when fitted, got "
                              f"{store.rows[layer]} in {where}")
-    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) \
-            or n_images < 1:
-        raise ValueError(f"n_images: expected a positive integer, got {n_images!r}")
-    if labels is None:
-        if store.labels is None:
-            raise ValueError(f"labels: expected (N,) class ids, got None and {where} holds "
-                             f"no labels")
-        labels = store.labels
-    labels = _labels(labels, store.n)
-    count = min(int(n_images), store.n)
+    n_images = _positive_int(n_images, "n_images")
+    labels = _store_labels(labels, store, where)
+    count = min(n_images, store.n)
     subset = np.sort(np.random.default_rng(seed).choice(store.n, count, replace=False))
     if images is None:
         subset_images = store_images(store, subset)

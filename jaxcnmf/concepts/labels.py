@@ -23,7 +23,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxcnmf.concepts._common import _labels, _matrix, _positive_int, _safe_divide, entropy_bits
+from jaxcnmf.concepts._common import (
+    _labels,
+    _matrix,
+    _positive_int,
+    _safe_divide,
+    _store_labels,
+    entropy_bits,
+)
 
 __all__ = [
     "BaselineScores",
@@ -308,12 +315,7 @@ def kmeans_baseline(activations, labels, k: int, seed: int = 0, n_init: int = 10
     from jaxcnmf.solver.store import Store
 
     if isinstance(activations, Store):
-        if labels is None:
-            if activations.labels is None:
-                raise ValueError(f"labels: expected (N,) class ids, got None and the store "
-                                 f"{str(activations.path)!r} holds no labels")
-            labels = activations.labels
-        labels = _labels(labels, activations.n)
+        labels = _store_labels(labels, activations, f"the store {str(activations.path)!r}")
         k = _positive_int(k, "k", upper=activations.n)
         n_init = _positive_int(n_init, "n_init")
         assignment = kmeans_store(activations, k, views=views, n_init=n_init, seed=seed,

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from test_report import _error_line
 
 import jaxcnmf
 from jaxcnmf.nets import data, models, probe, train
@@ -49,15 +50,6 @@ def _placeholder_figure(fig, path, dpi=110):
     fig.clear()
     path.write_bytes(b"\x89PNG placeholder")
     return path
-
-
-def _error_line(capsys, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("jaxcnmf: error: "), lines
-    return lines[0]
 
 
 def test_analyze_from_a_store_finds_the_in_memory_concepts(stored_run, checkpoint):
