@@ -123,9 +123,22 @@ def _check_dtype(dtype):
     return name
 
 
-def _default_block_size(total_rows, n, dtype):
-    size = DEFAULT_BLOCK_BYTES // max(1, total_rows * _numpy_dtype(dtype).itemsize)
-    return int(min(max(size, 1), n))
+def default_block_size(total_rows, n, dtype):
+    """Columns per block of about ``DEFAULT_BLOCK_BYTES`` of all views, at most ``n``.
+
+    The count is rounded down to rows of an odd number of 64-byte cache lines (4080, not
+    4096, float32 columns): the streaming fit reads blocks in place, and rows a power of
+    two bytes apart fall into the same cache sets, which made XLA's CPU product ``W^T X``
+    1.3-2x slower (``benchmarks/scale.py --streaming``).
+    """
+    itemsize = _numpy_dtype(dtype).itemsize
+    size = max(1, DEFAULT_BLOCK_BYTES // max(1, total_rows * itemsize))
+    per_line = 64 // itemsize
+    lines = size // per_line
+    if lines >= 1:
+        lines -= 1 - lines % 2
+        size = lines * per_line
+    return int(min(size, n))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -527,7 +540,7 @@ class Writer:
         n = int(n)
         dtype = _check_dtype(dtype)
         if block_size is None:
-            block_size = _default_block_size(sum(int(r) for r in views.values()), n, dtype)
+            block_size = default_block_size(sum(int(r) for r in views.values()), n, dtype)
         if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
                 or block_size < 1:
             raise ValueError(f"block_size: expected an integer >= 1, got {block_size!r}")
