@@ -87,6 +87,27 @@ from jaxcnmf.solver.store import Store
 # the compute of this one (double buffering) without growing memory further.
 _PREFETCH = 2
 _MODES = {"raise": "none", "clip": "clip", "shift": "shift"}
+# Bytes of all views' stored values that one step of a pass reads per device: the store's
+# blocks are taken together up to this size (a store written by ``probe.collect`` has
+# blocks of one batch, a few MiB), so that each compiled step has enough work to hide
+# its launch and the products run at the speed of the whole-matrix ones. About
+# ``_PREFETCH + 2`` chunks per device are in memory at once; lower it to use less.
+CHUNK_BYTES = 64 << 20
+# Cache line: a chunk's rows are laid out an odd number of lines apart (see _width).
+_LINE = 64
+
+
+def _width(cols, itemsize):
+    """Columns of a chunk's buffer holding ``cols`` columns of ``itemsize`` bytes.
+
+    Rows a power of two bytes apart (``cols`` = 2048 float32, 8 KiB) fall into the same
+    cache sets, and XLA's CPU product ``W^T X`` contracting over them ran 1.3-2x slower
+    than with rows a few lines further apart (benchmarks/scale.py); so the row length is
+    rounded up to an odd number of cache lines, the extra columns zero (like padding).
+    """
+    lines = -(-cols * itemsize // _LINE)
+    lines += 1 - lines % 2
+    return max(cols, lines * _LINE // itemsize)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -97,23 +118,34 @@ class _Layout:
 
     Device ``d`` of the 1-D mesh owns the columns ``[d * c, min((d + 1) * c, N))``,
     ``c = ceil(N / D)``, as in the in-memory sharded fit (:mod:`jaxcnmf.solver.sharding`),
-    and reads them in chunks of ``b = min(block_size, c)`` columns: step ``j`` of a pass
-    gives every device its ``j``-th chunk at once, so one step is a ``(rows_v, D * b)``
-    array split over the mesh. A chunk may span two store blocks (then both are read); one
-    past the device's columns is zero padding. ``F`` is a list of ``steps`` such
-    ``(rank, D * b)`` pieces, each device holding its own columns only. Without a mesh
-    this is one device, and the chunks are the store's blocks.
+    and reads them in chunks of ``cols`` columns: step ``j`` of a pass gives every device
+    its ``j``-th chunk at once, so one step is a ``(rows_v, D * b)`` array split over the
+    mesh. A chunk is one store block when that holds at least a quarter of
+    :data:`CHUNK_BYTES`, else as many whole blocks as fit in it (at most ``c`` columns):
+    without a mesh its boundaries are block boundaries; with one it may also take a
+    device's boundary block only in part. Taken together, blocks are copied into a buffer
+    ``b >= cols`` columns wide (:func:`_width`: rows an odd number of cache lines apart);
+    a block on its own keeps its width (``b = cols``). Columns past the chunk's are zero
+    padding, as are chunks past a device's columns. ``F`` is a list of ``steps`` such ``(rank, D * b)`` pieces, each device
+    holding its own columns only. Without a mesh this is one device.
     """
 
-    def __init__(self, store, mesh):
+    def __init__(self, store, mesh, itemsize):
         self.mesh = mesh
         self.axis = mesh.axis_names[0]
         self.devices = list(mesh.devices.flat)
         self.count = len(self.devices)
         self.n = store.n
         self.c = -(-store.n // self.count)
-        self.b = min(store.block_size, self.c)
-        self.steps = -(-self.c // self.b)
+        block_bytes = max(1, sum(store.rows.values()) * itemsize * store.block_size)
+        # A block of at least a quarter of CHUNK_BYTES is a chunk: used in place, not copied.
+        per_chunk = 1 if 4 * block_bytes >= CHUNK_BYTES else CHUNK_BYTES // block_bytes
+        self.block_size = store.block_size
+        self.cols = min(per_chunk * store.block_size, self.c)
+        # Blocks taken together are copied into a new buffer, laid out well; a block on
+        # its own is used in place as stored (a copy every pass costs more than it saves).
+        self.b = self.cols if per_chunk == 1 else _width(self.cols, itemsize)
+        self.steps = -(-self.c // self.cols)
         me = jax.process_index()
         self.local = [d for d, device in enumerate(self.devices) if device.process_index == me]
 
@@ -122,8 +154,8 @@ class _Layout:
 
     def span(self, d, j):
         """``(start, stop)`` of device ``d``'s chunk ``j`` (``stop == start``: padding)."""
-        start = d * self.c + j * self.b
-        return start, max(start, min(start + self.b, (d + 1) * self.c, self.n))
+        start = d * self.c + j * self.cols
+        return start, max(start, min(start + self.cols, (d + 1) * self.c, self.n))
 
     def global_array(self, shape, spec, pieces):
         """A global array from this process's per-device pieces (in ``self.local`` order)."""
@@ -178,7 +210,7 @@ class _Layout:
         for d in self.local:
             own = [next(s.data for s in part.addressable_shards
                         if s.device == self.devices[d]) for part in parts]
-            pieces.append(jnp.concatenate(own, axis=1)[:, :self.c])
+            pieces.append(jnp.concatenate([x[:, :self.cols] for x in own], axis=1)[:, :self.c])
         return self.global_array((parts[0].shape[0], self.count * self.c),
                                  P(None, self.axis), pieces)
 
@@ -217,6 +249,10 @@ def _aligned_zeros(shape, dtype):
     return raw[start:start + size].view(dtype).reshape(shape)
 
 
+def _storage_dtype(storage):
+    return np.dtype(ml_dtypes.bfloat16) if storage == "bfloat16" else np.dtype(storage)
+
+
 def _host_chunk(store, start, stop, names, storage, width):
     """Columns ``start:stop`` of the views as ``(rows_v, width)`` host arrays, zero-padded.
 
@@ -225,7 +261,7 @@ def _host_chunk(store, start, stop, names, storage, width):
     an accelerator's transfer reads them once). Any other chunk (padded, spanning blocks or
     converted to another dtype) is assembled in one copy into an aligned buffer.
     """
-    storage = np.dtype(ml_dtypes.bfloat16) if storage == "bfloat16" else np.dtype(storage)
+    storage = _storage_dtype(storage)
     pieces = {name: [] for name in names}
     if stop > start:
         b = store.block_size
@@ -743,7 +779,8 @@ def _chunk_groups(layout, groups, dense, sharded):
         def where(column):
             d, j = divmod(int(chunk[column]), layout.steps)
             start, stop = layout.span(d, j)
-            name = f"device {d}'s chunk" if sharded else "block"
+            name = (f"device {d}'s chunk" if sharded else
+                    "block" if layout.cols == layout.block_size else "blocks")
             return f"{name} [{start}, {stop})"
 
         devices = (f", with a mesh also on the devices' boundaries (multiples of "
@@ -886,11 +923,13 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     storage = _front._check_dtypes(dtype, s.dtype if storage_dtype is None else storage_dtype)
     mode = _MODES[negative]
     placement = _placement(mesh, s.n)  # before anything is compiled
+    itemsize = _storage_dtype(storage).itemsize
     if placement is None:
         device = jax.local_devices()[0]
-        layout = _Layout(s, Mesh(np.array([device]), ("n",), axis_types=(AxisType.Auto,)))
+        layout = _Layout(s, Mesh(np.array([device]), ("n",), axis_types=(AxisType.Auto,)),
+                         itemsize)
     else:
-        layout = _Layout(s, placement.mesh)
+        layout = _Layout(s, placement.mesh, itemsize)
     if wants_groups:
         local_groups, chunk_groups = _chunk_groups(layout, np.asarray(groups), dense,
                                                    placement is not None)

@@ -3,6 +3,7 @@
 import doctest
 import warnings
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -16,6 +17,15 @@ RANK = 3
 N = 203
 BLOCK = 50  # four full blocks and one of 3 columns, padded on the device
 ITERS = 25
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_block_per_step():
+    """Every step reads one store block (the default takes this tiny store's blocks together
+    into one step): the sums over several steps are what these tests compare."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(streaming, "CHUNK_BYTES", 0)
+        yield
 
 
 def _planted(seed=0):
@@ -117,6 +127,29 @@ def test_negative_values_raise_or_are_clipped_like_in_memory(tmp_path, data):
         _assert_same_iterates(memory, streamed)
 
 
+def test_small_blocks_are_read_together_into_padded_chunks(data, monkeypatch):
+    views, s, _ = data
+    # Blocks of 50 columns x 50 rows float32 (10 kB): four are taken together, so a pass is
+    # two steps, [0, 200) and [200, 203), each copied into 208 columns (rows of 13 cache
+    # lines; 200 columns would be 12.5).
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 45_000)
+    layout = streaming._Layout(s, jax.make_mesh((1,), ("n",)), 4)
+    assert (layout.cols, layout.b, layout.steps) == (200, 208, 2)
+    assert streaming._width(2048, 4) == 2064 and streaming._width(2000, 4) == 2000
+    assert streaming._width(4096, 2) == 4128 and streaming._width(3, 8) == 8
+    memory, streamed = _both(views, s, method="hals", init="nndsvda", seed=1)
+    _assert_same_iterates(memory, streamed)
+    # A group across two blocks of one chunk is fitted; one across two chunks is refused.
+    groups = np.repeat(np.arange(4), [40, 100, 60, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        jaxcnmf.fit(s, rank=RANK, groups=groups, group_lam=0.1, max_iter=2, progress=False)
+    with pytest.raises(ValueError, match=r"group 2 has images in blocks \[0, 200\) \(column "
+                                         r"140\) and blocks \[200, 203\) \(column 200\)"):
+        jaxcnmf.fit(s, rank=RANK, groups=np.repeat(np.arange(3), [40, 100, 63]),
+                    group_lam=0.1, max_iter=2, progress=False)
+
+
 def test_converges_and_stops_like_in_memory(data):
     views, s, init = data
     memory, streamed = _both(views, s, method="hals", init=init, tol=1e-3, max_iter=200)
@@ -181,6 +214,8 @@ from test_sharding import PLANTED, _env, _result, _two_processes, planted
 FOUR_STREAMING = PLANTED + """
 import sys
 from jaxcnmf import store
+from jaxcnmf.solver import streaming
+streaming.CHUNK_BYTES = 0  # one store block per step
 mesh = jax.make_mesh((4,), ("n",))
 # N = 203 over 4 devices: 51 columns each, read in chunks of 50 that straddle the store's
 # blocks of 50, the last chunk of each device one column and 49 of padding.
@@ -256,6 +291,8 @@ def test_streaming_mesh_errors_before_compiling(four_streaming):
 STREAM_WORKER = PLANTED + """
 import sys
 from jaxcnmf import store
+from jaxcnmf.solver import streaming
+streaming.CHUNK_BYTES = 0  # one store block per step
 port, pid, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,

@@ -6,13 +6,21 @@ import numpy as np
 import pytest
 
 import jaxcnmf
-from jaxcnmf.solver import store
+from jaxcnmf.solver import store, streaming
 from jaxcnmf.solver.fit import ConvergenceWarning
 
 RANK = 3
 N = 200
 BLOCK = 50
 GROUPS = np.repeat(np.arange(8), 25)  # sorted, two groups in every block of 50
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_block_per_step():
+    """Every step reads one store block, as a store of large blocks is read."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(streaming, "CHUNK_BYTES", 0)
+        yield
 
 
 def _planted(seed=0):
