@@ -126,8 +126,9 @@ class _Layout:
     device's boundary block only in part. Taken together, blocks are copied into a buffer
     ``b >= cols`` columns wide (:func:`_width`: rows an odd number of cache lines apart);
     a block on its own keeps its width (``b = cols``). Columns past the chunk's are zero
-    padding, as are chunks past a device's columns. ``F`` is a list of ``steps`` such ``(rank, D * b)`` pieces, each device
-    holding its own columns only. Without a mesh this is one device.
+    padding, as are chunks past a device's columns. ``F`` is a list of ``steps`` such
+    ``(rank, D * b)`` pieces, each device holding its own columns only. Without a mesh
+    this is one device.
     """
 
     def __init__(self, store, mesh, itemsize):
@@ -210,7 +211,8 @@ class _Layout:
         for d in self.local:
             own = [next(s.data for s in part.addressable_shards
                         if s.device == self.devices[d]) for part in parts]
-            pieces.append(jnp.concatenate([x[:, :self.cols] for x in own], axis=1)[:, :self.c])
+            own = [x[:, :self.cols] for x in own]
+            pieces.append(jnp.concatenate(own, axis=1)[:, :self.c])
         return self.global_array((parts[0].shape[0], self.count * self.c),
                                  P(None, self.axis), pieces)
 
