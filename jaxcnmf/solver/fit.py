@@ -898,7 +898,7 @@ def _initial_factors(init, names, arrays, jviews, rank, weights, seed, restarts,
 def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsvda",
         weights=None, unit_columns=False, l1_F=0.0, l2_F=0.0, l2_W=0.0, groups=None,
         group_lam=0.0, group_lam_fraction=None, restarts=1, negative="raise",
-        dtype="float32", storage_dtype=None, progress=True, mesh=None):
+        dtype="float32", storage_dtype=None, progress=True, mesh=None, cache_bytes=None):
     """Coupled NMF of views sharing their columns: ``X_v ~ W_v F`` for every view ``v``.
 
     Minimises ``sum_v w_v ||X_v - W_v F||^2 + l1_F |F|_1 + l2_F ||F||^2
@@ -963,6 +963,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
             that cannot change the fit. See :mod:`jaxcnmf.solver.sharding`. With a store,
             each device streams its own columns (with ``jax.distributed``, each process
             reads only its devices' part of the store; :mod:`jaxcnmf.solver.streaming`).
+        cache_bytes: with a store only: bytes of its chunks kept on each device between
+            passes (``None``: none on a CPU, half the free memory of an accelerator; see
+            :func:`jaxcnmf.solver.streaming.fit`).
 
     Returns:
         :class:`FitResult`.
@@ -991,7 +994,10 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
             weights=weights, unit_columns=unit_columns, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
             groups=groups, group_lam=group_lam, group_lam_fraction=group_lam_fraction,
             restarts=restarts, negative=negative, dtype=dtype, storage_dtype=storage_dtype,
-            progress=progress, mesh=mesh)
+            progress=progress, mesh=mesh, cache_bytes=cache_bytes)
+    if cache_bytes is not None:
+        raise ValueError(f"cache_bytes: only for views from a store (jaxcnmf.store.open), "
+                         f"got {cache_bytes!r} with views in memory")
     best = _fit(views, rank, method=method, max_iter=max_iter, tol=tol, seed=seed,
                 init=init, weights=weights, unit_columns=unit_columns, l1_F=l1_F,
                 l2_F=l2_F, l2_W=l2_W, groups=groups, group_lam=group_lam,

@@ -149,6 +149,25 @@ class _Layout:
         self.steps = -(-self.c // self.cols)
         me = jax.process_index()
         self.local = [d for d, device in enumerate(self.devices) if device.process_index == me]
+        # Chunks kept on the devices between passes (set by keep_on_devices).
+        self.chunk_bytes = sum(store.rows.values()) * self.b * itemsize
+        self.keep, self.kept = 0, {}
+
+    def keep_on_devices(self, cache_bytes):
+        """Keep the first steps' chunks on the devices, at most ``cache_bytes`` per device
+        (``"auto"``: none on a CPU, whose device reads the blocks in place from the page
+        cache; else half of the memory free on this process's fullest device)."""
+        if cache_bytes == "auto":
+            cache_bytes = 0
+            if self.devices[self.local[0]].platform != "cpu":
+                free = []
+                for d in self.local:
+                    stats = self.devices[d].memory_stats() or {}
+                    if "bytes_limit" in stats:
+                        free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+                cache_bytes = min(free) // 2 if free else 0
+        self.keep = min(self.steps, int(cache_bytes) // max(1, self.chunk_bytes))
+        return self.keep
 
     def sharding(self, spec):
         return NamedSharding(self.mesh, spec)
@@ -296,6 +315,8 @@ def _stream(store, layout, names, storage):
     ``j``), ``n_valid`` ``(D,)`` the real columns of each chunk. This process reads only
     its own devices' columns. The thread reads, verifies and pads step ``j + 1`` (and
     ``j + 2``) and starts its transfer to the devices while step ``j`` is being computed.
+    The first ``layout.keep`` steps stay on the devices once read (``layout.kept``), and
+    later passes take them from there.
     """
     ready = queue.Queue(maxsize=_PREFETCH)
     stop = threading.Event()
@@ -314,6 +335,8 @@ def _stream(store, layout, names, storage):
             for j in range(layout.steps):
                 if stop.is_set():
                     return
+                if j in layout.kept:
+                    continue
                 spans = [layout.span(d, j) for d in layout.local]
                 chunks = [_host_chunk(store, a, z, names, storage, layout.b)
                           for a, z in spans]
@@ -332,12 +355,15 @@ def _stream(store, layout, names, storage):
     thread = threading.Thread(target=work, name="jaxcnmf-store-reader", daemon=True)
     thread.start()
     try:
-        while True:
+        for j in range(layout.steps):
+            if j in layout.kept:
+                yield (j, *layout.kept[j])
+                continue
             item = ready.get()
-            if item is None:
-                return
             if isinstance(item, BaseException):
                 raise item
+            if j < layout.keep:
+                layout.kept[j] = item[1:]
             yield item
     finally:
         stop.set()
@@ -835,7 +861,7 @@ def _with_group_penalty(final, total, config, mesh):
 def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsvda",
         weights=None, unit_columns=False, l1_F=0.0, l2_F=0.0, l2_W=0.0, groups=None,
         group_lam=0.0, group_lam_fraction=None, restarts=1, negative="raise",
-        dtype="float32", storage_dtype=None, progress=True, mesh=None):
+        dtype="float32", storage_dtype=None, progress=True, mesh=None, cache_bytes=None):
     """Coupled NMF of the views in a store, streaming its column blocks (one read per pass).
 
     ``jaxcnmf.fit(store, ...)`` calls this; the arguments and the result are those of
@@ -881,6 +907,12 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         groups, group_lam, group_lam_fraction: as for ``jaxcnmf.fit``, with every
             group's columns within one block (see above).
         restarts: accepted for the same signature; ``restarts > 1`` is refused.
+        cache_bytes: chunks kept on each device between passes, at most this many bytes
+            per device (the first steps of a pass; the rest are read every pass).
+            ``None``: none on a CPU (its device reads the store's pages in place from the
+            operating system's cache), else half of the device memory free at the start:
+            a store that fits there crosses from the host once. ``0`` reads every chunk
+            every pass.
 
     Returns:
         :class:`jaxcnmf.FitResult` (``config`` also holds ``"store"`` and ``"block_size"``).
@@ -932,6 +964,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                          itemsize)
     else:
         layout = _Layout(s, placement.mesh, itemsize)
+    if cache_bytes is not None:
+        cache_bytes = _front._check_number("cache_bytes", cache_bytes, 0, integer=True)
+    kept = layout.keep_on_devices("auto" if cache_bytes is None else cache_bytes)
     if wants_groups:
         local_groups, chunk_groups = _chunk_groups(layout, np.asarray(groups), dense,
                                                    placement is not None)
@@ -940,9 +975,12 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
 
     if progress:
         where = "" if placement is None else f" over {layout.count} devices"
+        on_device = (f", {kept} of {layout.steps} steps kept on the device"
+                     f"{'s' if layout.count > 1 else ''} after the first read" if kept else "")
         print(f"jaxcnmf: streaming fit of {len(names)} views from {str(s.path)!r}, N={s.n} "
-              f"in {s.n_blocks} blocks of {s.block_size}{where}, rank {rank}, method "
-              f"{method}, max_iter {max_iter}", file=sys.stderr, flush=True)
+              f"in {s.n_blocks} blocks of {s.block_size}{where}, read in steps of "
+              f"{layout.cols} columns{on_device}, rank {rank}, method {method}, max_iter "
+              f"{max_iter}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     zeros = np.zeros(len(names), dtype)
     stats = _statistics(s, layout, names, storage, layout.replicated(zeros), "none", dtype,
@@ -981,7 +1019,8 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         "max_iter": max_iter, "tol": tol, "restarts": 1, "negative": negative,
         "dtype": dtype, "storage_dtype": storage, "eps": config.eps,
         "inner_iter": config.inner_iter, "weighted_data_sq_norm": data_norm2,
-        "store": str(s.path), "block_size": s.block_size,
+        "store": str(s.path), "block_size": s.block_size, "step_columns": layout.cols,
+        "steps_kept_on_device": kept,
     }
     data_scale = layout.replicated(np.asarray(problem.scale, dtype))
 

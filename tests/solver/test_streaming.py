@@ -150,6 +150,31 @@ def test_small_blocks_are_read_together_into_padded_chunks(data, monkeypatch):
                     group_lam=0.1, max_iter=2, progress=False)
 
 
+def test_chunks_kept_on_the_device_are_not_read_again(data, monkeypatch):
+    views, s, init = data
+    reads = []
+    original = store.Store.read_block
+    monkeypatch.setattr(store.Store, "read_block",
+                        lambda self, i, **kw: reads.append(i) or original(self, i, **kw))
+    options = {"rank": RANK, "init": init, "max_iter": 3, "tol": 0.0, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        plain = jaxcnmf.fit(s, **options)
+        assert len(reads) == 5 * 5 and plain.config["steps_kept_on_device"] == 0  # CPU
+        reads.clear()
+        # Two chunks of 50 columns x 50 rows float32 fit in 20 kB: after the first pass
+        # (statistics) only blocks 2-4 are read, by the 3 iterations and the residuals.
+        kept = jaxcnmf.fit(s, cache_bytes=20_000, **options)
+    assert reads == [0, 1, 2, 3, 4] + [2, 3, 4] * 4
+    assert kept.config["steps_kept_on_device"] == 2
+    np.testing.assert_allclose(kept.F, plain.F, rtol=1e-6, atol=1e-7 * plain.F.max())
+    assert kept.objective == pytest.approx(plain.objective, rel=1e-6)
+    with pytest.raises(ValueError, match=r"cache_bytes: expected an integer >= 0, got -1"):
+        jaxcnmf.fit(s, cache_bytes=-1, **options)
+    with pytest.raises(ValueError, match=r"cache_bytes: only for views from a store"):
+        jaxcnmf.fit(views, cache_bytes=0, **options)
+
+
 def test_converges_and_stops_like_in_memory(data):
     views, s, init = data
     memory, streamed = _both(views, s, method="hals", init=init, tol=1e-3, max_iter=200)
