@@ -1367,7 +1367,7 @@ def group_path(views, rank, groups, fractions=(0.003, 0.01, 0.03, 0.1, 0.3), **o
 def _fit_quietly(views, rank, **options):
     # fit's keyword defaults, so that a path step takes exactly the options fit does.
     defaults = {name: p.default for name, p in inspect.signature(fit).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "cache_bytes"}
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"group_path: unknown fit option(s) {unknown}")
