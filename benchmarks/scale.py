@@ -59,6 +59,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = (1024, 512, 384, 128)
 STREAM_RANK = 20
+LEAD = 3  # iterations of the shorter fit in an interleaved timing
 
 
 def _measure(n, rank, rows, storage, iters, repeats, devices):
@@ -165,8 +166,8 @@ def _stream_child(kind, path, iters):
     warnings.simplefilter("ignore")
     jax.numpy.zeros(1).block_until_ready()
     baseline = _rss_mb()
-    s = store.open(path)
     out = {"kind": kind, "baseline_rss_mb": round(baseline, 1)}
+    s = None if kind == "interleaved" else store.open(path)
     if kind == "read":
         def read():
             # Blocks come back memory-mapped: copying them is what reads the pages.
@@ -180,7 +181,7 @@ def _stream_child(kind, path, iters):
         _drop_cache(s)
         out["read_cold_s"] = read()
     elif kind == "interleaved":
-        out.update(_interleaved(s, iters))
+        out.update(_interleaved(path, iters))
     else:
         views = s if kind == "stream" else s.read_all()
         options = {"rank": STREAM_RANK, "method": "hals", "init": "random", "tol": 0.0,
@@ -206,40 +207,62 @@ def _stream_child(kind, path, iters):
     print(json.dumps(out))
 
 
-def _interleaved(s, iters, rounds=3):
+def _interleaved(root, iters, rounds=3):
     """Streaming and in-memory iterations timed alternately in one process (so that the
-    other users' load falls on both alike); the best of ``rounds`` each."""
+    machine's other load falls on all alike): one in-memory fit of the data, and a
+    streaming fit of every store under ``root`` (the same data in other block sizes;
+    on an accelerator also without chunks kept on the device, ``cache_bytes=0``).
+
+    Seconds per iteration = (best time of a ``LEAD + iters``-iteration fit - best time of
+    a ``LEAD``-iteration fit) / iters, the bests over ``rounds`` taken apart: both fits
+    include the same setup (statistics, initialisation, final objective), whose run-to-run
+    spread would swamp a difference of one or two iterations.
+    """
     import jax
 
     import jaxcnmf
+    from jaxcnmf import store
 
+    stores = {p.name: store.open(p) for p in sorted(pathlib.Path(root).iterdir())}
+    first = next(iter(stores.values()))
+    runs = {"memory": (first.read_all(), None)}
+    for name, s in stores.items():
+        runs[name] = (s, None)
+        if jax.default_backend() != "cpu" and name == "default":
+            runs[name + ", cache_bytes=0"] = (s, 0)
     options = {"rank": STREAM_RANK, "method": "hals", "init": "random", "tol": 0.0,
                "progress": False}
-    views = {"stream": s, "memory": s.read_all()}
 
     def timed(kind, max_iter):
+        views, cache = runs[kind]
+        extra = {} if cache is None else {"cache_bytes": cache}
         start = time.perf_counter()
-        res = jaxcnmf.fit(views[kind], max_iter=max_iter, **options)
+        res = jaxcnmf.fit(views, max_iter=max_iter, **options, **extra)
         jax.block_until_ready(res.F)
-        return time.perf_counter() - start, res.n_iter
+        assert res.n_iter == max_iter, (kind, res.n_iter)
+        return time.perf_counter() - start, res
 
-    for kind in views:  # compile both (the in-memory loop once per max_iter)
-        timed(kind, 1), timed(kind, 1 + iters)
-    # The best 1-iteration and the best (1 + iters)-iteration fit are taken apart: the
-    # best of the per-round differences would pick the round whose 1-iteration fit (mostly
-    # setup: statistics, initialisation, final objective) was slowed by the other jobs.
-    fastest = {kind: [float("inf"), float("inf")] for kind in views}
-    ran = {}
+    for kind in runs:  # compile everything (the in-memory loop once per max_iter)
+        timed(kind, LEAD), timed(kind, LEAD + iters)
+    fastest = {kind: [float("inf"), float("inf")] for kind in runs}
+    config = {}
     for _ in range(rounds):
-        for kind in views:
-            (one, n_one), (many, n_many) = timed(kind, 1), timed(kind, 1 + iters)
-            fastest[kind] = [min(fastest[kind][0], one), min(fastest[kind][1], many)]
-            ran[kind] = max(n_many - n_one, 1)
-    best = {kind: (fastest[kind][1] - fastest[kind][0]) / ran[kind] for kind in views}
-    return {"stream_iteration_s": round(best["stream"], 4),
-            "memory_iteration_s": round(best["memory"], 4),
-            "stream_over_memory": round(best["stream"] / best["memory"], 3),
-            "fit_1_iteration_s": {kind: round(fastest[kind][0], 3) for kind in views}}
+        for kind in runs:
+            (short, _), (long, res) = timed(kind, LEAD), timed(kind, LEAD + iters)
+            fastest[kind] = [min(fastest[kind][0], short), min(fastest[kind][1], long)]
+            config[kind] = res.config
+    per = {kind: (hi - lo) / iters for kind, (lo, hi) in fastest.items()}
+    rows = []
+    for kind, seconds in per.items():
+        row = {"kind": kind, "iteration_s": round(seconds, 4),
+               "over_memory": round(seconds / per["memory"], 3),
+               "fit_s": [round(x, 3) for x in fastest[kind]]}
+        if kind != "memory":
+            row.update({key: config[kind][key] for key in
+                        ("block_size", "step_columns", "steps_kept_on_device")})
+        rows.append(row)
+    return {"lead_iters": LEAD, "rows": rows,
+            "backend": jax.default_backend(), "device": str(jax.devices()[0])}
 
 
 def _run_stream_child(kind, path, iters):
@@ -262,8 +285,9 @@ def _write_store(path, n, rows, block, dtype):
     from jaxcnmf.solver.store import _numpy_dtype
 
     rng = np.random.default_rng(0)
-    base = rng.random((rows, block), dtype=np.float32).astype(_numpy_dtype(dtype))
     writer = store.Writer(path, {"conv": rows}, n, block_size=block, dtype=dtype)
+    block = writer.manifest["block_size"]
+    base = rng.random((rows, block), dtype=np.float32).astype(_numpy_dtype(dtype))
     for i in writer.missing:
         start, stop = writer.columns(i)
         part = np.roll(base, 7 * i + 1, axis=1)[:, :stop - start]
@@ -277,7 +301,8 @@ def _streaming(args, save):
     import numpy as np
 
     if args.quick:
-        args.stream_n, args.rows, args.block = [600, 1200], 256, 256
+        args.stream_n, args.rows, args.block = [600, 1200], 256, 250
+        args.interleaved_blocks = [256]
     itemsize = 2 if args.stream_dtype in ("bfloat16", "float16") else 4
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="jaxcnmf-scale-", dir=args.scratch))
     rows_out = []
@@ -285,8 +310,8 @@ def _streaming(args, save):
         for n in args.stream_n:
             path = scratch / f"n{n}"
             start = time.perf_counter()
-            _write_store(path, n, args.rows, args.block, args.stream_dtype)
-            row = {"n": n, "rows": args.rows, "block_size": args.block,
+            written = _write_store(path, n, args.rows, args.block, args.stream_dtype)
+            row = {"n": n, "rows": args.rows, "block_size": written.block_size,
                    "rank": STREAM_RANK, "dtype": args.stream_dtype,
                    "store_mb": round(n * args.rows * itemsize / 2**20, 1),
                    "F_mb": round(STREAM_RANK * n * 4 / 2**20, 1),
@@ -323,19 +348,36 @@ def _streaming(args, save):
 
 
 def _interleaved_section(args, save):
-    """``--interleaved-n N``: the ratio of a streaming to an in-memory iteration, timed
-    alternately in one process, added to the streaming section as ``interleaved``."""
+    """``--interleaved-n N``: a streaming against an in-memory iteration, timed alternately
+    in one process, for stores of the same data in the default block size and in each of
+    ``--interleaved-blocks``; added to the streaming section as ``interleaved``."""
+    from jaxcnmf import store
+
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="jaxcnmf-scale-", dir=args.scratch))
     try:
-        path = scratch / "store"
-        _write_store(path, args.interleaved_n, args.rows, args.block, args.stream_dtype)
+        root = scratch / "stores"
+        root.mkdir()
+        default = _write_store(root / "default", args.interleaved_n, args.rows, args.block,
+                               args.stream_dtype)
+        if args.interleaved_blocks:
+            views = default.read_all()
+            for block in args.interleaved_blocks:
+                store.save(root / f"block {block}", views, block_size=block,
+                           dtype=args.stream_dtype)
+            del views
         row = {"n": args.interleaved_n, "rows": args.rows, "dtype": args.stream_dtype,
                "iters": args.iters, "load_before": _load()}
-        row.update(_run_stream_child("interleaved", path, args.iters))
+        row.update(_run_stream_child("interleaved", root, args.iters))
         row["load_after"] = _load()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(row))
+    print(f"{'store':>24} {'block':>6} {'step cols':>9} {'kept':>4} {'it s':>7} "
+          f"{'x memory':>8}")
+    for r in row["rows"]:
+        print(f"{r['kind']:>24} {r.get('block_size', ''):>6} {r.get('step_columns', ''):>9} "
+              f"{r.get('steps_kept_on_device', ''):>4} {r['iteration_s']:>7.4f} "
+              f"{r['over_memory']:>8.2f}")
     out = pathlib.Path(args.out)
     section = json.loads(out.read_text()).get("streaming", {}) if out.exists() else {}
     section["interleaved"] = row
@@ -369,7 +411,8 @@ def main():
                         help="measure the streaming fit from a store (its JSON section)")
     parser.add_argument("--stream-n", type=int, nargs="+", default=[20_000, 100_000, 300_000])
     parser.add_argument("--rows", type=int, default=4096, help="rows of the streamed view")
-    parser.add_argument("--block", type=int, default=2048, help="store block size")
+    parser.add_argument("--block", type=int, default=None,
+                        help="store block size (default: store.default_block_size)")
     parser.add_argument("--stream-dtype", default="float32",
                         help="store dtype (bfloat16 computes in bfloat16: slow on a CPU)")
     parser.add_argument("--memory-max-n", type=int, default=100_000,
@@ -378,6 +421,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny streaming smoke run")
     parser.add_argument("--interleaved-n", type=int, default=0,
                         help="with --streaming: only the interleaved ratio at this N")
+    parser.add_argument("--interleaved-blocks", type=int, nargs="*", default=[2048, 256],
+                        help="other block sizes timed in the interleaved run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stream-child", nargs=2, help=argparse.SUPPRESS)

@@ -93,6 +93,9 @@ _MODES = {"raise": "none", "clip": "clip", "shift": "shift"}
 # its launch and the products run at the speed of the whole-matrix ones. About
 # ``_PREFETCH + 2`` chunks per device are in memory at once; lower it to use less.
 CHUNK_BYTES = 64 << 20
+# The same on an accelerator, where a step's launch and host sync cost more against its
+# compute, and the transfer (not the host's copy) bounds a pass read from the host.
+ACCELERATOR_CHUNK_BYTES = 512 << 20
 # Cache line: a chunk's rows are laid out an odd number of lines apart (see _width).
 _LINE = 64
 
@@ -121,7 +124,8 @@ class _Layout:
     and reads them in chunks of ``cols`` columns: step ``j`` of a pass gives every device
     its ``j``-th chunk at once, so one step is a ``(rows_v, D * b)`` array split over the
     mesh. A chunk is one store block when that holds at least a quarter of
-    :data:`CHUNK_BYTES`, else as many whole blocks as fit in it (at most ``c`` columns):
+    :data:`CHUNK_BYTES` (:data:`ACCELERATOR_CHUNK_BYTES` on an accelerator), else as many
+    whole blocks as fit in it (at most ``c`` columns):
     without a mesh its boundaries are block boundaries; with one it may also take a
     device's boundary block only in part. Taken together, blocks are copied into a buffer
     ``b >= cols`` columns wide (:func:`_width`: rows an odd number of cache lines apart);
@@ -139,8 +143,9 @@ class _Layout:
         self.n = store.n
         self.c = -(-store.n // self.count)
         block_bytes = max(1, sum(store.rows.values()) * itemsize * store.block_size)
-        # A block of at least a quarter of CHUNK_BYTES is a chunk: used in place, not copied.
-        per_chunk = 1 if 4 * block_bytes >= CHUNK_BYTES else CHUNK_BYTES // block_bytes
+        target = CHUNK_BYTES if self.devices[0].platform == "cpu" else ACCELERATOR_CHUNK_BYTES
+        # A block of at least a quarter of the target is a chunk: used in place, not copied.
+        per_chunk = 1 if 4 * block_bytes >= target else target // block_bytes
         self.block_size = store.block_size
         self.cols = min(per_chunk * store.block_size, self.c)
         # Blocks taken together are copied into a new buffer, laid out well; a block on
