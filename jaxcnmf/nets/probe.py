@@ -595,8 +595,8 @@ def collect(
     Raises:
         ValueError: bad ``images``, unknown layer, unknown ``pooling`` or ``pixels``,
             ``batch_size`` < 1, ``block_size`` < 1 or without ``store``, unknown
-            ``output`` or ``negative``, or a layer with
-            negative values with ``negative="raise"`` and ``allow_negative`` False.
+            ``output`` or ``negative``, or a layer with negative values with
+            ``negative="raise"`` and ``allow_negative`` False.
 
     Example:
         >>> import jax
@@ -740,11 +740,12 @@ def _block_batches(start: int, stop: int, n: int, batch_size: int) -> list[tuple
 
 
 def _started_batch_size(path) -> int | None:
-    """The batch size recorded by the ``collect`` that started the store at ``path``."""
-    if not (pathlib.Path(path) / _store.MANIFEST).is_file():
+    """The batch size recorded by the ``collect`` that started the store at ``path`` (None
+    when there is no store yet): a resumed store keeps it, whatever the batch size now."""
+    path = pathlib.Path(path)
+    if not (path / _store.MANIFEST).is_file():
         return None
-    recorded = (_store._load_manifest(pathlib.Path(path)).get("provenance") or {})
-    recorded = recorded.get("batch_size")
+    recorded = (_store._load_manifest(path).get("provenance") or {}).get("batch_size")
     return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None
 
 
