@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -525,6 +526,7 @@ def collect(
     dtype: str = "float32",
     store_info: Mapping | None = None,
     negative: str = "raise",
+    block_size: int | None = None,
 ) -> dict[str, np.ndarray] | dict[str, jax.Array] | _store.Store:
     """Pixel and activation matrices of a probe set, ready for ``jaxcnmf.fit``.
 
@@ -566,15 +568,21 @@ def collect(
             ``"device"`` (jax arrays left on the default device, for ``jaxcnmf.fit`` on an
             accelerator); both hold the same numbers. Ignored with ``store``.
         store: a directory: write the views there as an on-disk store
-            (``jaxcnmf.store``), one block of ``batch_size`` columns per batch as it goes,
-            and return the opened store instead of the views; memory is then one batch.
-            An interrupted run resumes at the first missing block when called again with
-            the same arguments.
+            (``jaxcnmf.store``), block by block as it goes, and return the opened store
+            instead of the views; memory is then about one block. An interrupted run
+            resumes at the first missing block when called again with the same arguments
+            (``batch_size`` may differ: blocks do not depend on it).
         dtype: dtype of the stored values (``"float32"``, ``"bfloat16"``, ``"float16"``);
             only with ``store``.
+        block_size: columns per store block, only with ``store``; default
+            ``store.default_block_size`` (about 64 MiB of all views a block, rows of an odd
+            number of cache lines). Each block is computed as batches of ``batch_size``
+            images; when ``block_size`` is not a multiple of it, one batch per block
+            computes a few images that the block does not keep.
         store_info: optional manifest metadata for ``store``: ``labels`` ``(N,)``,
             ``class_names``, ``superclasses``, ``provenance`` (e.g. ``{"checkpoint": ...}``;
-            model, layers, pooling and batch size are recorded anyway).
+            model, layers, pooling and batch size are recorded anyway; the block size
+            is the manifest's ``block_size``).
 
     Returns:
         dict view name -> ``(rows, N)`` float32 numpy array (``jax.Array`` with
@@ -586,8 +594,9 @@ def collect(
 
     Raises:
         ValueError: bad ``images``, unknown layer, unknown ``pooling`` or ``pixels``,
-            ``batch_size`` < 1, unknown ``output`` or ``negative``, or a layer with
-            negative values with ``negative="raise"`` and ``allow_negative`` False.
+            ``batch_size`` < 1, ``block_size`` < 1 or without ``store``, unknown
+            ``output`` or ``negative``, or a layer with negative values with
+            ``negative="raise"`` and ``allow_negative`` False.
 
     Example:
         >>> import jax
@@ -612,6 +621,10 @@ def collect(
             "allow_negative=True and jaxcnmf.fit(..., negative='shift')"
         )
     batch_size = _check_batch_size(batch_size)
+    block_size = _check_block_size(block_size)
+    if block_size is not None and store is None:
+        raise ValueError(f"block_size: expected None without store=... (it sets the columns "
+                         f"per store block), got {block_size}")
     net = adapt(model, variables)
     arr = _check_images(images, model)
     image_shape = arr.shape[1:]
@@ -623,7 +636,7 @@ def collect(
         raise ValueError("layers: expected at least one layer when pixels=False, got none")
     keep = "keep" if allow_negative else negative
     if store is not None:
-        return _collect_to_store(net, arr, layers, mode, pooling, batch_size,
+        return _collect_to_store(net, arr, layers, mode, pooling, batch_size, block_size,
                                  progress, keep, store, dtype, store_info)
     if dtype != "float32":
         raise ValueError(f"dtype: expected 'float32' without store=..., got {dtype!r}")
@@ -701,14 +714,52 @@ def _non_negative(view: jax.Array, negative: str) -> jax.Array:
     return view
 
 
-def _collect_to_store(net, arr, layers, pixels, pooling, batch_size, progress,
-                      negative, path, dtype, info):
-    """``collect`` writing one store block per batch; returns the opened store.
+def _check_block_size(block_size: Any) -> int | None:
+    if block_size is None:
+        return None
+    try:
+        ok = (not isinstance(block_size, bool) and int(block_size) == block_size
+              and block_size >= 1)
+    except (TypeError, ValueError, OverflowError):  # "abc", NaN, inf
+        ok = False
+    if not ok:
+        raise ValueError(f"block_size: expected an integer >= 1 or None, got {block_size!r}")
+    return int(block_size)
 
-    Block ``i`` holds columns ``i * b : (i + 1) * b`` with ``b = min(batch_size, N)``; the
-    last, partial block is cut from a full batch of the last ``b`` images, as ``collect``
-    computes it, so one compiled shape serves every block. The host writes block ``i - 1``
-    while the device computes block ``i``.
+
+def _block_batches(start: int, stop: int, n: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """The batches computing columns ``start:stop``: ``(first, lo, hi)`` per batch, which
+    computes columns ``first:first + b`` (``b = min(batch_size, n)``) and keeps ``lo:hi``.
+
+    Every batch has the one compiled shape: a batch crossing ``stop`` is computed whole and
+    cut (at most one batch of waste per block); one crossing ``n`` ends at ``n`` instead, as
+    ``collect``'s last batch does.
+    """
+    b = min(batch_size, n)
+    return [(min(lo, n - b), lo, min(lo + b, stop)) for lo in range(start, stop, b)]
+
+
+def _started_batch_size(path) -> int | None:
+    """The batch size recorded by the ``collect`` that started the store at ``path`` (None
+    when there is no store yet): a resumed store keeps it, whatever the batch size now."""
+    path = pathlib.Path(path)
+    if not (path / _store.MANIFEST).is_file():
+        return None
+    recorded = (_store._load_manifest(path).get("provenance") or {}).get("batch_size")
+    return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None
+
+
+def _collect_to_store(net, arr, layers, pixels, pooling, batch_size, block_size, progress,
+                      negative, path, dtype, info):
+    """``collect`` writing store blocks of ``block_size`` columns; returns the opened store.
+
+    ``block_size`` None is ``store.default_block_size`` of all views (about 64 MiB a block).
+    Each block is computed as batches of ``batch_size`` images of one compiled shape
+    (:func:`_block_batches`); every batch of block ``i`` is dispatched before the host
+    fetches and writes block ``i - 1``, so the device computes while the host writes, and
+    the host holds about one block. Blocks do not depend on the batches beyond float
+    rounding, so an unfinished store resumes with any ``batch_size``; the provenance keeps
+    the batch size of the call that started it.
     """
     n, h, w, c = arr.shape
     b = min(batch_size, n)
@@ -724,40 +775,62 @@ def _collect_to_store(net, arr, layers, pixels, pooling, batch_size, progress,
     if unknown:
         raise ValueError(f"store_info: unknown key(s) {unknown}, expected labels, "
                          f"class_names, superclasses, provenance")
+    if block_size is None:
+        block_size = _store.default_block_size(sum(rows.values()), n, _store._check_dtype(dtype))
+    started = _started_batch_size(path)
     provenance = {"model": net.adapter.name, "model_kind": net.adapter.kind,
                   "layers": list(layers), "pooling": pooling, "negative": negative,
-                  "pixels": pixels, "image_shape": [h, w, c], "batch_size": b,
+                  "pixels": pixels, "image_shape": [h, w, c],
+                  "batch_size": b if started is None else started,
                   **(info.get("provenance") or {})}
-    writer = _store.Writer(path, rows, n, block_size=b, dtype=dtype, shapes=view_shapes,
-                           labels=info.get("labels"), class_names=info.get("class_names"),
+    writer = _store.Writer(path, rows, n, block_size=block_size, dtype=dtype,
+                           shapes=view_shapes, labels=info.get("labels"),
+                           class_names=info.get("class_names"),
                            superclasses=info.get("superclasses"), provenance=provenance)
+    missing = writer.missing
+    total = sum(len(_block_batches(*writer.columns(i), n, batch_size)) for i in missing)
+    show = progress and bool(layers) and total >= _PROGRESS_MIN_BATCHES
+    bar = tqdm(total=total, desc="probe", unit="batch", leave=False, disable=not show)
 
-    def write(i, views, minima, first):
+    def dispatch(i):
+        """Start every batch of block ``i`` on the device; nothing is waited for."""
+        if not layers:
+            return []
+        outputs = []
+        for first, lo, hi in _block_batches(*writer.columns(i), n, batch_size):
+            block, _ = _padded(arr, first, batch_size)
+            outputs.append((_probe_block(net.adapter, net.state, block, layers=layers,
+                                         pooling=pooling, n_valid=b), lo - first, hi - first))
+            bar.update(1)
+        return outputs
+
+    def write(i, outputs):
         start, stop = writer.columns(i)
-        if layers:
-            views, minima = jax.device_get((views, minima))
-            for name in _check_minima(layers, minima, negative):
-                if negative == "clip":  # "shift" is refused with store=
-                    views[name] = np.maximum(views[name], 0)
-        pix = pixel_views(arr[start:stop], pixels) if pixel_names else {}
-        writer.write_block(i, {name: pix[name] if name in pix
-                               else views[name][:, start - first:stop - first]
-                               for name in rows})
+        views = {name: np.empty((rows[name], stop - start), np.float32) for name in layers}
+        lowest = np.full(len(layers), np.inf, np.float32)
+        column = 0
+        for (batch, minima), lo, hi in outputs:
+            batch, minima = jax.device_get((batch, minima))
+            for name in layers:
+                views[name][:, column:column + hi - lo] = batch[name][:, lo:hi]
+            lowest = np.minimum(lowest, minima)
+            column += hi - lo
+        for name in _check_minima(layers, lowest, negative):
+            if negative == "clip":  # "shift" is refused with store=
+                np.maximum(views[name], 0, out=views[name])
+        if pixel_names:
+            views.update(pixel_views(arr[start:stop], pixels))
+        writer.write_block(i, {name: views[name] for name in rows})
 
     pending = None
-    for i in _progress(writer.missing, progress, "probe"):
-        start, _ = writer.columns(i)
-        first = min(start, n - b)
-        views = minima = None
-        if layers:
-            block, _ = _padded(arr, first, batch_size)
-            views, minima = _probe_block(net.adapter, net.state, block, layers=layers,
-                                         pooling=pooling, n_valid=b)
+    with bar:
+        for i in missing:
+            outputs = dispatch(i)
+            if pending is not None:
+                write(*pending)
+            pending = (i, outputs)
         if pending is not None:
             write(*pending)
-        pending = (i, views, minima, first)
-    if pending is not None:
-        write(*pending)
     return writer.finish()
 
 

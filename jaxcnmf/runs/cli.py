@@ -102,14 +102,16 @@ examples:
                   --group-sparse 0.1 --groups superclass --out runs/r18/concepts
 
 --store DIR is for probe sets whose activations do not fit in memory: the probe stage writes
-them to DIR block by block (one block per --batch-size images), the fit streams the blocks
+them to DIR block by block (--store-block-size images a block, by default about 64 MiB of
+activations; each block probed in batches of --batch-size), the fit streams the blocks
 (HALS or MU, over --devices devices, one start, no group penalty: the store is in probe
 order, not in blocks of whole groups), and the k-means baseline, the layers-only fit,
 fidelity (on --fidelity-images of the probe images) and TCAV read from it. Rerunning with
---force after an interruption continues the store at its first missing block (--force
-redoes the run directory, never the store); a complete store of the same checkpoint, layers
-and probe set is reused without probing; a store of anything else is refused. In memory
-remain the probe images (uint8), F (rank x N) and a few blocks.
+--force after an interruption continues the store at its first missing block, with the
+store's block size and any --batch-size (--force redoes the run directory, never the
+store); a complete store of the same checkpoint, layers and probe set is reused without
+probing; a store of anything else is refused. In memory remain the probe images (uint8),
+F (rank x N) and a few blocks.
   jaxcnmf analyze --checkpoint runs/r18/ckpt --dataset cifar10 --source DIR --split train \\
                   --per-class 5000 --layers conv4_x,conv5_x,avgpool --pooling mean \\
                   --store runs/r18/acts --store-dtype bfloat16 --out runs/r18/train50k
@@ -528,6 +530,11 @@ def _add_analyze(commands):
         "float32; needs --store)",
     )
     analyze.add_argument(
+        "--store-block-size", metavar="N", type=_positive_int, default=None,
+        help="images per store block (default: about 64 MiB of activations a block; an "
+        "unfinished store resumes with its own; needs --store)",
+    )
+    analyze.add_argument(
         "--fidelity-images", metavar="N", type=_positive_int, default=None,
         help="with --store, measure fidelity (and draw TCAV's classes and random sets) on a "
         "random subset of N probe images (default: 2000; needs --store)",
@@ -745,17 +752,20 @@ def _analyze(args):
 
 
 def _store_settings(args) -> dict:
-    """RunConfig's store fields from --store, --store-dtype and --fidelity-images."""
+    """RunConfig's store fields from --store, --store-dtype, --store-block-size and
+    --fidelity-images."""
     from jaxcnmf.runs import pipeline
 
     if args.store is None:
         given = [flag for flag, value in (("--store-dtype", args.store_dtype),
+                                          ("--store-block-size", args.store_block_size),
                                           ("--fidelity-images", args.fidelity_images))
                  if value is not None]
         if given:
             raise UsageError(f"{given[0]} needs --store")
         return {}
     return {"store": args.store, "store_dtype": args.store_dtype or "float32",
+            "store_block_size": args.store_block_size,
             "fidelity_images": args.fidelity_images or pipeline.DEFAULT_FIDELITY_IMAGES}
 
 

@@ -21,7 +21,7 @@ an on-disk store instead of memory (resuming an unfinished store of the same run
 complete one, refusing another run's: :mod:`jaxcnmf.runs.runstore`), the fits stream from
 it and the baseline, the layers-only fit, fidelity and TCAV read from it. In memory remain
 the probe images (uint8, as the dataset loader holds them), ``F``, labels and predictions,
-one batch or a few blocks of the views, and the fidelity subset's activations of one layer.
+a few blocks of the views, and the fidelity subset's activations of one layer.
 
 Example:
     >>> from jaxcnmf import pipeline
@@ -153,6 +153,9 @@ class RunConfig:
             penalty.
         store_dtype: "float32" or "bfloat16" (half the disk and reads; values rounded to
             8 bits of mantissa), the stored values' dtype.
+        store_block_size: images per store block; None: ``store.default_block_size``
+            (about 64 MiB of all views a block) for a new store, the store's own when
+            resuming one (an unfinished store resumes only with its own block size).
         fidelity_images: with ``store``, fidelity is measured on this many probe images
             (a random subset drawn with ``seed``; all of them when there are fewer); its
             size goes to ``analysis.json`` and the report. Without a store, on all of them.
@@ -198,6 +201,7 @@ class RunConfig:
     seed: int = 0
     store: str | None = None
     store_dtype: str = "float32"
+    store_block_size: int | None = None
     fidelity_images: int = DEFAULT_FIDELITY_IMAGES
 
     def to_json(self) -> dict[str, Any]:
@@ -409,6 +413,9 @@ def _check_config(config: RunConfig) -> None:
         raise FileNotFoundError(f"checkpoint: {config.checkpoint} does not exist")
     if config.store is not None:
         _check_store_config(config)
+    elif config.store_block_size is not None:
+        raise ValueError(f"store_block_size: expected None without store, got "
+                         f"{config.store_block_size!r}")
     _check_user_model(config)
 
 
@@ -429,6 +436,11 @@ def _check_store_config(config: RunConfig) -> None:
             or config.fidelity_images < 1:
         raise ValueError(f"fidelity_images: expected a positive integer, got "
                          f"{config.fidelity_images!r}")
+    block_size = config.store_block_size
+    if block_size is not None and (isinstance(block_size, bool)
+                                   or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"store_block_size: expected a positive integer or None, got "
+                         f"{block_size!r}")
     path = Path(config.store)
     if path.exists() and not path.is_dir():
         raise ValueError(f"store: {path} exists and is not a directory; expected a new "
@@ -1073,7 +1085,7 @@ def _store_plan(config: RunConfig, checkpoint, model, variables, layers, pixels,
     identity = _store_identity(config, checkpoint, _network_weights(model, variables), layers,
                                pixels)
     plan = runstore.plan(config.store, identity, dtype=config.store_dtype,
-                         batch_size=config.batch_size)
+                         block_size=config.store_block_size)
     if stages is not None and plan.state == "reuse":
         stages.log(f"store: reusing the complete store {config.store} of this checkpoint, "
                    f"layers and probe set ({plan.n_blocks} blocks); probing is skipped")
@@ -1107,7 +1119,7 @@ def _probe_to_store(config: RunConfig, store_plan, model, variables, probe_set, 
             model, variables, probe_set.images, layers + (() if user else (LOGITS,)),
             pixels=pixels, pooling=config.pooling, batch_size=config.batch_size,
             progress=progress, allow_negative=not user, store=config.store,
-            dtype=config.store_dtype,
+            dtype=config.store_dtype, block_size=plan.block_size,
             store_info={"labels": np.asarray(probe_set.labels, np.int64),
                         "class_names": list(probe_set.class_names),
                         "superclasses": superclasses, "provenance": identity})

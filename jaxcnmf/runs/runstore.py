@@ -9,8 +9,8 @@ run needs around the store:
   SHA-256 of its weights), the probed layers, pooling, pixel views, dataset, split, probe
   subset (``per_class``, ``seed``); :func:`plan` compares it with what a run would write
   and says whether the store is new, to be resumed (an interrupted probe: it continues at
-  the first missing block) or complete and reusable; any difference is refused in one line
-  that names it;
+  the first missing block, with the block size the store was started with) or complete and
+  reusable; any difference is refused in one line that names it;
 - views of a store: :func:`select` (some of its views, e.g. without the logits, or the
   layers alone), :func:`scan` (in one pass, the logits view's arg max and the other views'
   squared norms, which the view weights need), :func:`sq_norms`;
@@ -18,8 +18,8 @@ run needs around the store:
 
 Example:
     >>> from jaxcnmf.runs import runstore
-    >>> runstore.plan("acts/", identity, dtype="float32", batch_size=256)  # doctest: +SKIP
-    Plan(state='resume', written=3, n_blocks=10)
+    >>> runstore.plan("acts/", identity, dtype="float32")  # doctest: +SKIP
+    Plan(state='resume', written=3, n_blocks=10, block_size=4080)
 """
 
 from __future__ import annotations
@@ -54,11 +54,14 @@ class Plan(NamedTuple):
             of this run: probing is skipped).
         written: blocks already written.
         n_blocks: blocks of the whole store (0 when new).
+        block_size: columns per block to write with: the store's own when it exists, else
+            the one asked for (None: ``store.default_block_size``).
     """
 
     state: str
     written: int
     n_blocks: int
+    block_size: int | None
 
 
 def weights_digest(variables) -> str:
@@ -82,7 +85,7 @@ def identity(*, checkpoint: str, variables, layers, pooling: str, pixels: str, d
     """The provenance a run writes into its store's manifest (JSON-ready).
 
     ``layers`` are the probed layers without the logits; ``collect`` adds its own fields
-    (model, the layers it captured, image shape, batch size).
+    (model, the layers it captured, image shape, the batch size that started the store).
     """
     return {"checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
             "weights_sha256": weights_digest(variables), "probed_layers": list(layers),
@@ -98,15 +101,21 @@ def _shown(field: str, value) -> str:
     return str(value)
 
 
-def plan(path, expected: dict[str, Any], *, dtype: str, batch_size: int) -> Plan:
+def plan(path, expected: dict[str, Any], *, dtype: str, block_size: int | None = None
+         ) -> Plan:
     """Whether ``path`` is a new, unfinished or complete store of this run.
+
+    Blocks do not depend on the probing batch size, so a store resumes with any
+    ``--batch-size``; its block size is its own (the manifest's ``block_size``).
 
     Args:
         path: the ``--store`` directory.
         expected: :func:`identity` of this run.
         dtype: the stored dtype this run writes.
-        batch_size: the probing batch size (one block per batch; an unfinished store
-            resumes only with the batch size it was started with).
+        block_size: the columns per block asked for (``--store-block-size``), or None for
+            the store's own (or, for a new store, ``store.default_block_size``). An
+            unfinished store resumes only with its own; a complete one is reused whatever
+            the block size asked for.
 
     Returns:
         :class:`Plan`.
@@ -114,8 +123,9 @@ def plan(path, expected: dict[str, Any], *, dtype: str, batch_size: int) -> Plan
     Raises:
         ValueError: ``path`` is a file, a non-empty directory that is not a store, a store
             not written by a run, or a store written from another checkpoint, network,
-            layers, pooling, pixel views, dataset, split, probe subset or dtype (one line
-            naming the first difference).
+            layers, pooling, pixel views, dataset, split, probe subset or dtype, or an
+            unfinished store of another block size than ``block_size`` (one line naming
+            the first difference).
     """
     from jaxcnmf.solver import store
 
@@ -128,7 +138,7 @@ def plan(path, expected: dict[str, Any], *, dtype: str, batch_size: int) -> Plan
         if path.is_dir() and any(path.iterdir()):
             raise ValueError(f"{where} holds files but no {store.MANIFEST}; expected a new "
                              "directory or a store written by an earlier run")
-        return Plan("new", 0, 0)
+        return Plan("new", 0, 0, block_size)
     manifest = store._load_manifest(path)
     provenance = manifest.get("provenance") or {}
     if "probed_layers" not in provenance:
@@ -144,15 +154,15 @@ def plan(path, expected: dict[str, Any], *, dtype: str, batch_size: int) -> Plan
         raise ValueError(f"{where} holds {manifest['dtype']} values; this run asks for "
                          f"{dtype} (pass --store-dtype {manifest['dtype']}, or choose another "
                          "--store directory)")
-    n_blocks = int(manifest["n_blocks"])
+    n_blocks, recorded = int(manifest["n_blocks"]), int(manifest["block_size"])
     if manifest["complete"]:
-        return Plan("reuse", n_blocks, n_blocks)
-    recorded = provenance.get("batch_size")
-    if recorded != batch_size and recorded != min(batch_size, int(manifest["n"])):
-        raise ValueError(f"{where} is unfinished and was started with batch size {recorded} "
-                         f"(one block per batch); this run has {batch_size} (resume with "
-                         f"--batch-size {recorded})")
-    return Plan("resume", len(store._written_blocks(path, manifest)), n_blocks)
+        return Plan("reuse", n_blocks, n_blocks, recorded)
+    if block_size is not None and block_size != recorded:
+        raise ValueError(f"{where} is unfinished and was started with block size {recorded}; "
+                         f"this run has --store-block-size {block_size} (resume with "
+                         f"--store-block-size {recorded} or without it, or choose another "
+                         "--store directory)")
+    return Plan("resume", len(store._written_blocks(path, manifest)), n_blocks, recorded)
 
 
 def select(s, names):

@@ -1,8 +1,10 @@
 """An on-disk activation store: views of shape ``(rows_v, N)`` kept as column blocks.
 
 For probe sets whose views do not fit in memory: ``jaxcnmf.nets.probe.collect(...,
-store=DIR)`` writes one block of columns per batch as it goes, and ``jaxcnmf.fit(store)``
-streams the blocks through the solver (:mod:`jaxcnmf.solver.streaming`).
+store=DIR)`` writes the views block by block as it goes (blocks of ``default_block_size``
+columns unless told otherwise, each computed in several batches), and
+``jaxcnmf.fit(store)`` streams the blocks through the solver
+(:mod:`jaxcnmf.solver.streaming`).
 
 Format (version 1), a directory::
 

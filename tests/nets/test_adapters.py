@@ -314,7 +314,8 @@ def test_clip_with_store_and_shift_refused(linen_net, images, tmp_path):
     model, variables = linen_net
     layer = "backbone/stage1/conv"
     stored = probe.collect(model, variables, images, [layer], pixels=False, batch_size=2,
-                           progress=False, negative="clip", store=str(tmp_path / "s"))
+                           progress=False, negative="clip", store=str(tmp_path / "s"),
+                           block_size=3)  # blocks of 3 columns from batches of 2
     raw = _flat(_linen_hand(variables, _float(images))[0][layer])
     np.testing.assert_allclose(stored.read_all([layer])[layer], np.maximum(raw, 0),
                                rtol=RTOL, atol=ATOL)

@@ -455,7 +455,7 @@ def test_collect_to_a_store_honours_pixels(small, images, pixels, tmp_path):
     expected = probe.collect(model, variables, source, ["pool"], pixels=pixels, batch_size=3,
                              progress=False)
     s = probe.collect(model, variables, source, ["pool"], pixels=pixels, batch_size=3,
-                      progress=False, store=tmp_path / "acts")
-    assert s.views == tuple(expected)
+                      progress=False, store=tmp_path / "acts", block_size=4)
+    assert s.views == tuple(expected) and s.n_blocks == 2  # blocks of 4 and 3 images
     for name, X in s.read_all().items():
         _assert_close(X, expected[name])

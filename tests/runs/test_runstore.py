@@ -1,6 +1,7 @@
 """``jaxcnmf analyze --store``: probe into a store, fit by streaming, analyses and report from
 it; a rerun reuses the store, an interrupted one resumes it, another run's is refused."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from jaxcnmf.solver import store
 
 # A small analysis: 50 digits, the pool layer and the gray pixels, 2 blocks of 25 images.
 ANALYZE = ["--layers", "pool", "--per-class", "5", "--rank", "3", "--max-iter", "20",
-           "--fidelity-ranks", "3", "--batch-size", "25", "--fidelity-images", "30"]
+           "--fidelity-ranks", "3", "--batch-size", "16", "--store-block-size", "25",
+           "--fidelity-images", "30"]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,7 @@ def test_an_interrupted_store_resumes_at_its_first_missing_block(checkpoint, tmp
     out = tmp_path / "run"
     acts = out / "acts"
     config = pipeline.RunConfig(checkpoint=str(checkpoint), layers=("pool",), per_class=5,
-                                rank=3, batch_size=16, store=str(acts))
+                                rank=3, batch_size=16, store=str(acts), store_block_size=16)
     original, written = store.Writer.write_block, []
 
     def interrupted(self, i, arrays):
@@ -162,8 +164,15 @@ def test_an_interrupted_store_resumes_at_its_first_missing_block(checkpoint, tmp
 
     monkeypatch.setattr(store.Writer, "write_block", counted)
     monkeypatch.setattr(pipeline, "_factorize", stop)
+    with pytest.raises(ValueError, match=r"started with block size 16; this run has "
+                                         r"--store-block-size 8 \(resume with "):
+        pipeline.run(dataclasses.replace(config, store_block_size=8), out, force=True,
+                     progress=False)
+    assert written == []
+    # Resumed with another batch size and the store's own block size (none given).
+    resumed_config = dataclasses.replace(config, batch_size=8, store_block_size=None)
     with pytest.raises(RuntimeError, match="stopped after the probe stage"):
-        pipeline.run(config, out, force=True, progress=False)
+        pipeline.run(resumed_config, out, force=True, progress=False)
     assert written == [2, 3]
     record = json.loads((out / "run.json").read_text())
     assert record["store"]["state"] == "resumed"
@@ -183,26 +192,31 @@ def test_plan_names_the_difference(tmp_path):
                 "pooling": "flatten", "pixel_views": "rgb", "dataset": "digits",
                 "split": "test", "per_class": 5, "seed": 0}
     path = tmp_path / "acts"
-    assert runstore.plan(path, identity, dtype="float32", batch_size=16).state == "new"
+    assert runstore.plan(path, identity, dtype="float32") == ("new", 0, 0, None)
+    assert runstore.plan(path, identity, dtype="float32", block_size=8).block_size == 8
     writer = store.Writer(path, {"pool": 4}, 40, block_size=16,
                           provenance={**identity, "batch_size": 16})
     writer.write_block(0, {"pool": np.ones((4, 16))})
-    assert runstore.plan(path, identity, dtype="float32", batch_size=16) == ("resume", 1, 3)
-    with pytest.raises(ValueError, match=r"unfinished and was started with batch size 16 "
-                                         r"\(one block per batch\); this run has 32 "
-                                         r"\(resume with --batch-size 16\)"):
-        runstore.plan(path, identity, dtype="float32", batch_size=32)
+    for asked in (None, 16):  # resumed with the store's own block size
+        assert runstore.plan(path, identity, dtype="float32", block_size=asked) \
+            == ("resume", 1, 3, 16)
+    with pytest.raises(ValueError) as err:
+        runstore.plan(path, identity, dtype="float32", block_size=32)
+    assert str(err.value) == (f"store: {path} is unfinished and was started with block size "
+                              "16; this run has --store-block-size 32 (resume with "
+                              "--store-block-size 16 or without it, or choose another "
+                              "--store directory)")
     for field, value, words in (
             ("weights_sha256", "b" * 64, ("network weights with SHA-256 aaaaaaaaaaaa; this "
                                          "run has network weights with SHA-256 bbbbbbbbbbbb")),
             ("seed", 1, "seed 0; this run has seed 1"),
             ("checkpoint", "/d", "checkpoint /c; this run has checkpoint /d")):
         with pytest.raises(ValueError, match=f"was written from {words}"):
-            runstore.plan(path, {**identity, field: value}, dtype="float32", batch_size=16)
+            runstore.plan(path, {**identity, field: value}, dtype="float32")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds files but no manifest.json"):
-        runstore.plan(tmp_path / "other", identity, dtype="float32", batch_size=16)
+        runstore.plan(tmp_path / "other", identity, dtype="float32")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -212,6 +226,7 @@ def test_plan_names_the_difference(tmp_path):
     ({"restarts": 2}, ("restarts: the fit streamed from a store runs one start; expected 1, "
                       "got 2")),
     ({"store_dtype": "float16"}, "store_dtype: expected one of float32, bfloat16"),
+    ({"store_block_size": 0}, "store_block_size: expected a positive integer or None, got 0"),
 ])
 def test_what_a_store_cannot_do_is_refused_before_any_work(changes, message, tmp_path):
     config = pipeline.RunConfig(store=str(tmp_path / "acts"), **changes)
@@ -223,6 +238,9 @@ def test_store_options_need_store(capsys):
     line = _error_line(capsys, ["analyze", "--checkpoint", "c", "--out", "o",
                                 "--store-dtype", "bfloat16"])
     assert line == "jaxcnmf: error: --store-dtype needs --store"
+    line = _error_line(capsys, ["analyze", "--checkpoint", "c", "--out", "o",
+                                "--store-block-size", "64"])
+    assert line == "jaxcnmf: error: --store-block-size needs --store"
 
 
 def test_tcav_from_a_store_draws_classes_and_random_sets_from_the_subset(monkeypatch):

@@ -207,16 +207,21 @@ def test_collect_to_store_equals_collect(tmp_path, small):
     model, variables, images = small
     kwargs = {"layers": ["conv2", "pool"], "batch_size": 3, "progress": False}
     expected = probe.collect(model, variables, images, **kwargs)
+    # Blocks of 5 and 2 columns: the first block's second batch is cut at its end, the
+    # second block's one batch ends at N (images 4:7, keeping 5:7).
     s = probe.collect(model, variables, images, **kwargs, store=tmp_path / "f32",
+                      block_size=5,
                       store_info={"labels": np.arange(7), "provenance": {"checkpoint": "c"}})
-    assert s.views == tuple(expected) and s.block_size == 3 and s.n_blocks == 3
+    assert s.views == tuple(expected) and s.block_size == 5 and s.n_blocks == 2
     assert s.provenance["checkpoint"] == "c" and s.provenance["layers"] == ["conv2", "pool"]
+    assert s.provenance["batch_size"] == 3
     assert s.shapes["conv2"] == (8, 8, 8) and s.shapes["red"] == (32, 32)
     for name, X in s.read_all().items():
         np.testing.assert_allclose(X, expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
     half = probe.collect(model, variables, images, **kwargs, store=tmp_path / "bf16",
                          dtype="bfloat16")
     assert half.dtype == "bfloat16"
+    assert half.block_size == store.default_block_size(sum(half.rows.values()), 7, "bfloat16")
     for name, X in half.read_all().items():
         np.testing.assert_allclose(X.astype(np.float32), expected[name], rtol=2 ** -8,
                                    err_msg=name)
@@ -224,11 +229,32 @@ def test_collect_to_store_equals_collect(tmp_path, small):
         probe.collect(model, variables, images, **kwargs, dtype="bfloat16")
 
 
+def test_collect_blocks_need_not_be_whole_batches(tmp_path, small):
+    model, variables, images = small
+    images = np.concatenate([images, images[:4] // 2])  # N = 11: blocks of 4, 4 and 3
+    kwargs = {"layers": ["pool"], "batch_size": 3, "progress": False}
+    expected = probe.collect(model, variables, images, **kwargs)
+    s = probe.collect(model, variables, images, **kwargs, store=tmp_path / "acts",
+                      block_size=4)
+    assert [s.columns(i) for i in range(s.n_blocks)] == [(0, 4), (4, 8), (8, 11)]
+    for name, X in s.read_all().items():
+        np.testing.assert_allclose(X, expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    with pytest.raises(ValueError) as err:
+        probe.collect(model, variables, images, **kwargs, block_size=4)
+    assert str(err.value) == ("block_size: expected None without store=... (it sets the "
+                              "columns per store block), got 4")
+    for bad in (0, 2.5, "4"):
+        with pytest.raises(ValueError, match=rf"block_size: expected an integer >= 1 or None, "
+                                             rf"got {bad!r}"):
+            probe.collect(model, variables, images, **kwargs, store=tmp_path / "bad",
+                          block_size=bad)
+
+
 def test_interrupted_collect_resumes_at_the_first_missing_block(tmp_path, small,
                                                                 monkeypatch):
     model, variables, images = small
-    kwargs = {"layers": ["pool"], "batch_size": 3, "progress": False,
-              "store": tmp_path / "acts"}
+    kwargs = {"layers": ["pool"], "progress": False, "store": tmp_path / "acts",
+              "block_size": 3}
     written = []
     original = store.Writer.write_block
 
@@ -241,15 +267,17 @@ def test_interrupted_collect_resumes_at_the_first_missing_block(tmp_path, small,
 
     monkeypatch.setattr(store.Writer, "write_block", failing)
     with pytest.raises(KeyboardInterrupt):
-        probe.collect(model, variables, images, **kwargs)
-    s = probe.collect(model, variables, images, **kwargs)
+        probe.collect(model, variables, images, batch_size=3, **kwargs)
+    # Blocks do not depend on the batches: another batch size resumes the store.
+    s = probe.collect(model, variables, images, batch_size=2, **kwargs)
     assert written == [0, "interrupted", 1, 2]
+    assert s.provenance["batch_size"] == 3  # that of the call that started the store
     expected = probe.collect(model, variables, images, layers=["pool"], batch_size=3,
                              progress=False)
     for name, X in s.read_all().items():
         np.testing.assert_allclose(X, expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
     digest = hashlib.sha256((tmp_path / "acts" / "manifest.json").read_bytes()).hexdigest()
-    probe.collect(model, variables, images, **kwargs)  # finished: nothing is rewritten
+    probe.collect(model, variables, images, batch_size=3, **kwargs)  # finished: no rewrite
     assert written == [0, "interrupted", 1, 2]
     assert hashlib.sha256((tmp_path / "acts" / "manifest.json").read_bytes()).hexdigest() \
         == digest
