@@ -153,7 +153,7 @@ def _drop_cache(store):
             os.close(fd)
 
 
-def _stream_child(kind, path, iters):
+def _stream_child(kind, path, iters, uncached=True):
     """Runs in a subprocess (see ``--streaming``); prints one JSON line."""
     import warnings
 
@@ -181,7 +181,7 @@ def _stream_child(kind, path, iters):
         _drop_cache(s)
         out["read_cold_s"] = read()
     elif kind == "interleaved":
-        out.update(_interleaved(path, iters))
+        out.update(_interleaved(path, iters, uncached))
     else:
         views = s if kind == "stream" else s.read_all()
         options = {"rank": STREAM_RANK, "method": "hals", "init": "random", "tol": 0.0,
@@ -207,7 +207,7 @@ def _stream_child(kind, path, iters):
     print(json.dumps(out))
 
 
-def _interleaved(root, iters, rounds=3):
+def _interleaved(root, iters, uncached=True, rounds=3):
     """Streaming and in-memory iterations timed alternately in one process (so that the
     machine's other load falls on all alike): one in-memory fit of the data, and a
     streaming fit of every store under ``root`` (the same data in other block sizes;
@@ -225,10 +225,14 @@ def _interleaved(root, iters, rounds=3):
 
     stores = {p.name: store.open(p) for p in sorted(pathlib.Path(root).iterdir())}
     first = next(iter(stores.values()))
-    runs = {"memory": (first.read_all(), None)}
+    memory = first.read_all()
+    if jax.default_backend() != "cpu":
+        # In memory on an accelerator means on the device: sent once, not every fit.
+        memory = jax.block_until_ready(jax.device_put(memory))
+    runs = {"memory": (memory, None)}
     for name, s in stores.items():
         runs[name] = (s, None)
-        if jax.default_backend() != "cpu" and name == "default":
+        if jax.default_backend() != "cpu" and name == "default" and uncached:
             runs[name + ", cache_bytes=0"] = (s, 0)
     options = {"rank": STREAM_RANK, "method": "hals", "init": "random", "tol": 0.0,
                "progress": False}
@@ -265,9 +269,9 @@ def _interleaved(root, iters, rounds=3):
             "backend": jax.default_backend(), "device": str(jax.devices()[0])}
 
 
-def _run_stream_child(kind, path, iters):
+def _run_stream_child(kind, path, iters, uncached=True):
     command = [sys.executable, __file__, "--stream-child", kind, str(path), "--iters",
-               str(iters)]
+               str(iters)] + ([] if uncached else ["--no-uncached"])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -367,7 +371,7 @@ def _interleaved_section(args, save):
             del views
         row = {"n": args.interleaved_n, "rows": args.rows, "dtype": args.stream_dtype,
                "iters": args.iters, "load_before": _load()}
-        row.update(_run_stream_child("interleaved", root, args.iters))
+        row.update(_run_stream_child("interleaved", root, args.iters, args.uncached))
         row["load_after"] = _load()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -423,12 +427,15 @@ def main():
                         help="with --streaming: only the interleaved ratio at this N")
     parser.add_argument("--interleaved-blocks", type=int, nargs="*", default=[2048, 256],
                         help="other block sizes timed in the interleaved run")
+    parser.add_argument("--no-uncached", dest="uncached", action="store_false",
+                        help="on an accelerator, leave out the run without chunks kept on "
+                        "the device (cache_bytes=0: every pass crosses from the host)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stream-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stream_child:
-        _stream_child(args.stream_child[0], args.stream_child[1], args.iters)
+        _stream_child(args.stream_child[0], args.stream_child[1], args.iters, args.uncached)
         return
     if args.streaming:
         out = pathlib.Path(args.out)

@@ -157,6 +157,13 @@ class _Layout:
         # Chunks kept on the devices between passes (set by keep_on_devices).
         self.chunk_bytes = sum(store.rows.values()) * self.b * itemsize
         self.keep, self.kept = 0, {}
+        self.reader = None  # the fit's _Reader, started by the first pass
+
+    def close(self):
+        """Stop the background reader (the end of a fit, or a pass left before its end)."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
     def keep_on_devices(self, cache_bytes):
         """Keep the first steps' chunks on the devices, at most ``cache_bytes`` per device
@@ -313,66 +320,110 @@ def _host_chunk(store, start, stop, names, storage, width):
     return tuple(out)
 
 
+class _Reader:
+    """One background thread reading the chunks of every pass of a fit, in pass order.
+
+    Every pass (statistics, initialisation, iterations, residuals) reads the same chunks
+    in the same order, so the thread runs on from one pass into the next: the first chunks
+    of pass ``p + 1`` are read, verified (the first time), padded and sent to the devices
+    while the end of pass ``p`` is computed. It stays at most ``_PREFETCH`` chunks ahead.
+    Chunks ``j < layout.keep`` are read in the first pass only (later passes take them
+    from ``layout.kept``). :meth:`close` stops it.
+    """
+
+    def __init__(self, store, layout, names, storage):
+        self.ready = queue.Queue(maxsize=_PREFETCH)
+        self.stop = threading.Event()
+        self.passes = 0  # passes started by the consumer
+        skip_first = set(layout.kept)  # kept by an earlier reader: not read again
+        shapes = [(store.rows[name], layout.count * layout.b) for name in names]
+
+        def put(item):
+            while not self.stop.is_set():
+                try:
+                    self.ready.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def read(j):
+            spans = [layout.span(d, j) for d in layout.local]
+            chunks = [_host_chunk(store, a, z, names, storage, layout.b) for a, z in spans]
+            blocks = tuple(layout.global_array(shape, P(None, layout.axis),
+                                               [c[v] for c in chunks])
+                           for v, shape in enumerate(shapes))
+            n_valid = layout.global_array((layout.count,), P(layout.axis),
+                                          [np.array([z - a], np.int32) for a, z in spans])
+            return j, blocks, n_valid
+
+        self.last = None  # the index of the fit's last pass, once known (see finish)
+
+        def work():
+            try:
+                skip = skip_first
+                cycle = 0
+                while not self.stop.is_set():
+                    for j in range(layout.steps):
+                        if self.stop.is_set():
+                            return
+                        if j not in skip:
+                            put(read(j))
+                    skip = set(range(layout.keep))
+                    if len(skip) == layout.steps or (self.last is not None
+                                                     and cycle >= self.last):
+                        return
+                    cycle += 1
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+                put(err)
+
+        self.thread = threading.Thread(target=work, name="jaxcnmf-store-reader", daemon=True)
+        self.thread.start()
+
+    def get(self, j):
+        item = self.ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item[0] != j:  # cannot happen while passes are read whole (see _stream)
+            raise RuntimeError(f"store reader out of step: chunk {item[0]}, expected {j}")
+        return item
+
+    def finish(self, passes_left):
+        """Read no further than ``passes_left`` more passes (counting the one under way)."""
+        self.last = self.passes + passes_left - 1
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+
+
 def _stream(store, layout, names, storage):
-    """Yield ``(j, blocks, n_valid)`` for every step, read on a background thread.
+    """Yield ``(j, blocks, n_valid)`` for every step of one pass (see :class:`_Reader`).
 
     ``blocks`` are ``(rows_v, D * b)`` arrays split over the mesh (each device its chunk
     ``j``), ``n_valid`` ``(D,)`` the real columns of each chunk. This process reads only
-    its own devices' columns. The thread reads, verifies and pads step ``j + 1`` (and
-    ``j + 2``) and starts its transfer to the devices while step ``j`` is being computed.
-    The first ``layout.keep`` steps stay on the devices once read (``layout.kept``), and
-    later passes take them from there.
+    its own devices' columns. The first ``layout.keep`` steps stay on the devices once
+    read (``layout.kept``), and later passes take them from there. A pass left before its
+    end (an error in the caller) stops the reader; the next pass starts a new one.
     """
-    ready = queue.Queue(maxsize=_PREFETCH)
-    stop = threading.Event()
-    shapes = [(store.rows[name], layout.count * layout.b) for name in names]
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def work():
-        try:
-            for j in range(layout.steps):
-                if stop.is_set():
-                    return
-                if j in layout.kept:
-                    continue
-                spans = [layout.span(d, j) for d in layout.local]
-                chunks = [_host_chunk(store, a, z, names, storage, layout.b)
-                          for a, z in spans]
-                blocks = tuple(layout.global_array(shape, P(None, layout.axis),
-                                                   [c[v] for c in chunks])
-                               for v, shape in enumerate(shapes))
-                n_valid = layout.global_array(
-                    (layout.count,), P(layout.axis),
-                    [np.array([z - a], np.int32) for a, z in spans])
-                put((j, blocks, n_valid))
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
-            put(err)
-        else:
-            put(None)
-
-    thread = threading.Thread(target=work, name="jaxcnmf-store-reader", daemon=True)
-    thread.start()
+    reader = layout.reader
+    if reader is None and len(layout.kept) < layout.steps:
+        reader = layout.reader = _Reader(store, layout, names, storage)
+    if reader is not None:
+        reader.passes += 1
+    finished = False
     try:
         for j in range(layout.steps):
             if j in layout.kept:
                 yield (j, *layout.kept[j])
                 continue
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
+            item = reader.get(j)
             if j < layout.keep:
                 layout.kept[j] = item[1:]
             yield item
+        finished = True
     finally:
-        stop.set()
-        thread.join()
+        if not finished:
+            layout.close()
 
 
 def _passes(store, layout, names, storage, desc, progress):
@@ -971,188 +1022,195 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         layout = _Layout(s, placement.mesh, itemsize)
     if cache_bytes is not None:
         cache_bytes = _front._check_number("cache_bytes", cache_bytes, 0, integer=True)
-    kept = layout.keep_on_devices("auto" if cache_bytes is None else cache_bytes)
-    if wants_groups:
-        local_groups, chunk_groups = _chunk_groups(layout, np.asarray(groups), dense,
-                                                   placement is not None)
-    else:
-        local_groups, chunk_groups = np.zeros(s.n, np.int32), 1
+    try:
+        kept = layout.keep_on_devices("auto" if cache_bytes is None else cache_bytes)
+        if wants_groups:
+            local_groups, chunk_groups = _chunk_groups(layout, np.asarray(groups), dense,
+                                                       placement is not None)
+        else:
+            local_groups, chunk_groups = np.zeros(s.n, np.int32), 1
 
-    if progress:
-        where = "" if placement is None else f" over {layout.count} devices"
-        on_device = (f", {kept} of {layout.steps} steps kept on the device"
-                     f"{'s' if layout.count > 1 else ''} after the first read" if kept else "")
-        print(f"jaxcnmf: streaming fit of {len(names)} views from {str(s.path)!r}, N={s.n} "
-              f"in {s.n_blocks} blocks of {s.block_size}{where}, read in steps of "
-              f"{layout.cols} columns{on_device}, rank {rank}, method {method}, max_iter "
-              f"{max_iter}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    zeros = np.zeros(len(names), dtype)
-    stats = _statistics(s, layout, names, storage, layout.replicated(zeros), "none", dtype,
-                        progress)
-    for name, minimum, bad in zip(names, stats.minima, stats.bad):
-        if bad:
-            raise ValueError(f"view {name!r} contains {int(bad)} NaN or Inf entries")
-        if minimum < 0 and negative == "raise":
-            raise ValueError(
-                f"view {name!r} has negative entries (minimum {minimum:.4g}); expected "
-                f"non-negative data, or pass negative='clip' or 'shift'")
-    if np.any(stats.minima < 0):
-        # Only views with negatives move, as in the in-memory fit.
-        offsets = layout.replicated(np.minimum(stats.minima, 0.0).astype(dtype))
-        stats = _statistics(s, layout, names, storage, offsets, mode, dtype, progress)
-    else:
-        offsets = layout.replicated(zeros)
-        mode = "none"
-    view_weights = _weights(weights, names, stats.sq_norms())
-    # The in-memory fit's rescaling (views by their largest entry, objective by the
-    # weighted data norm), from the streamed maxima and norms.
-    problem, internal_weights, data_norm2 = _front._internal_problem_from_stats(
-        names, list(zip(stats.tops, stats.scaled)), view_weights, dtype)
-    config = core.SolverConfig(
-        method=method, rank=rank, weights=view_weights, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
-        unit_columns=bool(unit_columns), group_lam=group_lam, n_groups=chunk_groups,
-        max_iter=max_iter, tol=tol, dtype=dtype)
-    config = _front._internal_config(config, problem, internal_weights, dtype)
-    config_dict = {
-        "method": method, "rank": rank, "seed": seed,
-        "init": init if isinstance(init, str) else "user",
-        "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
-        "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": group_lam,
-        "group_lam_fraction": group_lam_fraction, "group_lam_max": None,
-        "n_groups": n_groups if groups is not None else 0,
-        "max_iter": max_iter, "tol": tol, "restarts": 1, "negative": negative,
-        "dtype": dtype, "storage_dtype": storage, "eps": config.eps,
-        "inner_iter": config.inner_iter, "weighted_data_sq_norm": data_norm2,
-        "store": str(s.path), "block_size": s.block_size, "step_columns": layout.cols,
-        "steps_kept_on_device": kept,
-    }
-    data_scale = layout.replicated(np.asarray(problem.scale, dtype))
+        if progress:
+            where = "" if placement is None else f" over {layout.count} devices"
+            on_device = (f", {kept} of {layout.steps} steps kept on the device"
+                         f"{'s' if layout.count > 1 else ''} after the first read" if kept else "")
+            print(f"jaxcnmf: streaming fit of {len(names)} views from {str(s.path)!r}, N={s.n} "
+                  f"in {s.n_blocks} blocks of {s.block_size}{where}, read in steps of "
+                  f"{layout.cols} columns{on_device}, rank {rank}, method {method}, max_iter "
+                  f"{max_iter}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        zeros = np.zeros(len(names), dtype)
+        stats = _statistics(s, layout, names, storage, layout.replicated(zeros), "none", dtype,
+                            progress)
+        for name, minimum, bad in zip(names, stats.minima, stats.bad):
+            if bad:
+                raise ValueError(f"view {name!r} contains {int(bad)} NaN or Inf entries")
+            if minimum < 0 and negative == "raise":
+                raise ValueError(
+                    f"view {name!r} has negative entries (minimum {minimum:.4g}); expected "
+                    f"non-negative data, or pass negative='clip' or 'shift'")
+        if np.any(stats.minima < 0):
+            # Only views with negatives move, as in the in-memory fit.
+            offsets = layout.replicated(np.minimum(stats.minima, 0.0).astype(dtype))
+            stats = _statistics(s, layout, names, storage, offsets, mode, dtype, progress)
+        else:
+            offsets = layout.replicated(zeros)
+            mode = "none"
+        view_weights = _weights(weights, names, stats.sq_norms())
+        # The in-memory fit's rescaling (views by their largest entry, objective by the
+        # weighted data norm), from the streamed maxima and norms.
+        problem, internal_weights, data_norm2 = _front._internal_problem_from_stats(
+            names, list(zip(stats.tops, stats.scaled)), view_weights, dtype)
+        config = core.SolverConfig(
+            method=method, rank=rank, weights=view_weights, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
+            unit_columns=bool(unit_columns), group_lam=group_lam, n_groups=chunk_groups,
+            max_iter=max_iter, tol=tol, dtype=dtype)
+        config = _front._internal_config(config, problem, internal_weights, dtype)
+        config_dict = {
+            "method": method, "rank": rank, "seed": seed,
+            "init": init if isinstance(init, str) else "user",
+            "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
+            "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": group_lam,
+            "group_lam_fraction": group_lam_fraction, "group_lam_max": None,
+            "n_groups": n_groups if groups is not None else 0,
+            "max_iter": max_iter, "tol": tol, "restarts": 1, "negative": negative,
+            "dtype": dtype, "storage_dtype": storage, "eps": config.eps,
+            "inner_iter": config.inner_iter, "weighted_data_sq_norm": data_norm2,
+            "store": str(s.path), "block_size": s.block_size, "step_columns": layout.cols,
+            "steps_kept_on_device": kept,
+        }
+        data_scale = layout.replicated(np.asarray(problem.scale, dtype))
 
-    if isinstance(init, dict):
-        # The caller's F is on the data's scale; the solver's is on the rescaled one.
-        init = {**init, "F": np.asarray(init["F"], np.float64) / problem.scale}
-        F0, loadings0 = initialization.user(init, names, shapes, rank, dtype)
-    elif init == "random":
-        F0, loadings0 = _random_init(seed, [float(x) / problem.scale for x in stats.sums],
-                                     shapes, rank, dtype)
-    else:
-        U, sv, Vt, scales, spans = _streamed_svd(s, layout, names, storage, offsets,
-                                                 data_scale, mode, rank, internal_weights,
-                                                 seed, dtype, progress)
-        stacked_sum = jnp.asarray(sum(c * x / problem.scale
-                                      for c, x in zip(scales, stats.sums)), dtype)
-        F0, loadings0 = _nndsvd_factors(U, sv, Vt, stacked_sum, scales, spans, init, dtype)
-    # Each chunk's group ids within it, placed like F (the padding in group 0, F = 0 there).
-    group_parts = layout.place(local_groups, 0, np.dtype(np.int32))
-    if group_lam_fraction is not None:
-        # fit._group_lam_max_internal from one more pass: every group lies in one chunk.
-        norms = jnp.sqrt(sum(jnp.sum(W * W, axis=0) for W in loadings0))
-        unit = tuple(layout.replicated(W / jnp.where(norms > 0, norms, 1.0))
-                     for W in loadings0)
-        tops = []
+        if isinstance(init, dict):
+            # The caller's F is on the data's scale; the solver's is on the rescaled one.
+            init = {**init, "F": np.asarray(init["F"], np.float64) / problem.scale}
+            F0, loadings0 = initialization.user(init, names, shapes, rank, dtype)
+        elif init == "random":
+            F0, loadings0 = _random_init(seed, [float(x) / problem.scale for x in stats.sums],
+                                         shapes, rank, dtype)
+        else:
+            U, sv, Vt, scales, spans = _streamed_svd(s, layout, names, storage, offsets,
+                                                     data_scale, mode, rank, internal_weights,
+                                                     seed, dtype, progress)
+            stacked_sum = jnp.asarray(sum(c * x / problem.scale
+                                          for c, x in zip(scales, stats.sums)), dtype)
+            F0, loadings0 = _nndsvd_factors(U, sv, Vt, stacked_sum, scales, spans, init, dtype)
+        # Each chunk's group ids within it, placed like F (the padding in group 0, F = 0 there).
+        group_parts = layout.place(local_groups, 0, np.dtype(np.int32))
+        if group_lam_fraction is not None:
+            # fit._group_lam_max_internal from one more pass: every group lies in one chunk.
+            norms = jnp.sqrt(sum(jnp.sum(W * W, axis=0) for W in loadings0))
+            unit = tuple(layout.replicated(W / jnp.where(norms > 0, norms, 1.0))
+                         for W in loadings0)
+            tops = []
+            for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
+                                                    "jaxcnmf: group lambda_max", progress):
+                tops.append(_block_lam_max(blocks, n_valid, group_parts[j], unit, offsets,
+                                           data_scale, config._replace(max_iter=1, tol=0.0),
+                                           mode, layout.mesh))
+                hold(tops[-1])
+            lam_max_internal = float(np.max(jax.device_get(_replicate(tops, layout.mesh))))
+            config = config._replace(group_lam=group_lam_fraction * lam_max_internal)
+            config_dict["group_lam_max"] = lam_max_internal * problem.norm / problem.scale
+            config_dict["group_lam"] = group_lam_fraction * config_dict["group_lam_max"]
+
+        # The compiled pass functions do not read max_iter or tol: keep them out of their
+        # static config, so another max_iter or tol does not compile them again.
+        kernel = config._replace(max_iter=1, tol=0.0)
+        mesh_ = layout.mesh
+        # F in this process's chunks only; the whole start is dropped here.
+        F_parts = layout.place(np.asarray(F0), 1, np.dtype(dtype))
+        del F0
+        loadings = tuple(layout.replicated(W) for W in loadings0)
+        scale = layout.replicated(np.ones(rank, dtype))
+        rows = [r for r, _ in shapes]
+        objective_history, rel_history = [], []
+        violation_init, converged, failed = None, False, False
+        # Every device's ||X'_v||^2, summed in the first pass and carried into the next ones
+        # (it is the same every pass: reading the blocks once more for it would cost a third
+        # of a pass).
+        sq = None
+        zero_sums = _zero_sums(layout, rows, rank, dtype)
+        for iteration in range(max_iter):
+            G = _gram(loadings, kernel)
+            # Fresh sums each pass, copied on the devices (the steps donate them).
+            acc = jax.tree_util.tree_map(jnp.copy, zero_sums)
+            if sq is not None:
+                acc = acc._replace(sq=sq)
+            for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
+                                                    f"jaxcnmf: pass {iteration + 1}", progress):
+                acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid,
+                                              group_parts[j], loadings, G, offsets, data_scale,
+                                              kernel, mode, sq is None, mesh_)
+                hold(F_parts[j])
+            sq = acc.sq
+            loadings, scale, value, rel, violation, jsq = _end_pass(loadings, acc, kernel, mesh_)
+            # One host sync per pass (core.run tests the same values inside its loop).
+            value, rel, violation = (np.asarray(x, np.float64)
+                                     for x in jax.device_get((value, rel, violation)))
+            objective_history.append(float(value))
+            rel_history.append(rel)
+            if violation_init is None:
+                violation_init = float(violation)
+            failed = not (np.isfinite(value) and np.isfinite(violation))
+            converged = bool(violation <= tol * violation_init)
+            if failed or converged:
+                break
+        n_iter = len(objective_history)
+        if failed:
+            raise FloatingPointError(
+                f"jaxcnmf.fit: the streaming solver produced NaN or Inf at iteration {n_iter} "
+                f"and stopped; the inputs were finite and rescaled by {problem.scale:.3g} "
+                f"(objective by {problem.norm:.3g}), so a step overflowed: internal weights "
+                f"{dict(zip(names, config.weights))}, l1_F {config.l1_F:.3g}, l2_F "
+                f"{config.l2_F:.3g}, l2_W {config.l2_W:.3g}, group_lam {config.group_lam:.3g}")
+
+        if config.unit_columns:
+            F_parts = [_rescale(F_b, scale, mesh_) for F_b in F_parts]
+        # The reported objective and errors come from the residuals (one more pass), as the
+        # in-memory fit's core.residual_objective: the Gram form loses near-exact fits.
+        fits = layout.per_device(np.zeros(len(names) + 2, dtype))
+        if layout.reader is not None:
+            layout.reader.finish(1)  # the last pass: nothing is read beyond it
         for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
-                                                "jaxcnmf: group lambda_max", progress):
-            tops.append(_block_lam_max(blocks, n_valid, group_parts[j], unit, offsets,
-                                       data_scale, config._replace(max_iter=1, tol=0.0),
-                                       mode, layout.mesh))
-            hold(tops[-1])
-        lam_max_internal = float(np.max(jax.device_get(_replicate(tops, layout.mesh))))
-        config = config._replace(group_lam=group_lam_fraction * lam_max_internal)
-        config_dict["group_lam_max"] = lam_max_internal * problem.norm / problem.scale
-        config_dict["group_lam"] = group_lam_fraction * config_dict["group_lam_max"]
-
-    # The compiled pass functions do not read max_iter or tol: keep them out of their
-    # static config, so another max_iter or tol does not compile them again.
-    kernel = config._replace(max_iter=1, tol=0.0)
-    mesh_ = layout.mesh
-    # F in this process's chunks only; the whole start is dropped here.
-    F_parts = layout.place(np.asarray(F0), 1, np.dtype(dtype))
-    del F0
-    loadings = tuple(layout.replicated(W) for W in loadings0)
-    scale = layout.replicated(np.ones(rank, dtype))
-    rows = [r for r, _ in shapes]
-    objective_history, rel_history = [], []
-    violation_init, converged, failed = None, False, False
-    # Every device's ||X'_v||^2, summed in the first pass and carried into the next ones
-    # (it is the same every pass: reading the blocks once more for it would cost a third
-    # of a pass).
-    sq = None
-    for iteration in range(max_iter):
-        G = _gram(loadings, kernel)
-        acc = _zero_sums(layout, rows, rank, dtype)
-        if sq is not None:
-            acc = acc._replace(sq=sq)
-        for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
-                                                f"jaxcnmf: pass {iteration + 1}", progress):
-            acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid,
-                                          group_parts[j], loadings, G, offsets, data_scale,
-                                          kernel, mode, sq is None, mesh_)
-            hold(F_parts[j])
-        sq = acc.sq
-        loadings, scale, value, rel, violation, jsq = _end_pass(loadings, acc, kernel, mesh_)
-        # One host sync per pass (core.run tests the same values inside its loop).
-        value, rel, violation = (np.asarray(x, np.float64)
-                                 for x in jax.device_get((value, rel, violation)))
-        objective_history.append(float(value))
-        rel_history.append(rel)
-        if violation_init is None:
-            violation_init = float(violation)
-        failed = not (np.isfinite(value) and np.isfinite(violation))
-        converged = bool(violation <= tol * violation_init)
-        if failed or converged:
-            break
-    n_iter = len(objective_history)
-    if failed:
-        raise FloatingPointError(
-            f"jaxcnmf.fit: the streaming solver produced NaN or Inf at iteration {n_iter} "
-            f"and stopped; the inputs were finite and rescaled by {problem.scale:.3g} "
-            f"(objective by {problem.norm:.3g}), so a step overflowed: internal weights "
-            f"{dict(zip(names, config.weights))}, l1_F {config.l1_F:.3g}, l2_F "
-            f"{config.l2_F:.3g}, l2_W {config.l2_W:.3g}, group_lam {config.group_lam:.3g}")
-
-    if config.unit_columns:
-        F_parts = [_rescale(F_b, scale, mesh_) for F_b in F_parts]
-    # The reported objective and errors come from the residuals (one more pass), as the
-    # in-memory fit's core.residual_objective: the Gram form loses near-exact fits.
-    fits = layout.per_device(np.zeros(len(names) + 2, dtype))
-    for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
-                                            "jaxcnmf: final objective", progress):
-        fits = _block_residual(fits, F_parts[j], blocks, n_valid, loadings, offsets,
-                               data_scale, kernel, mode, mesh_)
-        hold(fits)
-    final = _residual_value(loadings, fits, jsq, kernel, mesh_)
-    if kernel.group_lam > 0:
-        total = layout.per_device(np.zeros((), dtype))
-        for F_b, groups_b in zip(F_parts, group_parts):
-            total = _chunk_group_norms(total, F_b, groups_b, kernel, mesh_)
-        final = _with_group_penalty(final, total, kernel, mesh_)
-    F = layout.padded(F_parts)  # (rank, D * c), split like the in-memory sharded F
-    del F_parts
-    if not np.isfinite(float(jax.device_get(final[0]))):
-        raise FloatingPointError(
-            f"jaxcnmf.fit: the final objective of the streaming fit is not finite after "
-            f"{n_iter} iterations (data rescaled by {problem.scale:.3g}, objective by "
-            f"{problem.norm:.3g})")
-    # The in-memory fit's result builder, fed a host state of the streamed run.
-    state = core.SolverState(
-        F=F, loadings=loadings, groups=None, sq_norms=jsq,
-        iteration=np.int32(n_iter), objective=objective_history[-1],
-        objective_history=np.asarray(objective_history, np.float64),
-        rel_error_history=np.stack(rel_history, axis=1), converged=converged,
-        violation=violation, violation_init=violation_init, failed=False)
-    result = _front._result(state, tuple(names), config_dict, problem, final, placement)
-    if progress:
-        errors = ", ".join(f"{k} {v:.4f}" for k, v in result.relative_errors.items())
-        status = "converged" if converged else "max_iter reached"
-        print(f"jaxcnmf: done in {time.perf_counter() - start:.1f} s, {result.n_iter} "
-              f"passes ({status}), rel. errors {errors}", file=sys.stderr, flush=True)
-    _front._check_live(result, stacklevel=4)
-    if not result.converged:
-        warnings.warn(f"jaxcnmf.fit stopped at max_iter={max_iter} before the KKT "
-                      f"violation fell to tol={tol} of its start; increase max_iter or tol",
-                      _front.ConvergenceWarning, stacklevel=3)
-    return result
+                                                "jaxcnmf: final objective", progress):
+            fits = _block_residual(fits, F_parts[j], blocks, n_valid, loadings, offsets,
+                                   data_scale, kernel, mode, mesh_)
+            hold(fits)
+        final = _residual_value(loadings, fits, jsq, kernel, mesh_)
+        if kernel.group_lam > 0:
+            total = layout.per_device(np.zeros((), dtype))
+            for F_b, groups_b in zip(F_parts, group_parts):
+                total = _chunk_group_norms(total, F_b, groups_b, kernel, mesh_)
+            final = _with_group_penalty(final, total, kernel, mesh_)
+        F = layout.padded(F_parts)  # (rank, D * c), split like the in-memory sharded F
+        del F_parts
+        if not np.isfinite(float(jax.device_get(final[0]))):
+            raise FloatingPointError(
+                f"jaxcnmf.fit: the final objective of the streaming fit is not finite after "
+                f"{n_iter} iterations (data rescaled by {problem.scale:.3g}, objective by "
+                f"{problem.norm:.3g})")
+        # The in-memory fit's result builder, fed a host state of the streamed run.
+        state = core.SolverState(
+            F=F, loadings=loadings, groups=None, sq_norms=jsq,
+            iteration=np.int32(n_iter), objective=objective_history[-1],
+            objective_history=np.asarray(objective_history, np.float64),
+            rel_error_history=np.stack(rel_history, axis=1), converged=converged,
+            violation=violation, violation_init=violation_init, failed=False)
+        result = _front._result(state, tuple(names), config_dict, problem, final, placement)
+        if progress:
+            errors = ", ".join(f"{k} {v:.4f}" for k, v in result.relative_errors.items())
+            status = "converged" if converged else "max_iter reached"
+            print(f"jaxcnmf: done in {time.perf_counter() - start:.1f} s, {result.n_iter} "
+                  f"passes ({status}), rel. errors {errors}", file=sys.stderr, flush=True)
+        _front._check_live(result, stacklevel=4)
+        if not result.converged:
+            warnings.warn(f"jaxcnmf.fit stopped at max_iter={max_iter} before the KKT "
+                          f"violation fell to tol={tol} of its start; increase max_iter or tol",
+                          _front.ConvergenceWarning, stacklevel=3)
+        return result
+    finally:
+        layout.close()  # the background reader
 
 
 def _placement(mesh, n):
