@@ -27,15 +27,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import _record  # benchmarks/_record.py, beside this script
 import jax
 import numpy as np
 
@@ -120,20 +118,12 @@ def main(argv=None):
               f"{r['write_s']:>9.2f}{r['hals_s_per_iter']:>11.3f}")
     result = {
         "benchmark": "collect_store",
-        "device": jax.devices()[0].device_kind,
-        "backend": jax.default_backend(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-        "platform": platform.platform(),
-        "jax_version": jax.__version__,
+        **_record.machine(),
         "default_block_size": store.default_block_size(rows[0]["rows"], args.n, "float32"),
         "args": vars(args),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    _record.write(args.out, result)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import _record  # benchmarks/_record.py, beside this script
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,19 +231,11 @@ def main(argv=None):
     ))
     result = {
         "benchmark": "probe_speed",
-        "device": jax.devices()[0].device_kind,
-        "backend": jax.default_backend(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-        "platform": platform.platform(),
-        "jax_version": jax.__version__,
+        **_record.machine(),
         "args": vars(args),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    _record.write(args.out, result)
 
 
 if __name__ == "__main__":
