@@ -104,8 +104,9 @@ examples:
 --store DIR is for probe sets whose activations do not fit in memory: the probe stage writes
 them to DIR block by block (--store-block-size images a block, by default about 64 MiB of
 activations; each block probed in batches of --batch-size), the fit streams the blocks
-(HALS or MU, over --devices devices, one start, no group penalty: the store is in probe
-order, not in blocks of whole groups), and the k-means baseline, the layers-only fit,
+(HALS or MU, over --devices devices, one start; --group-sparse and --group-lam with
+--groups class and a --per-class probe set, whose blocks then hold whole classes), and the
+k-means baseline, the layers-only fit,
 fidelity (on --fidelity-images of the probe images) and TCAV read from it. Rerunning with
 --force after an interruption continues the store at its first missing block, with the
 store's block size and any --batch-size (--force redoes the run directory, never the
@@ -531,8 +532,9 @@ def _add_analyze(commands):
     )
     analyze.add_argument(
         "--store-block-size", metavar="N", type=_positive_int, default=None,
-        help="images per store block (default: about 64 MiB of activations a block; an "
-        "unfinished store resumes with its own; needs --store)",
+        help="images per store block (default: about 64 MiB of activations a block, whole "
+        "classes with a group penalty; an unfinished store resumes with its own; needs "
+        "--store)",
     )
     analyze.add_argument(
         "--fidelity-images", metavar="N", type=_positive_int, default=None,

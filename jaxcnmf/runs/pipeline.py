@@ -149,12 +149,16 @@ class RunConfig:
             by block (resuming an unfinished store of the same run, reusing a complete
             one), the fit streams from it, and the baseline, the layers-only fit,
             fidelity and TCAV read from it. None keeps the views in memory. With a store
-            the fit streams over ``devices`` devices, with one start and without a group
-            penalty.
+            the fit streams over ``devices`` devices, with one start; a group penalty
+            needs ``groups="class"`` and a probe set of runs of ``m`` images per class (a
+            ``per_class`` one), and then blocks (and, over several devices, the devices'
+            shares ``ceil(N / devices)``) of a multiple of ``m`` images, so that no class
+            straddles two.
         store_dtype: "float32" or "bfloat16" (half the disk and reads; values rounded to
             8 bits of mantissa), the stored values' dtype.
         store_block_size: images per store block; None: ``store.default_block_size``
-            (about 64 MiB of all views a block) for a new store, the store's own when
+            (about 64 MiB of all views a block; with the group penalty, the largest
+            multiple of the class size not above it) for a new store, the store's own when
             resuming one (an unfinished store resumes only with its own block size).
         fidelity_images: with ``store``, fidelity is measured on this many probe images
             (a random subset drawn with ``seed``; all of them when there are fewer); its
@@ -424,11 +428,11 @@ def _check_store_config(config: RunConfig) -> None:
     if config.store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype: expected one of {', '.join(STORE_DTYPES)}, got "
                          f"{config.store_dtype!r}")
-    if config.group_penalty:
+    if config.group_penalty and config.groups == "superclass":
         raise ValueError("store: the fit streamed from a store has the group penalty only "
-                         "when every group's images lie in one block, and a run's store is "
-                         "written in probe order (classes mixed in every block); leave out "
-                         "--group-sparse and --group-lam, or fit in memory without --store")
+                         "when no group's images straddle two blocks, and the probe set "
+                         "is ordered by class, so a superclass's classes are not contiguous; "
+                         "use --groups class, or fit in memory without --store")
     if config.restarts != 1:
         raise ValueError(f"restarts: the fit streamed from a store runs one start; expected "
                          f"1, got {config.restarts}")
@@ -555,6 +559,65 @@ def _check_probe_set(config: RunConfig, probe_set) -> None:
             f"groups: 'superclass' needs a dataset with coarse labels; "
             f"{config.dataset!r} has none (use --groups class)"
         )
+    _store_class_size(config, probe_set.labels)
+
+
+def _store_class_size(config: RunConfig, labels) -> int | None:
+    """With a store and a group penalty (on classes), the images per class ``m``; else None.
+
+    The streamed group lasso needs no class across two of its steps: it holds when the
+    probe set is one run of ``m`` images per class (a ``per_class`` one, ordered by class)
+    and blocks and the devices' shares ``ceil(N / devices)`` are multiples of ``m``. What
+    breaks that is refused here, before any probing.
+    """
+    if config.store is None or not config.group_penalty:
+        return None
+    labels = np.asarray(labels)
+    runs = np.diff(np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1, [len(labels)]]))
+    if len(runs) != len(np.unique(labels)):
+        raise ValueError("store: the group penalty from a store needs each class's probe "
+                         "images together, and this probe set has classes split between "
+                         "other classes' images (pass --per-class N for a probe set ordered "
+                         "by class, or fit in memory without --store)")
+    if runs.min() != runs.max():
+        raise ValueError(f"store: the group penalty from a store needs as many probe images "
+                         f"in every class, and this probe set has {runs.min()} to "
+                         f"{runs.max()} (pass --per-class N for a balanced probe set, or fit "
+                         f"in memory without --store)")
+    m = int(runs[0])
+    size = config.store_block_size
+    if size is not None and size % m:
+        raise ValueError(f"store: the group penalty from a store needs whole classes in "
+                         f"every block, and --store-block-size {size} is not a multiple of "
+                         f"the {m} images per class (pass --store-block-size "
+                         f"{max(m, size // m * m)}, or leave it out)")
+    mesh = _mesh(config)
+    devices = 1 if mesh is None else mesh.size
+    share = -(-len(labels) // devices)
+    if share % m:
+        raise ValueError(f"store: the group penalty from a store needs whole classes on "
+                         f"every device, and {devices} devices get ceil({len(labels)} / "
+                         f"{devices}) = {share} probe images each, not a multiple of the {m} "
+                         f"images per class (choose --devices so that it is, or fit in "
+                         f"memory without --store)")
+    return m
+
+
+def _store_rows(config: RunConfig, model, variables, layers, pixels, image_shape) -> int:
+    """Rows of all views the probe stage writes to the store (with our networks' logits),
+    as ``probe.collect`` counts them for its default block size."""
+    shapes = _layer_shapes(model, variables, image_shape)
+    probed = layers + (() if config.model_module is not None else (LOGITS,))
+    rows = sum(int(np.prod(shapes[name])) if config.pooling == "flatten" else shapes[name][-1]
+               for name in probed)
+    h, w, c = image_shape
+    return rows + h * w * {"none": 0, "gray": 1}.get(pixels, c)
+
+
+def _class_block_size(default: int, class_size: int) -> int:
+    """The largest multiple of ``class_size`` not above ``default`` (at least
+    ``class_size``): blocks of whole classes, for the group penalty from a store."""
+    return max(class_size, default // class_size * class_size)
 
 
 def _load_network(config: RunConfig):
@@ -884,7 +947,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, force: bool = False,
     pixels = _pixel_mode(config, probe_set.images, stages)
     if config.store is not None and (variables is not None or user):
         # A store of another checkpoint or probe set is refused before the run starts.
-        _store_plan(config, meta["checkpoint"], model, variables, layers, pixels)
+        _store_plan(config, meta["checkpoint"], model, variables, layers, pixels, probe_set)
     record = {
         "status": "running",
         "started": started,
@@ -975,7 +1038,7 @@ def _run_stages(config, tcav, out, stages, record, save_record, model, variables
     store_plan = None
     if config.store is not None:
         store_plan = _store_plan(config, record["model"]["checkpoint"], model, variables,
-                                 layers, pixels, stages)
+                                 layers, pixels, probe_set, stages)
     with stages("probe", f"{len(probe_set.labels)} images, layers {', '.join(layers)}"
                          + ("" if config.store is None else f", into the store {config.store}")):
         if config.store is None and config.model_module is None:
@@ -1076,16 +1139,32 @@ def _network_weights(model, variables):
     return adapters.adapt(model, variables).state
 
 
-def _store_plan(config: RunConfig, checkpoint, model, variables, layers, pixels,
+def _store_plan(config: RunConfig, checkpoint, model, variables, layers, pixels, probe_set,
                 stages=None):
     """Check ``config.store`` against this run and say (with ``stages``, in a log line)
-    what the probe stage will do with it; returns the plan and the run's identity."""
+    what the probe stage will do with it; returns the plan and the run's identity.
+
+    With the group penalty a new store's default block size is whole classes, and a
+    store written before with blocks of another size is refused.
+    """
     from jaxcnmf.runs import runstore
+    from jaxcnmf.solver import store
 
     identity = _store_identity(config, checkpoint, _network_weights(model, variables), layers,
                                pixels)
     plan = runstore.plan(config.store, identity, dtype=config.store_dtype,
                          block_size=config.store_block_size)
+    class_size = _store_class_size(config, probe_set.labels)
+    if class_size is not None and plan.block_size is None:
+        image_shape = tuple(probe_set.images.shape[1:])
+        rows = _store_rows(config, model, variables, layers, pixels, image_shape)
+        default = store.default_block_size(rows, len(probe_set.labels), config.store_dtype)
+        plan = plan._replace(block_size=_class_block_size(default, class_size))
+    elif class_size is not None and plan.block_size % class_size:
+        raise ValueError(f"store: {config.store} has blocks of {plan.block_size} images, not "
+                         f"a multiple of the {class_size} images per class, so classes "
+                         f"straddle blocks and the group penalty cannot stream from it "
+                         f"(choose another --store directory)")
     if stages is not None and plan.state == "reuse":
         stages.log(f"store: reusing the complete store {config.store} of this checkpoint, "
                    f"layers and probe set ({plan.n_blocks} blocks); probing is skipped")

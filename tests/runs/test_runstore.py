@@ -4,6 +4,7 @@ it; a rerun reuses the store, an interrupted one resumes it, another run's is re
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -220,9 +221,11 @@ def test_plan_names_the_difference(tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"group_lam_fraction": 0.1}, ("store: the fit streamed from a store has the group "
-                                   "penalty only when every group's images lie in one block, "
-                                   "and a run's store is written in probe order")),
+    ({"group_lam_fraction": 0.1, "groups": "superclass"}, (
+        "store: the fit streamed from a store has the group penalty only when no group's "
+        "images straddle two blocks, and the probe set is ordered by class, so a "
+        "superclass's classes are not contiguous; use --groups class, or fit in memory "
+        "without --store")),
     ({"restarts": 2}, ("restarts: the fit streamed from a store runs one start; expected 1, "
                       "got 2")),
     ({"store_dtype": "float16"}, "store_dtype: expected one of float32, bfloat16"),
@@ -286,3 +289,83 @@ def test_scan_gives_predictions_and_norms_in_one_pass(tmp_path, monkeypatch):
         expected = float(np.sum(views[name].astype(np.float32).astype(np.float64) ** 2))
         assert norms[name] == pytest.approx(expected, rel=1e-12)
         assert runstore.sq_norms(runstore.select(s, [name])) == {name: norms[name]}
+
+
+def test_analyze_from_a_store_with_the_group_penalty_on_classes(stored_run, checkpoint,
+                                                                tmp_path, monkeypatch, capsys):
+    # The store of 10 classes of 5 digits in blocks of 25 is reused: no class straddles two.
+    acts, out = stored_run / "acts", tmp_path / "run"
+    argv = ["analyze", "--checkpoint", str(checkpoint), *ANALYZE, "--group-sparse", "0.1",
+            "--store", str(acts), "--no-baseline", "--quiet"]
+    monkeypatch.setattr(figures, "save_figure", _placeholder_figure)
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    saved = pipeline.load_run(out)
+    record = saved.record
+    assert record["status"] == "complete" and record["store"]["block_size"] == 25
+    page = (out / "report.html").read_text()
+    assert "0.1 of lambda_max (group_lam " in page and " over class" in page
+
+    # The same group fit in memory: the same penalty, the same class-concept pairs zeroed.
+    ckpt = train.load_checkpoint(checkpoint)
+    views = probe.collect(ckpt.model, ckpt.variables, saved.images, ["pool"], pixels="rgb",
+                          batch_size=16, progress=False)
+    config = pipeline.RunConfig(checkpoint=str(checkpoint), layers=("pool",), rank=3,
+                                max_iter=20, seed=0, group_lam_fraction=0.1)
+    with pytest.warns(jaxcnmf.ConvergenceWarning):
+        in_memory = jaxcnmf.fit(views, 3, progress=False, **pipeline._fit_settings(
+            config, SimpleNamespace(labels=saved.labels), views))
+    group_lam = record["factorization"]["group_lam"]
+    assert group_lam > 0
+    assert group_lam == pytest.approx(in_memory.config["group_lam"], rel=1e-4)
+    # Without the penalty F moves by 15% of its largest entry; the streamed group lasso
+    # sums in another order, which moves it by about 0.2% after 20 iterations.
+    scale = float(np.abs(in_memory.F).max())
+    np.testing.assert_allclose(saved.result.F, in_memory.F, atol=5e-3 * scale)
+    zeroed = [np.linalg.norm(F.reshape(3, 10, 5), axis=2) == 0
+              for F in (saved.result.F, in_memory.F)]
+    np.testing.assert_array_equal(*zeroed)
+
+    # The default block size holds whole classes, of the rows of all views collect() writes.
+    rows = pipeline._store_rows(config, ckpt.model, ckpt.variables, ("pool",), "rgb",
+                                (32, 32, 1))
+    assert rows == sum(store.open(acts).rows.values())
+    assert [pipeline._class_block_size(d, 5) for d in (4080, 53, 50, 3)] == [4080, 50, 50, 5]
+
+    # A store whose blocks are not whole classes, or such a block size, is refused first.
+    monkeypatch.setattr(probe, "collect", None)
+    monkeypatch.setattr(runstore, "plan", lambda *args, **kwargs: runstore.Plan(
+        "reuse", 4, 4, 16))
+    argv = [*argv, "--out", str(tmp_path / "refused")]
+    line = _error_line(capsys, argv)
+    assert line == (f"jaxcnmf: error: store: {acts} has blocks of 16 images, not a multiple "
+                    "of the 5 images per class, so classes straddle blocks and the group "
+                    "penalty cannot stream from it (choose another --store directory)")
+    line = _error_line(capsys, [*argv, "--store-block-size", "12"])
+    assert line == ("jaxcnmf: error: store: the group penalty from a store needs whole "
+                    "classes in every block, and --store-block-size 12 is not a multiple of "
+                    "the 5 images per class (pass --store-block-size 10, or leave it out)")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_the_group_penalty_from_a_store_needs_runs_of_whole_classes(monkeypatch):
+    config = pipeline.RunConfig(store="acts", group_lam_fraction=0.1, store_block_size=4)
+    assert pipeline._store_class_size(config, [0, 0, 1, 1, 2, 2]) == 2
+    assert pipeline._store_class_size(dataclasses.replace(config, store=None), [0, 1]) is None
+    with pytest.raises(ValueError) as err:
+        pipeline._store_class_size(config, [0, 0, 1, 1, 0, 0])
+    assert str(err.value) == (
+        "store: the group penalty from a store needs each class's probe images together, and "
+        "this probe set has classes split between other classes' images (pass --per-class N "
+        "for a probe set ordered by class, or fit in memory without --store)")
+    with pytest.raises(ValueError, match=r"needs as many probe images in every class, and "
+                                         r"this probe set has 2 to 3 \(pass --per-class N"):
+        pipeline._store_class_size(config, [0, 0, 1, 1, 1])
+    # Over 4 devices, 12 images give 3 each: not whole classes of 2.
+    monkeypatch.setattr(pipeline, "_mesh", lambda config: SimpleNamespace(size=4))
+    with pytest.raises(ValueError) as err:
+        pipeline._store_class_size(config, np.repeat(np.arange(6), 2))
+    assert str(err.value) == (
+        "store: the group penalty from a store needs whole classes on every device, and 4 "
+        "devices get ceil(12 / 4) = 3 probe images each, not a multiple of the 2 images per "
+        "class (choose --devices so that it is, or fit in memory without --store)")
+    assert pipeline._store_class_size(config, np.repeat(np.arange(4), 2)) == 2
