@@ -103,16 +103,15 @@ examples:
 
 --store DIR is for probe sets whose activations do not fit in memory: the probe stage writes
 them to DIR block by block (--store-block-size images a block, by default about 64 MiB of
-activations; each block probed in batches of --batch-size), the fit streams the blocks
-(HALS or MU, over --devices devices, one start; --group-sparse and --group-lam with
---groups class and a --per-class probe set, whose blocks then hold whole classes), and the
-k-means baseline, the layers-only fit,
-fidelity (on --fidelity-images of the probe images) and TCAV read from it. Rerunning with
---force after an interruption continues the store at its first missing block, with the
-store's block size and any --batch-size (--force redoes the run directory, never the
-store); a complete store of the same checkpoint, layers and probe set is reused without
-probing; a store of anything else is refused. In memory remain the probe images (uint8),
-F (rank x N) and a few blocks.
+activations; each block probed in batches of --batch-size), the fit streams the blocks (HALS
+or MU, over --devices devices, one start; --group-sparse and --group-lam with --groups class
+and a --per-class probe set, whose blocks then hold whole classes), and the k-means
+baseline, the layers-only fit, fidelity (on --fidelity-images of the probe images) and TCAV
+read from it. Rerunning with --force after an interruption continues the store at its first
+missing block, with the store's block size and any --batch-size (--force redoes the run
+directory, never the store); a complete store of the same checkpoint, layers and probe set
+is reused without probing; a store of anything else is refused. In memory remain the probe
+images (uint8), F (rank x N) and a few blocks.
   jaxcnmf analyze --checkpoint runs/r18/ckpt --dataset cifar10 --source DIR --split train \\
                   --per-class 5000 --layers conv4_x,conv5_x,avgpool --pooling mean \\
                   --store runs/r18/acts --store-dtype bfloat16 --out runs/r18/train50k
