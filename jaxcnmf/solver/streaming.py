@@ -685,6 +685,26 @@ def _block_step(sums, F_b, scale, blocks, n_valid, groups_b, loadings, G, offset
                                        G, offsets, data_scale)
 
 
+# Most steps a pass over chunks kept on the devices runs as one compiled call (the steps
+# are unrolled in it: compile time grows with their number).
+_FUSED_STEPS = 16
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mode", "norms", "mesh"),
+                   donate_argnames="sums")
+def _kept_pass(sums, F_parts, scale, chunks, group_parts, loadings, G, offsets, data_scale,
+               config, mode, norms, mesh):
+    """:func:`_block_step` over every chunk of a pass in one call, ``chunks`` the
+    ``(blocks, n_valid)`` kept on the devices; returns the sums and the new ``F`` pieces.
+    On an accelerator this saves a launch and a host round trip per step."""
+    out = []
+    for F_b, (blocks, n_valid), groups_b in zip(F_parts, chunks, group_parts):
+        sums, F_b = _block_step(sums, F_b, scale, blocks, n_valid, groups_b, loadings, G,
+                                offsets, data_scale, config, mode, norms, mesh)
+        out.append(F_b)
+    return sums, tuple(out)
+
+
 def _block_products(blocks, loadings, offsets, data_scale, config, mode):
     """``B_b = sum_v w_v W_v^T X_vb`` ``(rank, width)`` of one chunk, with the blocks as
     the sums take them and the factor ``inv`` that their products still need."""
@@ -1131,18 +1151,29 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         # of a pass).
         sq = None
         zero_sums = _zero_sums(layout, rows, rank, dtype)
+        # One bar over the iterations (each reading pass also shows its own, per step).
+        passes_bar = tqdm(total=max_iter, desc="jaxcnmf: iterations", unit="pass", leave=False,
+                          disable=not progress, file=sys.stderr)
         for iteration in range(max_iter):
             G = _gram(loadings, kernel)
             # Fresh sums each pass, copied on the devices (the steps donate them).
             acc = jax.tree_util.tree_map(jnp.copy, zero_sums)
             if sq is not None:
                 acc = acc._replace(sq=sq)
-            for j, blocks, n_valid, hold in _passes(s, layout, names, storage,
-                                                    f"jaxcnmf: pass {iteration + 1}", progress):
-                acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid,
-                                              group_parts[j], loadings, G, offsets, data_scale,
-                                              kernel, mode, sq is None, mesh_)
-                hold(F_parts[j])
+            if len(layout.kept) == layout.steps <= _FUSED_STEPS:
+                # Every chunk on the devices: the whole pass is one compiled call.
+                chunks = tuple(layout.kept[j] for j in range(layout.steps))
+                acc, F_new = _kept_pass(acc, tuple(F_parts), scale, chunks,
+                                        tuple(group_parts), loadings, G, offsets, data_scale,
+                                        kernel, mode, sq is None, mesh_)
+                F_parts = list(F_new)
+            else:
+                for j, blocks, n_valid, hold in _passes(
+                        s, layout, names, storage, f"jaxcnmf: pass {iteration + 1}", progress):
+                    acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid,
+                                                  group_parts[j], loadings, G, offsets,
+                                                  data_scale, kernel, mode, sq is None, mesh_)
+                    hold(F_parts[j])
             sq = acc.sq
             loadings, scale, value, rel, violation, jsq = _end_pass(loadings, acc, kernel, mesh_)
             # One host sync per pass (core.run tests the same values inside its loop).
@@ -1150,12 +1181,14 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                                      for x in jax.device_get((value, rel, violation)))
             objective_history.append(float(value))
             rel_history.append(rel)
+            passes_bar.update(1)
             if violation_init is None:
                 violation_init = float(violation)
             failed = not (np.isfinite(value) and np.isfinite(violation))
             converged = bool(violation <= tol * violation_init)
             if failed or converged:
                 break
+        passes_bar.close()
         n_iter = len(objective_history)
         if failed:
             raise FloatingPointError(

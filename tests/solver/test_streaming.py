@@ -169,6 +169,17 @@ def test_chunks_kept_on_the_device_are_not_read_again(data, monkeypatch):
     assert kept.config["steps_kept_on_device"] == 2
     np.testing.assert_allclose(kept.F, plain.F, rtol=1e-6, atol=1e-7 * plain.F.max())
     assert kept.objective == pytest.approx(plain.objective, rel=1e-6)
+    # Every chunk kept: read once, and each iteration is one compiled call over the chunks.
+    reads.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        whole = jaxcnmf.fit(s, cache_bytes=10**6, **options)
+    assert reads == [0, 1, 2, 3, 4] and whole.config["steps_kept_on_device"] == 5
+    np.testing.assert_allclose(whole.F, plain.F, rtol=1e-5, atol=1e-6 * plain.F.max())
+    for name in views:
+        np.testing.assert_allclose(whole.loadings[name], plain.loadings[name], rtol=1e-5,
+                                   atol=1e-6 * plain.loadings[name].max())
+    assert whole.objective == pytest.approx(plain.objective, rel=1e-5)
     with pytest.raises(ValueError, match=r"cache_bytes: expected an integer >= 0, got -1"):
         jaxcnmf.fit(s, cache_bytes=-1, **options)
     with pytest.raises(ValueError, match=r"cache_bytes: only for views from a store"):
