@@ -389,13 +389,15 @@ def _check_layers(net: Bound, layers: Any, image_shape: tuple) -> tuple[str, ...
     return layers
 
 
-def _check_batch_size(batch_size: Any) -> int:
+def _is_positive_int(value: Any) -> bool:
     try:
-        ok = (not isinstance(batch_size, bool) and int(batch_size) == batch_size
-              and batch_size >= 1)
+        return not isinstance(value, bool) and int(value) == value and value >= 1
     except (TypeError, ValueError, OverflowError):  # None, "abc", NaN, inf
-        ok = False
-    if not ok:
+        return False
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if not _is_positive_int(batch_size):
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     return int(batch_size)
 
@@ -717,12 +719,7 @@ def _non_negative(view: jax.Array, negative: str) -> jax.Array:
 def _check_block_size(block_size: Any) -> int | None:
     if block_size is None:
         return None
-    try:
-        ok = (not isinstance(block_size, bool) and int(block_size) == block_size
-              and block_size >= 1)
-    except (TypeError, ValueError, OverflowError):  # "abc", NaN, inf
-        ok = False
-    if not ok:
+    if not _is_positive_int(block_size):
         raise ValueError(f"block_size: expected an integer >= 1 or None, got {block_size!r}")
     return int(block_size)
 
@@ -809,8 +806,8 @@ def _collect_to_store(net, arr, layers, pixels, pooling, batch_size, block_size,
         views = {name: np.empty((rows[name], stop - start), np.float32) for name in layers}
         lowest = np.full(len(layers), np.inf, np.float32)
         column = 0
-        for (batch, minima), lo, hi in outputs:
-            batch, minima = jax.device_get((batch, minima))
+        fetched = jax.device_get([batch for batch, _, _ in outputs])  # one transfer a block
+        for (batch, minima), (_, lo, hi) in zip(fetched, outputs):
             for name in layers:
                 views[name][:, column:column + hi - lo] = batch[name][:, lo:hi]
             lowest = np.minimum(lowest, minima)

@@ -606,10 +606,11 @@ def _store_class_size(config: RunConfig, labels) -> int | None:
 def _store_rows(config: RunConfig, model, variables, layers, pixels, image_shape) -> int:
     """Rows of all views the probe stage writes to the store (with our networks' logits),
     as ``probe.collect`` counts them for its default block size."""
+    from jaxcnmf.nets import probe
+
     shapes = _layer_shapes(model, variables, image_shape)
     probed = layers + (() if config.model_module is not None else (LOGITS,))
-    rows = sum(int(np.prod(shapes[name])) if config.pooling == "flatten" else shapes[name][-1]
-               for name in probed)
+    rows = sum(probe._view_rows(shapes[name], config.pooling) for name in probed)
     h, w, c = image_shape
     return rows + h * w * {"none": 0, "gray": 1}.get(pixels, c)
 

@@ -73,7 +73,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -81,7 +80,7 @@ from tqdm.auto import tqdm
 
 from jaxcnmf.solver import core, initialization, sharding
 from jaxcnmf.solver import fit as _front
-from jaxcnmf.solver.store import Store
+from jaxcnmf.solver.store import Store, _numpy_dtype
 
 # Blocks read ahead of the one being computed: two hide the read of the next block behind
 # the compute of this one (double buffering) without growing memory further.
@@ -142,7 +141,8 @@ class _Layout:
         self.count = len(self.devices)
         self.n = store.n
         self.c = -(-store.n // self.count)
-        block_bytes = max(1, sum(store.rows.values()) * itemsize * store.block_size)
+        column_bytes = sum(store.rows.values()) * itemsize
+        block_bytes = max(1, column_bytes * store.block_size)
         target = CHUNK_BYTES if self.devices[0].platform == "cpu" else ACCELERATOR_CHUNK_BYTES
         # A block of at least a quarter of the target is a chunk: used in place, not copied.
         per_chunk = 1 if 4 * block_bytes >= target else target // block_bytes
@@ -155,7 +155,7 @@ class _Layout:
         me = jax.process_index()
         self.local = [d for d, device in enumerate(self.devices) if device.process_index == me]
         # Chunks kept on the devices between passes (set by keep_on_devices).
-        self.chunk_bytes = sum(store.rows.values()) * self.b * itemsize
+        self.chunk_bytes = column_bytes * self.b
         self.keep, self.kept = 0, {}
         self.reader = None  # the fit's _Reader, started by the first pass
 
@@ -167,9 +167,9 @@ class _Layout:
 
     def keep_on_devices(self, cache_bytes):
         """Keep the first steps' chunks on the devices, at most ``cache_bytes`` per device
-        (``"auto"``: none on a CPU, whose device reads the blocks in place from the page
+        (None: none on a CPU, whose device reads the blocks in place from the page
         cache; else half of the memory free on this process's fullest device)."""
-        if cache_bytes == "auto":
+        if cache_bytes is None:
             cache_bytes = 0
             if self.devices[self.local[0]].platform != "cpu":
                 free = []
@@ -282,10 +282,6 @@ def _aligned_zeros(shape, dtype):
     return raw[start:start + size].view(dtype).reshape(shape)
 
 
-def _storage_dtype(storage):
-    return np.dtype(ml_dtypes.bfloat16) if storage == "bfloat16" else np.dtype(storage)
-
-
 def _host_chunk(store, start, stop, names, storage, width):
     """Columns ``start:stop`` of the views as ``(rows_v, width)`` host arrays, zero-padded.
 
@@ -294,7 +290,7 @@ def _host_chunk(store, start, stop, names, storage, width):
     an accelerator's transfer reads them once). Any other chunk (padded, spanning blocks or
     converted to another dtype) is assembled in one copy into an aligned buffer.
     """
-    storage = _storage_dtype(storage)
+    storage = _numpy_dtype(storage)
     pieces = {name: [] for name in names}
     if stop > start:
         b = store.block_size
@@ -335,6 +331,7 @@ class _Reader:
         self.ready = queue.Queue(maxsize=_PREFETCH)
         self.stop = threading.Event()
         self.passes = 0  # passes started by the consumer
+        self.last = None  # the index of the fit's last pass, once known (see finish)
         skip_first = set(layout.kept)  # kept by an earlier reader: not read again
         shapes = [(store.rows[name], layout.count * layout.b) for name in names]
 
@@ -355,8 +352,6 @@ class _Reader:
             n_valid = layout.global_array((layout.count,), P(layout.axis),
                                           [np.array([z - a], np.int32) for a, z in spans])
             return j, blocks, n_valid
-
-        self.last = None  # the index of the fit's last pass, once known (see finish)
 
         def work():
             try:
@@ -1033,7 +1028,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     storage = _front._check_dtypes(dtype, s.dtype if storage_dtype is None else storage_dtype)
     mode = _MODES[negative]
     placement = _placement(mesh, s.n)  # before anything is compiled
-    itemsize = _storage_dtype(storage).itemsize
+    itemsize = _numpy_dtype(storage).itemsize
     if placement is None:
         device = jax.local_devices()[0]
         layout = _Layout(s, Mesh(np.array([device]), ("n",), axis_types=(AxisType.Auto,)),
@@ -1043,7 +1038,7 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     if cache_bytes is not None:
         cache_bytes = _front._check_number("cache_bytes", cache_bytes, 0, integer=True)
     try:
-        kept = layout.keep_on_devices("auto" if cache_bytes is None else cache_bytes)
+        kept = layout.keep_on_devices(cache_bytes)
         if wants_groups:
             local_groups, chunk_groups = _chunk_groups(layout, np.asarray(groups), dense,
                                                        placement is not None)
