@@ -131,7 +131,8 @@ class _Layout:
     a block on its own keeps its width (``b = cols``). Columns past the chunk's are zero
     padding, as are chunks past a device's columns. ``F`` is a list of ``steps`` such
     ``(rank, D * b)`` pieces, each device holding its own columns only. Without a mesh
-    this is one device.
+    this is one device, and a short last block is used in place too: the kernels take
+    blocks ``w <= b`` wide (:meth:`width`) with ``F`` pieces ``b`` wide, zero past ``w``.
     """
 
     def __init__(self, store, mesh, itemsize):
@@ -152,6 +153,9 @@ class _Layout:
         # its own is used in place as stored (a copy every pass costs more than it saves).
         self.b = self.cols if per_chunk == 1 else _width(self.cols, itemsize)
         self.steps = -(-self.c // self.cols)
+        # On one device with blocks used in place, the last chunk (a short last block) is
+        # used in place too, at its own width: padding it to b would copy it every pass.
+        self.short_last = self.count == 1 and per_chunk == 1
         me = jax.process_index()
         self.local = [d for d, device in enumerate(self.devices) if device.process_index == me]
         # Chunks kept on the devices between passes (set by keep_on_devices).
@@ -183,6 +187,14 @@ class _Layout:
 
     def sharding(self, spec):
         return NamedSharding(self.mesh, spec)
+
+    def width(self, j):
+        """Columns of step ``j``'s blocks per device: ``b``, or fewer for a short last
+        chunk used in place (the kernels take ``F``-sized pieces ``b`` wide all the same)."""
+        if self.short_last and j == self.steps - 1:
+            start, stop = self.span(0, j)
+            return stop - start
+        return self.b
 
     def span(self, d, j):
         """``(start, stop)`` of device ``d``'s chunk ``j`` (``stop == start``: padding)."""
@@ -333,7 +345,6 @@ class _Reader:
         self.passes = 0  # passes started by the consumer
         self.last = None  # the index of the fit's last pass, once known (see finish)
         skip_first = set(layout.kept)  # kept by an earlier reader: not read again
-        shapes = [(store.rows[name], layout.count * layout.b) for name in names]
 
         def put(item):
             while not self.stop.is_set():
@@ -345,10 +356,11 @@ class _Reader:
 
         def read(j):
             spans = [layout.span(d, j) for d in layout.local]
-            chunks = [_host_chunk(store, a, z, names, storage, layout.b) for a, z in spans]
-            blocks = tuple(layout.global_array(shape, P(None, layout.axis),
-                                               [c[v] for c in chunks])
-                           for v, shape in enumerate(shapes))
+            width = layout.width(j)
+            chunks = [_host_chunk(store, a, z, names, storage, width) for a, z in spans]
+            blocks = tuple(layout.global_array((store.rows[name], layout.count * width),
+                                               P(None, layout.axis), [c[v] for c in chunks])
+                           for v, name in enumerate(names))
             n_valid = layout.global_array((layout.count,), P(layout.axis),
                                           [np.array([z - a], np.int32) for a, z in spans])
             return j, blocks, n_valid
@@ -552,6 +564,7 @@ def _left_block(acc, blocks, Y_b, offsets, data_scale, scales, mode, dtype, mesh
     ``acc`` ``(D, R, width)``, ``Y_b`` ``(D * b, width)`` split over the mesh."""
     def local(acc, blocks, Y_b, offsets, data_scale):
         blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+        Y_b = Y_b[:blocks[0].shape[1]]  # a short last block: its rows of Y only
         parts = [s * initialization._mm(X.astype(dtype), Y_b) for s, X in zip(scales, blocks)]
         return acc + jnp.concatenate(parts, axis=0)[None]
 
@@ -560,14 +573,15 @@ def _left_block(acc, blocks, Y_b, offsets, data_scale, scales, mode, dtype, mesh
                       P(axis))(acc, blocks, Y_b, offsets, data_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("scales", "spans", "mode", "dtype", "mesh"))
-def _right_block(blocks, Q, offsets, data_scale, scales, spans, mode, dtype, mesh):
+@functools.partial(jax.jit, static_argnames=("scales", "spans", "b", "mode", "dtype", "mesh"))
+def _right_block(blocks, Q, offsets, data_scale, scales, spans, b, mode, dtype, mesh):
     """``M_b^T Q`` ``(D * b, width)`` (split over the mesh) for the weighted row-stacked
-    chunks ``M_b``."""
+    chunks ``M_b`` (a short last block's product zero-padded to ``b`` rows)."""
     def local(blocks, Q, offsets, data_scale):
         blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
-        return sum(s * initialization._mm(X.astype(dtype).T, Q[a:b])
-                   for s, X, (a, b) in zip(scales, blocks, spans))
+        out = sum(s * initialization._mm(X.astype(dtype).T, Q[start:stop])
+                  for s, X, (start, stop) in zip(scales, blocks, spans))
+        return jnp.pad(out, ((0, b - out.shape[0]), (0, 0)))
 
     axis = mesh.axis_names[0]
     return _shard_map(mesh, local, (P(None, axis), P(), P(), P()), P(axis, None))(
@@ -605,8 +619,8 @@ def _streamed_svd(store, layout, names, storage, offsets, data_scale, mode, rank
         Q = layout.replicated(Q)
         parts = []
         for _, blocks, _, hold in _passes(store, layout, names, storage, desc, progress):
-            parts.append(_right_block(blocks, Q, offsets, data_scale, scales, spans, mode,
-                                      dtype, layout.mesh))
+            parts.append(_right_block(blocks, Q, offsets, data_scale, scales, spans, layout.b,
+                                      mode, dtype, layout.mesh))
             hold(parts[-1])
         return jnp.asarray(layout.gather(parts, 0))
 
@@ -729,6 +743,12 @@ def _local_step(sums, F_b, scale, blocks, n_valid, groups_b, loadings, G, offset
     objective, where the in-memory step tests all columns at once.
     """
     dtype = jnp.dtype(config.dtype)
+    b, w = F_b.shape[1], blocks[0].shape[1]
+    if w < b:
+        # A short last block used in place: its columns of F only (zero past them).
+        sums, F_new = _local_step(sums, F_b[:, :w], scale, blocks, n_valid, groups_b[:w],
+                                  loadings, G, offsets, data_scale, config, mode, norms)
+        return sums, jnp.pad(F_new, ((0, 0), (0, b - w)))
     if config.unit_columns:
         F_b = F_b * scale[:, None]
     B, blocks, inv = _block_products(blocks, loadings, offsets, data_scale, config, mode)
@@ -814,6 +834,7 @@ def _block_residual(fits, F_b, blocks, n_valid, loadings, offsets, data_scale, c
 
     def local(fits, F_b, blocks, n_valid, loadings, offsets, data_scale):
         blocks = _prepare(blocks, offsets, data_scale, mode, dtype)
+        F_b = F_b[:, :blocks[0].shape[1]]  # a short last block: its columns only
         valid = jnp.arange(F_b.shape[1]) < n_valid[0]
         terms = [jnp.sum(jnp.square(jnp.where(valid, X.astype(dtype) - core._mm(W, F_b), 0)))
                  for X, W in zip(blocks, loadings)]
@@ -902,6 +923,7 @@ def _block_lam_max(blocks, n_valid, groups_b, loadings, offsets, data_scale, con
         B, _, _ = _block_products(blocks, loadings, offsets, data_scale, config, mode)
         B = jnp.where(jnp.arange(B.shape[1]) < n_valid[0], B, 0)
         positive = jnp.maximum(2.0 * B - config.l1_F, 0.0)
+        groups_b = groups_b[:B.shape[1]]  # a short last block: its columns only
         return jnp.max(core._group_norms(positive, groups_b, config.n_groups))[None]
 
     axis = mesh.axis_names[0]

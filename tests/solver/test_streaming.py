@@ -15,7 +15,7 @@ from jaxcnmf.solver.store import StoreError
 
 RANK = 3
 N = 203
-BLOCK = 50  # four full blocks and one of 3 columns, padded on the device
+BLOCK = 50  # four full blocks and one of 3 columns (read in place at its own width)
 ITERS = 25
 
 
@@ -125,6 +125,24 @@ def test_negative_values_raise_or_are_clipped_like_in_memory(tmp_path, data):
         memory, streamed = _both(shifted, s, method="mu", init=init, negative=negative,
                                  max_iter=5)
         _assert_same_iterates(memory, streamed)
+
+
+def test_a_short_last_block_is_read_in_place_at_its_width(data):
+    views, s, _ = data
+    layout = streaming._Layout(s, jax.make_mesh((1,), ("n",)), 4)
+    assert (layout.cols, layout.b, layout.steps) == (50, 50, 5)
+    assert [layout.width(j) for j in range(5)] == [50, 50, 50, 50, 3]
+    # No copy: the arrays handed to the device are the block files' memory maps.
+    for j, (start, stop) in ((0, (0, 50)), (4, (200, 203))):
+        chunk = streaming._host_chunk(s, start, stop, s.views, "float32", layout.width(j))
+        mapped = s.read_block(j)
+        for name, X in zip(s.views, chunk):
+            assert X.shape == (views[name].shape[0], stop - start)
+            assert isinstance(X.base, np.memmap) or isinstance(X, np.memmap)
+            np.testing.assert_array_equal(X, mapped[name])
+    # Converted to another storage dtype, it is copied at the same width.
+    (X, *_), = [streaming._host_chunk(s, 200, 203, s.views, "bfloat16", 3)]
+    assert X.shape == (views["red"].shape[0], 3) and X.dtype == ml_dtypes.bfloat16
 
 
 def test_small_blocks_are_read_together_into_padded_chunks(data, monkeypatch):
@@ -306,8 +324,9 @@ def test_streaming_over_four_devices_equals_one(four_streaming, method):
     got = four_streaming[method]
     assert got["devices"] == [1, 4] and got["shape"] == [3, 203]
     # The same updates; only the order of the sums over columns differs (per device, then
-    # over the devices): float32 rounding over 20 iterations.
-    assert got["F"] < 1e-4 and got["W"] < 1e-4 and got["history"] < 1e-5, got
+    # over the devices): float32 rounding over 20 iterations (HALS's history differs by
+    # 0.9-1.3e-5 depending on whether one device pads its short last block).
+    assert got["F"] < 1e-4 and got["W"] < 1e-4 and got["history"] < 5e-5, got
     assert abs(got["objective"][1] - got["objective"][0]) < 1e-5 * got["objective"][0]
 
 
