@@ -95,6 +95,9 @@ CHUNK_BYTES = 64 << 20
 # The same on an accelerator, where a step's launch and host sync cost more against its
 # compute, and the transfer (not the host's copy) bounds a pass read from the host.
 ACCELERATOR_CHUNK_BYTES = 512 << 20
+# Most store blocks a chunk holds as separate pieces, in place (see _Layout); smaller
+# blocks are copied together (a step over more pieces would compile for longer).
+_PIECES = 16
 # Cache line: a chunk's rows are laid out an odd number of lines apart (see _width).
 _LINE = 64
 
@@ -135,7 +138,7 @@ class _Layout:
     blocks ``w <= b`` wide (:meth:`width`) with ``F`` pieces ``b`` wide, zero past ``w``.
     """
 
-    def __init__(self, store, mesh, itemsize):
+    def __init__(self, store, mesh, itemsize, pieces=True):
         self.mesh = mesh
         self.axis = mesh.axis_names[0]
         self.devices = list(mesh.devices.flat)
@@ -145,17 +148,25 @@ class _Layout:
         column_bytes = sum(store.rows.values()) * itemsize
         block_bytes = max(1, column_bytes * store.block_size)
         target = CHUNK_BYTES if self.devices[0].platform == "cpu" else ACCELERATOR_CHUNK_BYTES
-        # A block of at least a quarter of the target is a chunk: used in place, not copied.
-        per_chunk = 1 if 4 * block_bytes >= target else target // block_bytes
+        ratio = target // block_bytes
+        # On one device, up to _PIECES blocks taken together stay in place as the pieces
+        # of their chunk (the iteration's step runs over them in one call; the other
+        # passes join them on the device): copying them every pass cost more than the
+        # products. Not for the group lasso, whose F step needs a group's columns together.
+        self.pieces = self.count == 1 and pieces and 2 <= ratio <= _PIECES \
+            and store.block_size < self.c
+        # Else a block of at least a quarter of the target is a chunk, used in place.
+        per_chunk = ratio if self.pieces or 4 * block_bytes < target else 1
         self.block_size = store.block_size
         self.cols = min(per_chunk * store.block_size, self.c)
-        # Blocks taken together are copied into a new buffer, laid out well; a block on
-        # its own is used in place as stored (a copy every pass costs more than it saves).
-        self.b = self.cols if per_chunk == 1 else _width(self.cols, itemsize)
+        # Blocks taken together otherwise are copied into a new buffer, laid out well; a
+        # block on its own is used in place as stored.
+        self.b = self.cols if per_chunk == 1 or self.pieces else _width(self.cols, itemsize)
         self.steps = -(-self.c // self.cols)
-        # On one device with blocks used in place, the last chunk (a short last block) is
-        # used in place too, at its own width: padding it to b would copy it every pass.
-        self.short_last = self.count == 1 and per_chunk == 1
+        # On one device with blocks used in place, the last chunk (a short last block, or
+        # fewer pieces) is used in place too, at its own width: padding it to b would copy
+        # it every pass.
+        self.short_last = self.count == 1 and (per_chunk == 1 or self.pieces)
         me = jax.process_index()
         self.local = [d for d, device in enumerate(self.devices) if device.process_index == me]
         # Chunks kept on the devices between passes (set by keep_on_devices).
@@ -356,6 +367,18 @@ class _Reader:
 
         def read(j):
             spans = [layout.span(d, j) for d in layout.local]
+            if layout.pieces:  # one device: its chunk's blocks in place, as pieces
+                (a, z), = spans
+                b = store.block_size
+                parts = [_host_chunk(store, i * b, min((i + 1) * b, z), names, storage,
+                                     min((i + 1) * b, z) - i * b)
+                         for i in range(a // b, -(-z // b))]
+                blocks = tuple(tuple(layout.global_array(X.shape, P(None, layout.axis), [X])
+                                     for X in (part[v] for part in parts))
+                               for v in range(len(names)))
+                n_valid = layout.global_array((1,), P(layout.axis),
+                                              [np.array([z - a], np.int32)])
+                return j, blocks, n_valid
             width = layout.width(j)
             chunks = [_host_chunk(store, a, z, names, storage, width) for a, z in spans]
             blocks = tuple(layout.global_array((store.rows[name], layout.count * width),
@@ -433,11 +456,19 @@ def _stream(store, layout, names, storage):
             layout.close()
 
 
-def _passes(store, layout, names, storage, desc, progress):
+@jax.jit
+def _joined(blocks):
+    """A chunk's pieces (per view, a tuple of in-place blocks) as one array per view."""
+    return tuple(jnp.concatenate(parts, axis=1) for parts in blocks)
+
+
+def _passes(store, layout, names, storage, desc, progress, pieces=False):
     """:func:`_stream` with a per-pass progress bar and bounded steps in flight.
 
     Yields ``(j, blocks, n_valid, hold)``; the caller passes the step's result to ``hold``
-    so that the loop waits for step ``j - 1`` before taking step ``j + 1``.
+    so that the loop waits for step ``j - 1`` before taking step ``j + 1``. A chunk held
+    as pieces (``layout.pieces``) comes joined into one array per view, or as its pieces
+    (a tuple per view) with ``pieces`` (the iteration's step, which takes them apart).
     """
     bar = tqdm(total=layout.steps, desc=desc, unit="step", leave=False,
                disable=not progress, file=sys.stderr)
@@ -451,6 +482,8 @@ def _passes(store, layout, names, storage, desc, progress):
 
     try:
         for j, blocks, n_valid in _stream(store, layout, names, storage):
+            if layout.pieces and not pieces:
+                blocks = _joined(blocks)
             yield j, blocks, n_valid, hold
         if previous[0] is not None:
             jax.block_until_ready(previous[0])
@@ -743,7 +776,22 @@ def _local_step(sums, F_b, scale, blocks, n_valid, groups_b, loadings, G, offset
     objective, where the in-memory step tests all columns at once.
     """
     dtype = jnp.dtype(config.dtype)
-    b, w = F_b.shape[1], blocks[0].shape[1]
+    b = F_b.shape[1]
+    if isinstance(blocks[0], tuple):
+        # A chunk's pieces (store blocks in place): each updates its columns of F in turn
+        # (the F update is column-separable; no group lasso here, see _Layout).
+        out, at = [], 0
+        for piece in zip(*blocks):
+            w = piece[0].shape[1]
+            n_piece = jnp.clip(n_valid - at, 0, w)
+            sums, F_new = _local_step(sums, F_b[:, at:at + w], scale, piece, n_piece,
+                                      groups_b[at:at + w], loadings, G, offsets, data_scale,
+                                      config, mode, norms)
+            out.append(F_new)
+            at += w
+        F_new = jnp.concatenate(out, axis=1)
+        return sums, jnp.pad(F_new, ((0, 0), (0, b - at)))
+    w = blocks[0].shape[1]
     if w < b:
         # A short last block used in place: its columns of F only (zero past them).
         sums, F_new = _local_step(sums, F_b[:, :w], scale, blocks, n_valid, groups_b[:w],
@@ -1054,9 +1102,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
     if placement is None:
         device = jax.local_devices()[0]
         layout = _Layout(s, Mesh(np.array([device]), ("n",), axis_types=(AxisType.Auto,)),
-                         itemsize)
+                         itemsize, pieces=not wants_groups)
     else:
-        layout = _Layout(s, placement.mesh, itemsize)
+        layout = _Layout(s, placement.mesh, itemsize, pieces=not wants_groups)
     if cache_bytes is not None:
         cache_bytes = _front._check_number("cache_bytes", cache_bytes, 0, integer=True)
     try:
@@ -1186,7 +1234,8 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
                 F_parts = list(F_new)
             else:
                 for j, blocks, n_valid, hold in _passes(
-                        s, layout, names, storage, f"jaxcnmf: pass {iteration + 1}", progress):
+                        s, layout, names, storage, f"jaxcnmf: pass {iteration + 1}", progress,
+                        pieces=True):
                     acc, F_parts[j] = _block_step(acc, F_parts[j], scale, blocks, n_valid,
                                                   group_parts[j], loadings, G, offsets,
                                                   data_scale, kernel, mode, sq is None, mesh_)

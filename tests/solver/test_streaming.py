@@ -145,23 +145,53 @@ def test_a_short_last_block_is_read_in_place_at_its_width(data):
     assert X.shape == (views["red"].shape[0], 3) and X.dtype == ml_dtypes.bfloat16
 
 
-def test_small_blocks_are_read_together_into_padded_chunks(data, monkeypatch):
+def test_small_blocks_are_read_together_as_pieces_or_padded_chunks(data, monkeypatch):
     views, s, _ = data
     # Blocks of 50 columns x 50 rows float32 (10 kB): four are taken together, so a pass is
-    # two steps, [0, 200) and [200, 203), each copied into 208 columns (rows of 13 cache
-    # lines; 200 columns would be 12.5).
+    # two steps, [0, 200) and [200, 203). On one device they stay in place as the pieces
+    # of their chunk; for the group lasso (or with more than _PIECES blocks, or over
+    # devices) each chunk is copied into 208 columns (rows of 13 cache lines; 200 columns
+    # would be 12.5).
     monkeypatch.setattr(streaming, "CHUNK_BYTES", 45_000)
-    layout = streaming._Layout(s, jax.make_mesh((1,), ("n",)), 4)
-    assert (layout.cols, layout.b, layout.steps) == (200, 208, 2)
+    mesh = jax.make_mesh((1,), ("n",))
+    layout = streaming._Layout(s, mesh, 4)
+    assert (layout.pieces, layout.cols, layout.b, layout.steps) == (True, 200, 200, 2)
+    assert [layout.width(j) for j in range(2)] == [200, 3]
+    copied = streaming._Layout(s, mesh, 4, pieces=False)
+    assert (copied.pieces, copied.cols, copied.b, copied.steps) == (False, 200, 208, 2)
+    monkeypatch.setattr(streaming, "_PIECES", 3)
+    assert not streaming._Layout(s, mesh, 4).pieces
+    monkeypatch.setattr(streaming, "_PIECES", 16)
     assert streaming._width(2048, 4) == 2064 and streaming._width(2000, 4) == 2000
     assert streaming._width(4096, 2) == 4128 and streaming._width(3, 8) == 8
+    # Pieces: the iterations step over them, the statistics, initialisation and residual
+    # passes join them; the same iterates as in memory, MU and HALS.
+    reads = []
+    original = store.Store.read_block
+    monkeypatch.setattr(store.Store, "read_block",
+                        lambda self, i, **kw: reads.append(i) or original(self, i, **kw))
     memory, streamed = _both(views, s, method="hals", init="nndsvda", seed=1)
     _assert_same_iterates(memory, streamed)
-    # A group across two blocks of one chunk is fitted; one across two chunks is refused.
+    assert streamed.config["step_columns"] == 200 and reads[:5] == [0, 1, 2, 3, 4]
+    memory, streamed = _both(views, s, method="mu", init="random", unit_columns=True,
+                             l1_F=0.01)
+    _assert_same_iterates(memory, streamed)
+    # Pieces kept on the device: one call per pass over them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        kept = jaxcnmf.fit(s, rank=RANK, method="mu", init="random", unit_columns=True,
+                           l1_F=0.01, max_iter=ITERS, tol=0.0, progress=False,
+                           cache_bytes=10**6)
+    assert kept.config["steps_kept_on_device"] == 2
+    np.testing.assert_allclose(kept.F, streamed.F, rtol=1e-5, atol=1e-6 * streamed.F.max())
+    # A group across two blocks of one chunk is fitted (copied chunks); one across two
+    # chunks is refused.
     groups = np.repeat(np.arange(4), [40, 100, 60, 3])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        jaxcnmf.fit(s, rank=RANK, groups=groups, group_lam=0.1, max_iter=2, progress=False)
+        grouped = jaxcnmf.fit(s, rank=RANK, groups=groups, group_lam=0.1, max_iter=2,
+                              progress=False)
+    assert grouped.config["step_columns"] == 200
     with pytest.raises(ValueError, match=r"group 2 has images in blocks \[0, 200\) \(column "
                                          r"140\) and blocks \[200, 203\) \(column 200\)"):
         jaxcnmf.fit(s, rank=RANK, groups=np.repeat(np.arange(3), [40, 100, 63]),
