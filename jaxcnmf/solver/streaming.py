@@ -26,9 +26,9 @@ result is mapped back, and its objective and relative errors come from the resid
 more pass), as ``core.residual_objective`` gives them in memory.
 
 Only ``F`` ``(rank, N)``, the loadings, ``A_v`` and a few blocks in flight are in memory.
-Blocks are read (and checksummed, the first time) on a background thread, padded to one
-block shape (padded columns of ``F`` are held at zero, so they change no sum) and put on
-the device ahead of use; the host waits for step ``j - 1`` after dispatching step ``j``,
+Blocks are read (and checksummed, the first time) on a background thread, memory-mapped
+in place where they can be (else padded to one chunk shape: padded columns of ``F`` are
+held at zero, so they change no sum) and put on the device ahead of use; the host waits for step ``j - 1`` after dispatching step ``j``,
 so at most ``_PREFETCH + 2`` blocks per device exist at once.
 
 With a mesh (``fit(store, ..., mesh=mesh)``) the columns are split over its devices as in
@@ -125,17 +125,22 @@ class _Layout:
     ``c = ceil(N / D)``, as in the in-memory sharded fit (:mod:`jaxcnmf.solver.sharding`),
     and reads them in chunks of ``cols`` columns: step ``j`` of a pass gives every device
     its ``j``-th chunk at once, so one step is a ``(rows_v, D * b)`` array split over the
-    mesh. A chunk is one store block when that holds at least a quarter of
-    :data:`CHUNK_BYTES` (:data:`ACCELERATOR_CHUNK_BYTES` on an accelerator), else as many
-    whole blocks as fit in it (at most ``c`` columns):
-    without a mesh its boundaries are block boundaries; with one it may also take a
-    device's boundary block only in part. Taken together, blocks are copied into a buffer
-    ``b >= cols`` columns wide (:func:`_width`: rows an odd number of cache lines apart);
-    a block on its own keeps its width (``b = cols``). Columns past the chunk's are zero
-    padding, as are chunks past a device's columns. ``F`` is a list of ``steps`` such
-    ``(rank, D * b)`` pieces, each device holding its own columns only. Without a mesh
-    this is one device, and a short last block is used in place too: the kernels take
-    blocks ``w <= b`` wide (:meth:`width`) with ``F`` pieces ``b`` wide, zero past ``w``.
+    mesh. A chunk holds as many whole store blocks as fit in :data:`CHUNK_BYTES`
+    (:data:`ACCELERATOR_CHUNK_BYTES` on an accelerator), at most ``c`` columns, and one
+    block when that holds at least a quarter of it: without a mesh its boundaries are
+    block boundaries; with one it may also take a device's boundary block only in part.
+
+    * One block: used in place as stored (``b = cols``).
+    * Two to :data:`_PIECES` blocks on one device (``pieces``; not for the group lasso):
+      each block in place, the chunk a tuple of them per view (``b = cols``).
+    * Otherwise the blocks are copied into a buffer ``b >= cols`` columns wide
+      (:func:`_width`: rows an odd number of cache lines apart).
+
+    Columns past the chunk's are zero padding, as are chunks past a device's columns. ``F``
+    is a list of ``steps`` ``(rank, D * b)`` pieces, each device holding its own columns
+    only. Without a mesh this is one device, and a short last chunk is used in place too:
+    the kernels take blocks ``w <= b`` wide (:meth:`width`) with ``F`` pieces ``b`` wide,
+    zero past ``w``.
     """
 
     def __init__(self, store, mesh, itemsize, pieces=True):
