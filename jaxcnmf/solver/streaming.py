@@ -28,8 +28,9 @@ more pass), as ``core.residual_objective`` gives them in memory.
 Only ``F`` ``(rank, N)``, the loadings, ``A_v`` and a few blocks in flight are in memory.
 Blocks are read (and checksummed, the first time) on a background thread, memory-mapped
 in place where they can be (else padded to one chunk shape: padded columns of ``F`` are
-held at zero, so they change no sum) and put on the device ahead of use; the host waits for step ``j - 1`` after dispatching step ``j``,
-so at most ``_PREFETCH + 2`` blocks per device exist at once.
+held at zero, so they change no sum) and put on the device ahead of use; the host waits
+for step ``j - 1`` after dispatching step ``j``, so at most ``_PREFETCH + 2`` chunks per
+device exist at once.
 
 With a mesh (``fit(store, ..., mesh=mesh)``) the columns are split over its devices as in
 the in-memory sharded fit (:class:`_Layout`): every step of a pass gives each device one
