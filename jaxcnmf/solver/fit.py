@@ -211,10 +211,24 @@ def _max_and_sq_norm(X):
     """
     if isinstance(X, jax.Array):
         top, scaled = (float(v) for v in jax.device_get(_device_max_and_scaled_sq(X)))
-    else:
-        top = float(np.max(X))
-        scaled = float(np.sum(np.square(X / top, dtype=np.float64))) if top > 0 else 0.0
+        return top, scaled
+    top = float(np.max(X))
+    if not top > 0:
+        return top, 0.0
+    # By row bands of about _BAND entries: whole-matrix temporaries (X / top, then its
+    # float64 squares) were three times the view's size and took seconds at N = 100k.
+    X = np.asarray(X)
+    X2 = X.reshape(X.shape[0], -1) if X.ndim > 1 else X.reshape(1, -1)
+    rows = max(1, _BAND // max(1, X2.shape[1]))
+    scaled = 0.0
+    for start in range(0, X2.shape[0], rows):
+        band = X2[start:start + rows].astype(np.float64) / top
+        scaled += float(np.einsum("ij,ij->", band, band))
     return top, scaled
+
+
+# Entries of a host view reduced at once by _max_and_sq_norm (8 MB of float64).
+_BAND = 1 << 20
 
 
 def _sq_norm(X):

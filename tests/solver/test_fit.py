@@ -198,6 +198,28 @@ def test_device_views_fit_like_host_views_without_a_host_copy():
         _fit({"red": bad})
 
 
+def test_host_norms_are_exact_by_bands(monkeypatch):
+    import jax
+
+    from jaxcnmf.solver import fit as solver
+
+    # Bands of 40 entries over 7 x 13 views: 3 rows a band, the last band one row.
+    monkeypatch.setattr(solver, "_BAND", 40)
+    rng = np.random.default_rng(3)
+    for X in (rng.random((7, 13)).astype(np.float32),
+              np.where(rng.random((7, 13)) < 0.5, 3e19, 1e-22).astype(np.float32),
+              rng.random((7, 13)) * 1e-300, np.zeros((7, 13), np.float32)):
+        top, scaled = solver._max_and_sq_norm(X)
+        ref = np.asarray(X, np.float64)
+        assert top == ref.max()
+        expected = np.sum(np.square(ref / ref.max())) if ref.max() > 0 else 0.0
+        assert scaled == pytest.approx(expected, rel=1e-12), X.dtype
+        # The device path (one reduction in float32) agrees to float32 rounding.
+        if X.dtype == np.float32:
+            assert solver._max_and_sq_norm(jax.device_put(X))[1] == pytest.approx(
+                expected, rel=1e-6, abs=1e-30)
+
+
 def test_max_iter_warns_and_progress_prints_two_lines(capsys):
     views, _ = _planted(noise=0.05)
     with pytest.warns(ConvergenceWarning, match="stopped at max_iter=3"):
