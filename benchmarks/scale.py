@@ -454,7 +454,10 @@ def main():
 
         def save(section):
             result = json.loads(out.read_text()) if out.exists() else {}
-            result["streaming"] = section
+            # The N-series and the interleaved runs are measured apart: keep the others'.
+            kept = {key: value for key, value in result.get("streaming", {}).items()
+                    if key.startswith("interleaved") and key not in section}
+            result["streaming"] = {**section, **kept}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1) + "\n")
 
