@@ -202,8 +202,13 @@ def _device_max_and_scaled_sq(X):
     return top, jnp.sum(jnp.square(X.astype(safe.dtype) / safe))
 
 
+# Entries of a host view reduced at once by _max_and_sq_norm (8 MB of float64).
+_BAND = 1 << 20
+
+
 def _max_and_sq_norm(X):
-    """Largest entry and ``||X||^2`` as Python floats, without overflow or underflow.
+    """Largest entry and ``||X||^2`` of a ``(rows, N)`` view as Python floats, without
+    overflow or underflow.
 
     The sum is taken of ``(X / max X)^2`` (entries at most 1) and multiplied back by
     ``max^2`` in float64, so entries above 1.8e19 in float32 or of 1e-22 stay exact.
@@ -217,18 +222,25 @@ def _max_and_sq_norm(X):
         return top, 0.0
     # By row bands of about _BAND entries: whole-matrix temporaries (X / top, then its
     # float64 squares) were three times the view's size and took seconds at N = 100k.
-    X = np.asarray(X)
-    X2 = X.reshape(X.shape[0], -1) if X.ndim > 1 else X.reshape(1, -1)
-    rows = max(1, _BAND // max(1, X2.shape[1]))
+    rows = max(1, _BAND // max(1, X.shape[1]))
     scaled = 0.0
-    for start in range(0, X2.shape[0], rows):
-        band = X2[start:start + rows].astype(np.float64) / top
+    for start in range(0, X.shape[0], rows):
+        band = np.asarray(X[start:start + rows], np.float64) / top
         scaled += float(np.einsum("ij,ij->", band, band))
     return top, scaled
 
 
-# Entries of a host view reduced at once by _max_and_sq_norm (8 MB of float64).
-_BAND = 1 << 20
+def _config_record(config, names, view_weights, data_norm2, *, init, unit_columns,
+                   **settings):
+    """``FitResult.config``: the caller's settings (``settings``: method, rank, seed,
+    penalties, group settings, max_iter, tol, restarts, negative, dtype, storage_dtype, as
+    the caller gave or resolved them) with the view weights, the solver's ``eps`` and
+    ``inner_iter`` from the internal ``config`` and the weighted data norm; shared by the
+    in-memory and the streaming fit (which adds its store's fields)."""
+    return {**settings, "init": init if isinstance(init, str) else "user",
+            "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
+            "eps": config.eps, "inner_iter": config.inner_iter,
+            "weighted_data_sq_norm": data_norm2}
 
 
 def _sq_norm(X):
@@ -950,8 +962,9 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
         l1_F, l2_F, l2_W: penalties (>= 0).
         groups: ``(N,)`` int group ids (e.g. class labels) for the group lasso.
         group_lam: absolute group-lasso weight (> 0 needs ``groups``); ``F`` is then
-            updated by monotone FISTA. Combine it with ``unit_columns=True`` (or ``l2_W``): otherwise
-            the loadings can grow to let ``F`` shrink without zeroing any group.
+            updated by monotone FISTA. Combine it with ``unit_columns=True`` (or
+            ``l2_W``): otherwise the loadings can grow to let ``F`` shrink without zeroing
+            any group.
         group_lam_fraction: the group penalty as a fraction in ``(0, 1]`` of
             :func:`lambda_max` at the starting loadings scaled to unit stacked columns
             (the smallest penalty that makes ``F = 0`` optimal there), as glmnet's and
@@ -1183,17 +1196,12 @@ def _fit(views, rank, *, method, max_iter, tol, seed, init, weights, unit_column
         config = config._replace(group_lam=group_lam_fraction * lam_max_internal)
         lam_max = lam_max_internal * problem.norm / problem.scale
         group_lam = group_lam_fraction * lam_max
-    config_dict = {
-        "method": method, "rank": rank, "seed": seed,
-        "init": init if isinstance(init, str) else "user",
-        "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
-        "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": group_lam,
-        "group_lam_fraction": group_lam_fraction, "group_lam_max": lam_max,
-        "n_groups": n_groups if groups is not None else 0, "max_iter": max_iter, "tol": tol,
-        "restarts": restarts, "negative": negative, "dtype": dtype,
-        "storage_dtype": storage, "eps": config.eps, "inner_iter": config.inner_iter,
-        "weighted_data_sq_norm": data_norm2,
-    }
+    config_dict = _config_record(
+        config, names, view_weights, data_norm2, method=method, rank=rank, seed=seed,
+        init=init, unit_columns=unit_columns, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
+        group_lam=group_lam, group_lam_fraction=group_lam_fraction, group_lam_max=lam_max,
+        n_groups=n_groups if groups is not None else 0, max_iter=max_iter, tol=tol,
+        restarts=restarts, negative=negative, dtype=dtype, storage_dtype=storage)
     if placement is None:
         if restarts == 1:
             states = jax.tree_util.tree_map(

@@ -362,6 +362,7 @@ class _Reader:
         self.passes = 0  # passes started by the consumer
         self.last = None  # the index of the fit's last pass, once known (see finish)
         skip_first = set(layout.kept)  # kept by an earlier reader: not read again
+        valid = {}  # step -> (D,) real columns of each device's chunk
 
         def put(item):
             while not self.stop.is_set():
@@ -382,17 +383,16 @@ class _Reader:
                 blocks = tuple(tuple(layout.global_array(X.shape, P(None, layout.axis), [X])
                                      for X in (part[v] for part in parts))
                                for v in range(len(names)))
-                n_valid = layout.global_array((1,), P(layout.axis),
-                                              [np.array([z - a], np.int32)])
-                return j, blocks, n_valid
-            width = layout.width(j)
-            chunks = [_host_chunk(store, a, z, names, storage, width) for a, z in spans]
-            blocks = tuple(layout.global_array((store.rows[name], layout.count * width),
-                                               P(None, layout.axis), [c[v] for c in chunks])
-                           for v, name in enumerate(names))
-            n_valid = layout.global_array((layout.count,), P(layout.axis),
-                                          [np.array([z - a], np.int32) for a, z in spans])
-            return j, blocks, n_valid
+            else:
+                width = layout.width(j)
+                chunks = [_host_chunk(store, a, z, names, storage, width) for a, z in spans]
+                blocks = tuple(layout.global_array((store.rows[name], layout.count * width),
+                                                   P(None, layout.axis), [c[v] for c in chunks])
+                               for v, name in enumerate(names))
+            if j not in valid:  # the same every pass: sent to the devices once
+                valid[j] = layout.global_array((layout.count,), P(layout.axis),
+                                               [np.array([z - a], np.int32) for a, z in spans])
+            return j, blocks, valid[j]
 
         def work():
             try:
@@ -1157,19 +1157,14 @@ def fit(views, rank, *, method="mu", max_iter=200, tol=1e-4, seed=0, init="nndsv
             unit_columns=bool(unit_columns), group_lam=group_lam, n_groups=chunk_groups,
             max_iter=max_iter, tol=tol, dtype=dtype)
         config = _front._internal_config(config, problem, internal_weights, dtype)
-        config_dict = {
-            "method": method, "rank": rank, "seed": seed,
-            "init": init if isinstance(init, str) else "user",
-            "weights": dict(zip(names, view_weights)), "unit_columns": bool(unit_columns),
-            "l1_F": l1_F, "l2_F": l2_F, "l2_W": l2_W, "group_lam": group_lam,
-            "group_lam_fraction": group_lam_fraction, "group_lam_max": None,
-            "n_groups": n_groups if groups is not None else 0,
-            "max_iter": max_iter, "tol": tol, "restarts": 1, "negative": negative,
-            "dtype": dtype, "storage_dtype": storage, "eps": config.eps,
-            "inner_iter": config.inner_iter, "weighted_data_sq_norm": data_norm2,
-            "store": str(s.path), "block_size": s.block_size, "step_columns": layout.cols,
-            "steps_kept_on_device": kept,
-        }
+        config_dict = _front._config_record(
+            config, names, view_weights, data_norm2, method=method, rank=rank, seed=seed,
+            init=init, unit_columns=unit_columns, l1_F=l1_F, l2_F=l2_F, l2_W=l2_W,
+            group_lam=group_lam, group_lam_fraction=group_lam_fraction, group_lam_max=None,
+            n_groups=n_groups if groups is not None else 0, max_iter=max_iter, tol=tol,
+            restarts=1, negative=negative, dtype=dtype, storage_dtype=storage)
+        config_dict.update({"store": str(s.path), "block_size": s.block_size,
+                            "step_columns": layout.cols, "steps_kept_on_device": kept})
         data_scale = layout.replicated(np.asarray(problem.scale, dtype))
 
         if isinstance(init, dict):
